@@ -1,0 +1,5 @@
+import sys
+
+from asyncsync.cli import main
+
+sys.exit(main())

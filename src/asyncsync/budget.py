@@ -1,0 +1,57 @@
+"""A byte budget: the bound on bytes buffered in flight, whatever the number of workers.
+
+`workers x part size x parts per file` is the memory bill of a naive uploader; here every
+buffer (a small file's body, one part) is paid for before it is read and refunded when it
+has been sent, so the sum never exceeds ``capacity``. Waiters are served first come, first
+served, so a large part is not starved by a stream of small files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+
+class ByteBudget:
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self.capacity = capacity
+        self._available = capacity
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - self._available
+
+    async def acquire(self, nbytes: int) -> int:
+        """Wait until ``nbytes`` (clamped to the capacity) are free; return the grant."""
+        grant = max(0, min(nbytes, self.capacity))
+        if not self._waiters and self._available >= grant:
+            self._available -= grant
+            return grant
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = (grant, future)
+        self._waiters.append(waiter)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(grant)  # granted just as we were cancelled: give it back
+            else:
+                self._waiters.remove(waiter)
+                self._wake()
+            raise
+        return grant
+
+    def release(self, grant: int) -> None:
+        self._available += grant
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self._available:
+            grant, future = self._waiters.popleft()
+            if future.done():
+                continue
+            self._available -= grant
+            future.set_result(None)

@@ -1,0 +1,274 @@
+"""The `asyncsync` command: arguments in, a frozen config out, one call, an exit code.
+
+No business logic lives here. Exit codes: 0 everything uploaded or unchanged, 1 some files
+failed (or the store could not be reached), 2 bad usage or configuration, 130/143 when
+interrupted by SIGINT/SIGTERM (multipart uploads in flight are kept and resume next run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MULTIPART_THRESHOLD,
+    DEFAULT_PART_CONCURRENCY,
+    DEFAULT_RETRIES,
+    DEFAULT_WORKERS,
+    MIN_PART_SIZE,
+    PushConfig,
+    StoreConfig,
+    TransferConfig,
+    default_state_dir,
+    parse_destination,
+    parse_size,
+    validate_endpoint,
+    validate_source,
+)
+from .errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, AsyncsyncError, ConfigError
+
+log = logging.getLogger("asyncsync")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 2 with one line (its default prints the usage too)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"asyncsync: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="asyncsync",
+        description="Keep ML training run directories mirrored in S3-compatible storage.",
+    )
+    parser.add_argument("--version", action="version", version=f"asyncsync {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_ArgumentParser)
+    push = commands.add_parser(
+        "push",
+        help="upload a directory tree once (only what changed)",
+        description="Mirror SRC to s3://BUCKET/PREFIX: keys are PREFIX/<path relative to SRC>. "
+        "Unchanged files (per the manifest) are skipped without being read; nothing is ever "
+        "deleted from the bucket.",
+    )
+    push.add_argument("source", metavar="SRC", help="local directory to upload")
+    push.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
+    add_transfer_options(push)
+    push.add_argument("--reconcile", action="store_true",
+                      help="list the destination once and re-send objects missing or changed "
+                      "there; rebuilds a lost manifest without re-uploading")
+    push.add_argument("--dry-run", action="store_true",
+                      help="show what would be uploaded; send nothing")
+    add_output_options(push)
+    return parser
+
+
+def add_transfer_options(parser: argparse.ArgumentParser) -> None:
+    """Options every command that uploads shares (push, and later watch and run)."""
+    store = parser.add_argument_group("store")
+    store.add_argument("--endpoint-url", metavar="URL",
+                       help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    store.add_argument("--region", help="region (default: from the AWS configuration)")
+    store.add_argument("--profile", help="named profile from the shared AWS config files")
+    store.add_argument("--addressing-style", choices=("auto", "path", "virtual"),
+                       default="auto", help="bucket in the path or in the host name")
+    store.add_argument("--retries", type=_positive_int, default=DEFAULT_RETRIES, metavar="N",
+                       help="attempts per request for transient errors "
+                       f"(default {DEFAULT_RETRIES})")
+    transfer = parser.add_argument_group("transfer")
+    transfer.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS, metavar="N",
+                          help=f"files transferred at once (default {DEFAULT_WORKERS})")
+    transfer.add_argument("--max-memory", default=f"{DEFAULT_MAX_MEMORY // 2**20}MiB",
+                          metavar="SIZE", help="bound on bytes buffered in flight (default "
+                          f"{DEFAULT_MAX_MEMORY // 2**20}MiB)")
+    transfer.add_argument("--multipart-threshold", metavar="SIZE",
+                          default=f"{DEFAULT_MULTIPART_THRESHOLD // 2**20}MiB",
+                          help="files larger than this use multipart uploads (default "
+                          f"{DEFAULT_MULTIPART_THRESHOLD // 2**20}MiB)")
+    transfer.add_argument("--part-size", metavar="SIZE",
+                          help="multipart part size (default: chosen from each file's size)")
+    transfer.add_argument("--part-concurrency", type=_positive_int, metavar="N",
+                          default=DEFAULT_PART_CONCURRENCY,
+                          help=f"parts of one file in flight (default {DEFAULT_PART_CONCURRENCY})")
+    transfer.add_argument("--include", action="append", default=[], metavar="GLOB",
+                          help="only files matching GLOB (repeatable)")
+    transfer.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                          help="skip files matching GLOB (repeatable; wins over --include)")
+    transfer.add_argument("--gzip", action="store_true",
+                          help="gzip csv/yaml/json/txt/log files (Content-Encoding: gzip)")
+    transfer.add_argument("--follow-symlinks", action="store_true",
+                          help="follow symlinks that stay inside SRC (never outside)")
+    transfer.add_argument("--state-dir", metavar="DIR",
+                          help="where the manifest lives (default: $ASYNCSYNC_STATE_DIR, "
+                          "else $XDG_STATE_HOME/asyncsync, else ~/.local/state/asyncsync)")
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", action="store_true",
+                        help="one JSON object per file on stdout, then a summary object")
+    output.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    output.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log each upload decision (-vv: also unchanged files)")
+
+
+def _size(text: str | None, what: str) -> int | None:
+    return None if text is None else parse_size(text, what=what)
+
+
+def push_config(args: argparse.Namespace) -> PushConfig:
+    """Validate the arguments once; everything downstream reads the frozen result."""
+    destination = parse_destination(args.destination)
+    source = validate_source(Path(args.source))
+    max_memory = _size(args.max_memory, "--max-memory") or 0
+    threshold = _size(args.multipart_threshold, "--multipart-threshold") or 0
+    part_size = _size(args.part_size, "--part-size")
+    if max_memory < MIN_PART_SIZE:
+        raise ConfigError(f"--max-memory {args.max_memory}: must be at least 5MiB (one part)")
+    if threshold < MIN_PART_SIZE:
+        raise ConfigError(f"--multipart-threshold {args.multipart_threshold}: "
+                          "must be at least 5MiB (S3's smallest part)")
+    if part_size is not None and not MIN_PART_SIZE <= part_size <= 5 * 2**30:
+        raise ConfigError(f"--part-size {args.part_size}: must be between 5MiB and 5GiB")
+    endpoint = validate_endpoint(
+        args.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    # Enough connections that the pool never caps the workers: every worker, plus the parts
+    # the byte budget lets be in flight at once (aiobotocore's default is 10).
+    connections = args.workers + max(args.part_concurrency, max_memory // MIN_PART_SIZE)
+    store = StoreConfig(
+        endpoint_url=endpoint, region=args.region, profile=args.profile,
+        addressing_style=args.addressing_style, max_attempts=args.retries,
+        max_connections=connections,
+    )
+    transfer = TransferConfig(
+        workers=args.workers, max_memory=max_memory, multipart_threshold=threshold,
+        part_size=part_size, part_concurrency=args.part_concurrency, gzip=args.gzip,
+    )
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    return PushConfig(
+        source=source, destination=destination, state_dir=state_dir.absolute(), store=store,
+        transfer=transfer, include=tuple(args.include), exclude=tuple(args.exclude),
+        follow_symlinks=args.follow_symlinks, reconcile=args.reconcile, dry_run=args.dry_run,
+    )
+
+
+class _LowercaseLevelFormatter(logging.Formatter):
+    """'asyncsync: warning: ...', the way compilers and coreutils print diagnostics."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
+def configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(
+        verbose, logging.DEBUG
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowercaseLevelFormatter("asyncsync: %(levelname)s: %(message)s"))
+    root = logging.getLogger("asyncsync")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def run_push_command(args: argparse.Namespace) -> int:
+    from .push import run_push
+    from .report import Reporter
+
+    config = push_config(args)
+    reporter = Reporter(
+        json_lines=args.json,
+        progress=sys.stderr.isatty() and not args.json and not args.quiet,
+    )
+
+    async def main() -> None:
+        progress = asyncio.create_task(reporter.draw_progress())
+        try:
+            await run_push(config, reporter)
+        finally:
+            progress.cancel()
+
+    interrupted = _run_with_signals(main)
+    if interrupted:
+        reporter.finish(quiet=args.quiet)
+        log.error("interrupted: partial multipart uploads are kept; run again to resume")
+        return 128 + interrupted
+    summary = reporter.finish(quiet=args.quiet)
+    return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
+
+
+def _run_with_signals(main: Any) -> int:
+    """Run ``main``; SIGINT/SIGTERM cancel it cleanly. Return the signal number, or 0."""
+    received: list[int] = []
+    with asyncio.Runner() as runner:
+        loop = runner.get_loop()
+        task_holder: list[asyncio.Task[None]] = []
+
+        def on_signal(signum: int) -> None:
+            if received:
+                # Second signal: stop waiting for anything.
+                os._exit(128 + signum)
+            received.append(signum)
+            log.warning("%s received: stopping (again to force)", signal.Signals(signum).name)
+            if task_holder:
+                task_holder[0].cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+
+        async def wrapper() -> None:
+            task_holder.append(asyncio.current_task())  # type: ignore[arg-type]
+            await main()
+
+        try:
+            runner.run(wrapper())
+        except asyncio.CancelledError:
+            if not received:
+                raise
+    return received[0] if received else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
+    try:
+        if args.command == "push":
+            return run_push_command(args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except AsyncsyncError as exc:
+        log.error("%s", exc)
+        return EXIT_SOME_FAILED
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

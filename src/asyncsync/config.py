@@ -1,0 +1,186 @@
+"""Settings, parsed and validated once into frozen objects that the running pipeline only reads.
+
+The CLI (and, later, the watch daemon and the Ultralytics integration) build a `PushConfig`;
+nothing downstream re-parses strings or looks at the environment, except the store, which
+takes credentials from the standard AWS chain and nowhere else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+# S3's multipart limits: every part but the last at least 5 MiB, at most 5 GiB, 10,000 parts.
+MIN_PART_SIZE = 5 * MiB
+MAX_PART_SIZE = 5 * GiB
+MAX_PARTS = 10_000
+MAX_OBJECT_SIZE = 5 * 1024 * GiB
+
+DEFAULT_WORKERS = 32
+DEFAULT_MULTIPART_THRESHOLD = 16 * MiB
+DEFAULT_MAX_MEMORY = 64 * MiB
+DEFAULT_PART_CONCURRENCY = 8
+DEFAULT_RETRIES = 6
+
+# Content types that compress well; weights and images are already dense.
+DEFAULT_GZIP_SUFFIXES = (".csv", ".yaml", ".yml", ".json", ".txt", ".log", ".jsonl", ".tsv")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def parse_size(text: str, *, what: str) -> int:
+    """'64MiB', '64M', '1.5GB', '1048576' -> bytes. K/M/G/T are binary multiples either way."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"{what}: {text!r} is not a size (examples: 64MiB, 16M, 1G, 1048576)")
+    number, unit, _ = match.groups()
+    scale = {"": 1, "k": 1024, "m": MiB, "g": GiB, "t": 1024 * GiB}[unit.lower()]
+    return int(float(number) * scale)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where the tree goes: ``s3://bucket/prefix`` or ``file:///path``."""
+
+    scheme: str  # "s3" or "file"
+    bucket: str  # the bucket, or the root directory for file://
+    prefix: str  # no leading or trailing slash; "" for the bucket root
+
+    @property
+    def url(self) -> str:
+        if self.scheme == "file":
+            base = f"file://{self.bucket}"
+            return f"{base}/{self.prefix}" if self.prefix else base
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def key_for(self, relative_path: str) -> str:
+        return f"{self.prefix}/{relative_path}" if self.prefix else relative_path
+
+
+def parse_destination(text: str) -> Destination:
+    if text.startswith("file://"):
+        path = text[len("file://"):]
+        if not path.startswith("/"):
+            raise ConfigError(f"destination {text!r}: a file:// destination needs an absolute path")
+        return Destination("file", os.path.normpath(path), "")
+    if not text.startswith("s3://"):
+        raise ConfigError(
+            f"destination {text!r}: expected s3://BUCKET[/PREFIX] (or file:///PATH)"
+        )
+    rest = text[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ConfigError(f"destination {text!r}: no bucket name after s3://")
+    _check_bucket_name(bucket, text)
+    # Empty segments would become '//' in keys, which some stores fold and others keep.
+    prefix = "/".join(part for part in prefix.split("/") if part)
+    if any(part in (".", "..") for part in prefix.split("/")):
+        raise ConfigError(f"destination {text!r}: '.' and '..' are not allowed in the prefix")
+    return Destination("s3", bucket, prefix)
+
+
+def _check_bucket_name(bucket: str, text: str) -> None:
+    problem = ""
+    if not 3 <= len(bucket) <= 63:
+        problem = "must be 3 to 63 characters long"
+    elif not _BUCKET_RE.match(bucket):
+        problem = (
+            "may hold only lowercase letters, digits, '.' and '-', "
+            "and must start and end with a letter or digit"
+        )
+    elif ".." in bucket:
+        problem = "must not contain '..'"
+    else:
+        try:
+            ipaddress.IPv4Address(bucket)
+            problem = "must not look like an IP address"
+        except ValueError:
+            pass
+    if problem:
+        raise ConfigError(f"destination {text!r}: invalid bucket name {bucket!r}: {problem}")
+
+
+def default_state_dir() -> Path:
+    """$ASYNCSYNC_STATE_DIR, else $XDG_STATE_HOME/asyncsync, else ~/.local/state/asyncsync."""
+    explicit = os.environ.get("ASYNCSYNC_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "asyncsync"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How to reach the object store. Credentials are deliberately absent: the AWS chain."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    addressing_style: str = "auto"  # "auto", "path" or "virtual"
+    max_attempts: int = DEFAULT_RETRIES
+    backoff_base: float = 0.1
+    backoff_cap: float = 20.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    max_connections: int = DEFAULT_WORKERS + DEFAULT_PART_CONCURRENCY
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Sizes and bounds of the transfer stage."""
+
+    workers: int = DEFAULT_WORKERS
+    max_memory: int = DEFAULT_MAX_MEMORY
+    multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
+    part_size: int | None = None  # None: chosen from each file's size
+    part_concurrency: int = DEFAULT_PART_CONCURRENCY
+    gzip: bool = False
+    gzip_suffixes: tuple[str, ...] = DEFAULT_GZIP_SUFFIXES
+    # How often one file is re-read when it keeps changing under the upload.
+    changed_retries: int = 3
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    source: Path
+    destination: Destination
+    state_dir: Path
+    store: StoreConfig = field(default_factory=StoreConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+    reconcile: bool = False
+    dry_run: bool = False
+
+
+def validate_source(path: Path) -> Path:
+    if not path.exists():
+        raise ConfigError(f"source {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ConfigError(f"source {str(path)!r} is not a directory")
+    return path.resolve()
+
+
+def validate_endpoint(url: str | None) -> str | None:
+    if url is None or url == "":
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"endpoint URL {url!r}: expected http(s)://HOST[:PORT]")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"endpoint URL {url!r}: {exc}") from exc
+    return url

@@ -1,0 +1,180 @@
+"""Reading and hashing local files, consistently.
+
+xxh3-128 is the content digest (fast: several GB/s, so hashing never bounds an upload);
+MD5 only travels as Content-MD5 so the server can verify each body. Every function here
+is blocking and meant to run in a worker thread; xxhash and hashlib release the GIL on
+large buffers, so threads really do hash in parallel.
+
+A read is consistent when the file's identity (size, mtime_ns, inode) is the same before
+and after it: otherwise it raises `SourceChanged` and the caller reads again later.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import xxhash
+
+from .errors import SourceChanged, SourceVanished
+
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+def new_digest() -> Any:
+    return xxhash.xxh3_128()
+
+
+def md5_b64(data: bytes | memoryview) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def stat_identity(path: str) -> FileIdentity:
+    try:
+        return FileIdentity.of(os.stat(path))
+    except FileNotFoundError as exc:
+        raise SourceVanished(f"{path}: vanished before upload") from exc
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        raise SourceVanished(f"{path}: vanished before upload") from exc
+
+
+def _check_unchanged(path: str, before: FileIdentity, fd: int) -> None:
+    after = FileIdentity.of(os.fstat(fd))
+    if after != before:
+        raise SourceChanged(f"{path}: changed while it was read")
+    try:
+        on_disk = FileIdentity.of(os.stat(path))
+    except FileNotFoundError as exc:
+        raise SourceVanished(f"{path}: vanished while it was read") from exc
+    if on_disk != before:  # replaced (renamed over) while we held the old inode
+        raise SourceChanged(f"{path}: replaced while it was read")
+
+
+@dataclass(frozen=True, slots=True)
+class SmallSnapshot:
+    """A whole small file, read once: its body, identity and digests."""
+
+    body: bytes
+    identity: FileIdentity
+    digest: str  # xxh3-128 of the original content, hex
+    body_md5_b64: str  # MD5 of ``body`` (which is gzip data when compressed)
+    content_encoding: str | None
+
+
+def read_small(path: str, max_size: int, compress: bool) -> SmallSnapshot:
+    """Read a whole file of at most ``max_size`` bytes (it grew past that: SourceChanged)."""
+    fd = _open(path)
+    try:
+        before = FileIdentity.of(os.fstat(fd))
+        if before.size > max_size:
+            raise SourceChanged(f"{path}: grew past the multipart threshold")
+        chunks = []
+        remaining = before.size
+        while True:
+            # Read to EOF, not to the stat size: a file growing meanwhile is caught below.
+            chunk = os.read(fd, max(remaining, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        _check_unchanged(path, before, fd)
+    finally:
+        os.close(fd)
+    if len(data) != before.size:
+        raise SourceChanged(f"{path}: size changed while it was read")
+    digest = xxhash.xxh3_128_hexdigest(data)
+    encoding = None
+    if compress:
+        # mtime=0: the same content always compresses to the same bytes.
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+        encoding = "gzip"
+    return SmallSnapshot(data, before, digest, md5_b64(data), encoding)
+
+
+def hash_file(path: str) -> tuple[str, FileIdentity]:
+    """Digest of a whole file (also warms the page cache for the upload that follows)."""
+    fd = _open(path)
+    try:
+        before = FileIdentity.of(os.fstat(fd))
+        hasher = new_digest()
+        buffer = bytearray(HASH_CHUNK)
+        view = memoryview(buffer)
+        while True:
+            n = os.readv(fd, [buffer])
+            if not n:
+                break
+            hasher.update(view[:n])
+        _check_unchanged(path, before, fd)
+    finally:
+        os.close(fd)
+    return hasher.hexdigest(), before
+
+
+def read_part(fd: int, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset``; short only if the file shrank (the caller checks)."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length or not data:
+        return data
+    pieces = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            break
+        pieces.append(more)
+        got += len(more)
+    return b"".join(pieces)
+
+
+def gzip_to_temp(path: str, temp_dir: str) -> tuple[str, str, FileIdentity, BinaryIO]:
+    """Compress a (large) file into an anonymous temp file, in one read.
+
+    Returns the temp file's path, the digest of the original content, the original's
+    identity, and the open temp file (the caller closes it, which deletes it).
+    """
+    fd = _open(path)
+    try:
+        before = FileIdentity.of(os.fstat(fd))
+        hasher = new_digest()
+        temp = tempfile.NamedTemporaryFile(dir=temp_dir, prefix="gzip-", suffix=".gz")
+        try:
+            with open(fd, "rb", closefd=False) as source, gzip.GzipFile(
+                fileobj=temp, mode="wb", compresslevel=6, mtime=0
+            ) as sink:
+                while True:
+                    chunk = source.read(HASH_CHUNK)
+                    if not chunk:
+                        break
+                    hasher.update(chunk)
+                    sink.write(chunk)
+            temp.flush()
+            _check_unchanged(path, before, fd)
+        except BaseException:
+            temp.close()
+            raise
+    finally:
+        os.close(fd)
+    return temp.name, hasher.hexdigest(), before, temp  # type: ignore[return-value]
+

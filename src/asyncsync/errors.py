@@ -1,0 +1,80 @@
+"""The domain errors every stage raises, and the exit codes they map to.
+
+Store errors are translated once, at the storage layer (s3.py), into this small hierarchy with
+the original exception kept as ``__cause__``; everything above the store reasons about these
+classes only. The split that matters: transient errors are retried, per-file errors fail one
+file, and fatal errors (bad configuration, bad credentials, missing bucket) stop the whole run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class AsyncsyncError(Exception):
+    """Base class of every error asyncsync reports to its user."""
+
+
+class ConfigError(AsyncsyncError):
+    """Bad usage or configuration: the run cannot start (exit code 2)."""
+
+
+class ManifestError(ConfigError):
+    """The manifest database cannot be opened, read or written."""
+
+
+class StoreError(AsyncsyncError):
+    """An object store operation failed.
+
+    ``op`` is the store operation (PutObject, UploadPart, ...), ``key`` the object key when
+    there is one, ``code`` the store's error code when it sent one.
+    """
+
+    def __init__(self, message: str, *, op: str = "", key: str = "", code: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.op = op
+        self.key = key
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TransientStoreError(StoreError):
+    """Worth retrying: 5xx, throttling, connection reset, timeout."""
+
+
+class FatalStoreError(StoreError, ConfigError):
+    """No point going on with any file: wrong credentials, access denied, no such bucket."""
+
+
+class NoSuchUpload(StoreError):
+    """A multipart upload id the store no longer knows (completed, aborted or expired)."""
+
+
+class NotFound(StoreError):
+    """The object does not exist."""
+
+
+class SourceChanged(AsyncsyncError):
+    """The file changed while it was being read for upload; nothing was published."""
+
+
+class SourceVanished(AsyncsyncError):
+    """The file disappeared between the scan and its upload."""
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that made a task group fail, not the cancellations it caused."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]

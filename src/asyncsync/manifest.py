@@ -1,0 +1,324 @@
+"""Stage 2, manifest: what is known to be in the bucket, and multipart uploads in progress.
+
+A SQLite database (WAL) in the state directory. Each object row says: this key in this
+bucket of this store holds the content of this local file, which had this size, mtime_ns
+and inode, and this xxh128 digest. That lets a re-run skip unchanged files without reading
+them and without listing the bucket. Multipart uploads are recorded as they go (upload id,
+part size, each part's ETag and MD5) so that a run killed half-way resumes where it stopped.
+
+All access happens on the event loop thread: statements are short, and small-file rows
+are committed in batches (a crash loses at most the last batch, which only means those
+files are hashed again next time); multipart progress is committed at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError
+
+MANIFEST_FILE = "manifest.db"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    store TEXT NOT NULL,
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    source TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    object_size INTEGER NOT NULL,
+    content_encoding TEXT,
+    uploaded_at REAL NOT NULL,
+    PRIMARY KEY (store, bucket, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS uploads (
+    store TEXT NOT NULL,
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    upload_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    part_size INTEGER NOT NULL,
+    content_encoding TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (store, bucket, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS parts (
+    upload_id TEXT NOT NULL,
+    part_number INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    md5 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (upload_id, part_number)
+) WITHOUT ROWID;
+"""
+
+REBUILD_HINT = (
+    "move it aside (or delete it) and run again with --reconcile to rebuild it from the bucket"
+)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One bucket of one store: manifest rows are per (scope, key)."""
+
+    store: str  # the endpoint URL, or "aws" (+profile) for the default endpoint
+    bucket: str
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRecord:
+    key: str
+    source: str
+    size: int
+    mtime_ns: int
+    inode: int
+    digest: str
+    etag: str
+    object_size: int
+    content_encoding: str | None
+    uploaded_at: float
+
+    def same_stat(self, source: str, size: int, mtime_ns: int, inode: int) -> bool:
+        return (
+            self.source == source
+            and self.size == size
+            and self.mtime_ns == mtime_ns
+            and self.inode == inode
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedPart:
+    part_number: int
+    etag: str
+    md5: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    key: str
+    upload_id: str
+    source: str
+    size: int
+    mtime_ns: int
+    inode: int
+    digest: str
+    part_size: int
+    content_encoding: str | None
+    created_at: float
+
+
+class Manifest:
+    """The SQLite manifest. Open with `Manifest.open(state_dir)`; close when done."""
+
+    # Small-file rows are committed after this many changes or this many seconds.
+    BATCH_ROWS = 512
+    BATCH_SECONDS = 1.0
+
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = connection
+        self._pending_rows = 0
+        self._last_commit = time.monotonic()
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Manifest:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ManifestError(
+                f"state directory {str(state_dir)!r} cannot be created: {exc.strerror}"
+            ) from exc
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            raise ManifestError(f"state directory {str(state_dir)!r} is not writable")
+        path = state_dir / MANIFEST_FILE
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise ManifestError(f"manifest {str(path)!r} cannot be opened: {exc}") from exc
+        try:
+            db.execute("PRAGMA busy_timeout = 10000")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ManifestError(
+                    f"manifest {str(path)!r} was written by a newer asyncsync "
+                    f"(schema {version}); upgrade asyncsync or use another --state-dir"
+                )
+            db.execute("PRAGMA journal_mode = WAL")
+            # WAL + NORMAL: a power loss may drop the last commits, never corrupt the file;
+            # losing a row only means that file is hashed (not necessarily sent) again.
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("PRAGMA quick_check(1)")
+        except ManifestError:
+            db.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise ManifestError(_describe(exc, path)) from exc
+        db.execute("BEGIN")
+        return cls(path, db)
+
+    # -- objects -----------------------------------------------------------------------
+
+    def lookup(self, scope: Scope, key: str) -> ObjectRecord | None:
+        row = self._fetchone(
+            "SELECT key, source, size, mtime_ns, inode, digest, etag, object_size,"
+            " content_encoding, uploaded_at FROM objects WHERE store=? AND bucket=? AND key=?",
+            (scope.store, scope.bucket, key),
+        )
+        return ObjectRecord(*row) if row else None
+
+    def record_object(self, scope: Scope, record: ObjectRecord) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO objects (store, bucket, key, source, size, mtime_ns, inode,"
+            " digest, etag, object_size, content_encoding, uploaded_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                scope.store, scope.bucket, record.key, record.source, record.size,
+                record.mtime_ns, record.inode, record.digest, record.etag, record.object_size,
+                record.content_encoding, record.uploaded_at,
+            ),
+        )
+        self._maybe_commit()
+
+    def objects_under(self, scope: Scope, prefix: str) -> Iterator[ObjectRecord]:
+        low = prefix
+        rows = self._query(
+            "SELECT key, source, size, mtime_ns, inode, digest, etag, object_size,"
+            " content_encoding, uploaded_at FROM objects WHERE store=? AND bucket=? AND key>=?"
+            " ORDER BY key",
+            (scope.store, scope.bucket, low),
+        )
+        for row in rows:
+            if not str(row[0]).startswith(prefix):
+                return
+            yield ObjectRecord(*row)
+
+    # -- multipart uploads in progress ---------------------------------------------------
+
+    def pending_upload(self, scope: Scope, key: str) -> PendingUpload | None:
+        row = self._fetchone(
+            "SELECT key, upload_id, source, size, mtime_ns, inode, digest, part_size,"
+            " content_encoding, created_at FROM uploads WHERE store=? AND bucket=? AND key=?",
+            (scope.store, scope.bucket, key),
+        )
+        return PendingUpload(*row) if row else None
+
+    def pending_uploads(self, scope: Scope, prefix: str) -> list[PendingUpload]:
+        rows = self._query(
+            "SELECT key, upload_id, source, size, mtime_ns, inode, digest, part_size,"
+            " content_encoding, created_at FROM uploads WHERE store=? AND bucket=? ORDER BY key",
+            (scope.store, scope.bucket),
+        )
+        return [PendingUpload(*row) for row in rows if str(row[0]).startswith(prefix)]
+
+    def recorded_parts(self, upload_id: str) -> dict[int, RecordedPart]:
+        rows = self._query(
+            "SELECT part_number, etag, md5, size FROM parts WHERE upload_id=?", (upload_id,)
+        )
+        return {int(row[0]): RecordedPart(*row) for row in rows}
+
+    def begin_upload(self, scope: Scope, upload: PendingUpload) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO uploads (store, bucket, key, upload_id, source, size,"
+            " mtime_ns, inode, digest, part_size, content_encoding, created_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                scope.store, scope.bucket, upload.key, upload.upload_id, upload.source,
+                upload.size, upload.mtime_ns, upload.inode, upload.digest, upload.part_size,
+                upload.content_encoding, upload.created_at,
+            ),
+        )
+        self.commit()
+
+    def record_part(self, upload_id: str, part: RecordedPart) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO parts (upload_id, part_number, etag, md5, size)"
+            " VALUES (?,?,?,?,?)",
+            (upload_id, part.part_number, part.etag, part.md5, part.size),
+        )
+        self.commit()
+
+    def forget_upload(self, scope: Scope, key: str, upload_id: str) -> None:
+        self._execute(
+            "DELETE FROM uploads WHERE store=? AND bucket=? AND key=? AND upload_id=?",
+            (scope.store, scope.bucket, key, upload_id),
+        )
+        self._execute("DELETE FROM parts WHERE upload_id=?", (upload_id,))
+        self.commit()
+
+    # -- transactions --------------------------------------------------------------------
+
+    def _maybe_commit(self) -> None:
+        self._pending_rows += 1
+        if (
+            self._pending_rows >= self.BATCH_ROWS
+            or time.monotonic() - self._last_commit >= self.BATCH_SECONDS
+        ):
+            self.commit()
+
+    def commit(self) -> None:
+        try:
+            self._db.execute("COMMIT")
+            self._db.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise ManifestError(_describe(exc, self.path)) from exc
+        self._pending_rows = 0
+        self._last_commit = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise ManifestError(_describe(exc, self.path)) from exc
+        finally:
+            self._db.close()
+
+    def _execute(self, sql: str, args: tuple[object, ...]) -> None:
+        try:
+            self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise ManifestError(_describe(exc, self.path)) from exc
+
+    def _fetchone(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
+        try:
+            row: tuple[Any, ...] | None = self._db.execute(sql, args).fetchone()
+        except sqlite3.Error as exc:
+            raise ManifestError(_describe(exc, self.path)) from exc
+        return row
+
+    def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        try:
+            return list(self._db.execute(sql, args).fetchall())
+        except sqlite3.Error as exc:
+            raise ManifestError(_describe(exc, self.path)) from exc
+
+
+def _describe(exc: sqlite3.Error, path: Path) -> str:
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        return f"manifest {str(path)!r} is corrupt ({text}); {REBUILD_HINT}"
+    if "disk is full" in text or "disk I/O error" in text:
+        return f"manifest {str(path)!r} cannot be written: {text} (is the state directory full?)"
+    if "readonly" in text or "read-only" in text:
+        return f"manifest {str(path)!r} cannot be written: {text} (state directory not writable)"
+    return f"manifest {str(path)!r}: {text}"

@@ -1,0 +1,83 @@
+"""Stage 3, plan: what to do with one scanned file, and how to cut it into parts.
+
+Pure logic on values from the scanner and the manifest: no I/O, unit-tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from .config import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB, TransferConfig
+from .manifest import ObjectRecord
+from .scan import ScannedFile
+
+
+class Action(enum.Enum):
+    SKIP = "skip"  # size, mtime_ns and inode match the manifest: not even read
+    VERIFY = "verify"  # known key, stat changed: hash, and send only if the digest differs
+    UPLOAD = "upload"  # not in the manifest (or the bucket lost it): send
+    ADOPT = "adopt"  # --reconcile: in the bucket, not in the manifest: verify by digest
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    reason: str  # "unchanged", "new", "changed", "missing in bucket", ...
+    record: ObjectRecord | None = None
+
+
+def plan_file(scanned: ScannedFile, record: ObjectRecord | None) -> Decision:
+    if record is None:
+        return Decision(Action.UPLOAD, "new")
+    if record.same_stat(scanned.path, scanned.size, scanned.mtime_ns, scanned.inode):
+        return Decision(Action.SKIP, "unchanged", record)
+    return Decision(Action.VERIFY, "changed", record)
+
+
+# Bigger files get bigger parts: fewer requests, and room under the 10,000-part cap.
+_PART_SIZE_LADDER = (
+    (1024 * MiB, 8 * MiB),
+    (8 * 1024 * MiB, 16 * MiB),
+    (64 * 1024 * MiB, 64 * MiB),
+)
+
+
+def part_size_for(size: int, configured: int | None = None) -> int:
+    """Part size for a multipart upload of ``size`` bytes, within S3's limits.
+
+    A configured size is honoured but raised if the file would need more than 10,000 parts.
+    """
+    if configured is not None:
+        wanted = configured
+    else:
+        wanted = next((part for limit, part in _PART_SIZE_LADDER if size <= limit), 128 * MiB)
+    floor = math.ceil(size / MAX_PARTS)
+    part = max(wanted, floor, MIN_PART_SIZE)
+    # Whole MiB parts keep ranges readable in logs and aligned on disk.
+    part = math.ceil(part / MiB) * MiB
+    return min(part, MAX_PART_SIZE)
+
+
+def part_count(size: int, part_size: int) -> int:
+    return max(1, math.ceil(size / part_size))
+
+
+def part_window_for(size: int, part_size: int, config: TransferConfig) -> int:
+    """How many parts of one file are in flight at once.
+
+    Bounded by the file's part count, the configured per-file concurrency, and the memory
+    budget (at least one part must fit; the budget itself bounds the sum over all files).
+    """
+    parts = part_count(size, part_size)
+    by_memory = max(1, config.max_memory // part_size)
+    return max(1, min(parts, config.part_concurrency, by_memory))
+
+
+def uses_multipart(size: int, config: TransferConfig) -> bool:
+    return size > config.multipart_threshold
+
+
+def wants_gzip(relative: str, config: TransferConfig) -> bool:
+    return config.gzip and relative.lower().endswith(config.gzip_suffixes)

@@ -1,0 +1,234 @@
+"""`push`: one pass of the pipeline, scan -> manifest -> plan -> transfer -> store.
+
+The scanner streams files; each is looked up in the manifest and planned; files that need
+work get a worker slot *before* their task is created (so the walk never runs ahead of the
+uploads and memory stays flat), and the byte budget bounds what those workers buffer. The
+watch daemon composes the same stages; only the driving loop differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .budget import ByteBudget
+from .config import PushConfig
+from .errors import AsyncsyncError, FatalStoreError, TransientStoreError, first_error
+from .keys import InvalidKey, PathFilter, object_key
+from .manifest import Manifest, Scope
+from .plan import Action, Decision, plan_file, uses_multipart
+from .report import Reporter
+from .scan import ScanIssue, ScanOptions, scan_tree
+from .store import ObjectInfo, ObjectStore
+from .transfer import FileOutcome, Uploader
+
+log = logging.getLogger("asyncsync")
+
+
+class EndpointUnreachable(AsyncsyncError):
+    """The store did not answer at all, after every retry: nothing could be sent."""
+
+
+def scope_for(config: PushConfig) -> Scope:
+    """Manifest scope: which store (endpoint) and bucket rows belong to."""
+    if config.destination.scheme == "file":
+        return Scope("file", config.destination.bucket)
+    store = config.store
+    name = store.endpoint_url.rstrip("/") if store.endpoint_url else "aws"
+    if not store.endpoint_url and store.profile:
+        name = f"aws:{store.profile}"
+    return Scope(name, config.destination.bucket)
+
+
+class StoreSession:
+    """Opens the store on first use, checks the bucket once, and shares it.
+
+    Opening is deferred because a re-run that finds nothing to send never needs the store
+    (nor botocore's import time). A failure to open is remembered: every later caller gets
+    the same error at once instead of retrying the whole backoff schedule again.
+    """
+
+    def __init__(self, opener: Callable[[], object]) -> None:
+        self._opener = opener
+        self._store: ObjectStore | None = None
+        self._error: BaseException | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> ObjectStore:
+        if self._store is not None:
+            return self._store
+        async with self._lock:
+            if self._error is not None:
+                raise self._error
+            if self._store is None:
+                try:
+                    store: ObjectStore = await self._opener()  # type: ignore[misc]
+                    try:
+                        await store.check_bucket()
+                    except BaseException:
+                        await store.close()
+                        raise
+                except TransientStoreError as exc:
+                    self._error = EndpointUnreachable(f"store unreachable: {exc}")
+                    raise self._error from exc
+                except FatalStoreError as exc:
+                    self._error = exc
+                    raise
+                self._store = store
+        return self._store
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+
+def open_store(config: PushConfig, on_retry: Callable[..., None]) -> Callable[[], object]:
+    async def opener() -> ObjectStore:
+        from .s3 import open_s3_store
+
+        return await open_s3_store(config.destination.bucket, config.store, on_retry=on_retry)
+
+    return opener
+
+
+async def run_push(config: PushConfig, reporter: Reporter) -> None:
+    """Mirror config.source into config.destination once. Outcomes go to ``reporter``."""
+    manifest = Manifest.open(config.state_dir)
+    temp_dir = config.state_dir / "tmp"
+    session = StoreSession(open_store(config, reporter.retried))
+    try:
+        await _push(config, reporter, manifest, session, temp_dir)
+    finally:
+        try:
+            await session.close()
+        finally:
+            manifest.close()
+
+
+async def _push(
+    config: PushConfig, reporter: Reporter, manifest: Manifest, session: StoreSession,
+    temp_dir: Path,
+) -> None:
+    scope = scope_for(config)
+    transfer = config.transfer
+    if transfer.gzip:
+        temp_dir.mkdir(parents=True, exist_ok=True)
+    uploader = Uploader(
+        store=session.get, manifest=manifest, scope=scope, config=transfer,
+        budget=ByteBudget(transfer.max_memory), temp_dir=temp_dir, dry_run=config.dry_run,
+        on_bytes=reporter.sent,
+    )
+    listing: dict[str, ObjectInfo] | None = None
+    if config.reconcile:
+        listing = await _list_destination(session, config)
+    options = ScanOptions(
+        follow_symlinks=config.follow_symlinks,
+        path_filter=PathFilter(config.include, config.exclude),
+        skip_paths=_state_dir_inside(config.source, config.state_dir),
+    )
+    large_keys: set[str] = set()
+    slots = asyncio.Semaphore(transfer.workers)
+
+    async def work(scanned: object, key: str, decision: Decision) -> None:
+        try:
+            outcome = await uploader.sync(scanned, key, decision)  # type: ignore[arg-type]
+            reporter.outcome(outcome)
+        finally:
+            slots.release()
+
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            async for item in scan_tree(str(config.source), options):
+                if isinstance(item, ScanIssue):
+                    reporter.issue(item)
+                    continue
+                try:
+                    key = object_key(config.destination.prefix, item.relative)
+                except InvalidKey as exc:
+                    reporter.outcome(
+                        FileOutcome(item.relative, "", "failed", "new", item.size, error=str(exc))
+                    )
+                    continue
+                reporter.scanned(item.size)
+                if uses_multipart(item.size, transfer):
+                    large_keys.add(key)
+                decision = plan_file(item, manifest.lookup(scope, key))
+                if listing is not None:
+                    decision = _reconcile(decision, listing.get(key))
+                if decision.action is Action.SKIP:
+                    reporter.outcome(
+                        FileOutcome(item.relative, key, "unchanged", decision.reason, item.size)
+                    )
+                    continue
+                # A slot first, then the task: the walk waits for the uploads.
+                await slots.acquire()
+                tasks.create_task(work(item, key, decision))
+            reporter.scan_done = True
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    manifest.commit()
+    if not config.dry_run:
+        await _abort_orphans(config, manifest, scope, session, large_keys)
+
+
+def _reconcile(decision: Decision, listed: ObjectInfo | None) -> Decision:
+    """Adjust a plan made from the manifest with what the bucket listing says."""
+    record = decision.record
+    if record is None:
+        if listed is not None:
+            return Decision(Action.ADOPT, "in bucket, not in manifest")
+        return decision
+    if listed is None:
+        return Decision(Action.UPLOAD, "missing in bucket")
+    if listed.etag != record.etag or listed.size != record.object_size:
+        return Decision(Action.UPLOAD, "changed in bucket")
+    return decision
+
+
+async def _list_destination(session: StoreSession, config: PushConfig) -> dict[str, ObjectInfo]:
+    store = await session.get()
+    prefix = config.destination.prefix
+    listing: dict[str, ObjectInfo] = {}
+    async for info in store.list_objects(prefix + "/" if prefix else ""):
+        listing[info.key] = info
+    log.info("reconcile: %d object(s) under %s", len(listing), config.destination.url)
+    return listing
+
+
+async def _abort_orphans(
+    config: PushConfig, manifest: Manifest, scope: Scope, session: StoreSession,
+    seen: set[str],
+) -> None:
+    """Abort multipart uploads recorded for files of this source that are gone now."""
+    prefix = config.destination.prefix
+    root = str(config.source) + os.sep
+    orphans = [
+        pending
+        for pending in manifest.pending_uploads(scope, prefix + "/" if prefix else "")
+        if pending.key not in seen and pending.source.startswith(root)
+    ]
+    if not orphans:
+        return
+    store = await session.get()
+    for pending in orphans:
+        try:
+            await store.abort_multipart_upload(pending.key, pending.upload_id)
+        except Exception as exc:  # noqa: BLE001 - kept in the manifest for the next run
+            log.warning("%s: could not abort stale upload: %s", pending.key, exc)
+            continue
+        manifest.forget_upload(scope, pending.key, pending.upload_id)
+        log.info("%s: aborted stale upload of a file that is gone", pending.key)
+
+
+def _state_dir_inside(source: Path, state_dir: Path) -> frozenset[str]:
+    """The state directory's path relative to the source, if it lives inside it."""
+    try:
+        relative = state_dir.resolve().relative_to(source.resolve())
+    except ValueError:
+        return frozenset()
+    return frozenset({relative.as_posix()}) if relative.parts else frozenset()
+

@@ -1,0 +1,188 @@
+"""What a run tells its user: counters, per-file JSON lines, a progress bar, a summary.
+
+stdout carries only machine-readable output (`--json`); logs, warnings and the progress
+bar go to stderr. The progress bar is drawn only when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+from .errors import TransientStoreError
+from .scan import ScanIssue
+from .transfer import FileOutcome
+
+log = logging.getLogger("asyncsync")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+class Reporter:
+    def __init__(
+        self,
+        *,
+        json_lines: bool = False,
+        progress: bool = False,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+    ) -> None:
+        self.json_lines = json_lines
+        self.progress = progress
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.started = time.monotonic()
+        self.uploaded = 0
+        self.unchanged = 0
+        self.would_upload = 0
+        self.failed = 0
+        self.ignored = 0
+        self.bytes_sent = 0
+        self.retries = 0
+        self.resumed_parts = 0
+        self.scanned_files = 0
+        self.scanned_bytes = 0
+        self.done_bytes = 0
+        self.scan_done = False
+
+    # -- events ---------------------------------------------------------------------------
+
+    def scanned(self, size: int) -> None:
+        self.scanned_files += 1
+        self.scanned_bytes += size
+
+    def sent(self, nbytes: int) -> None:
+        self.bytes_sent += nbytes
+
+    def retried(self, exc: TransientStoreError, attempt: int, pause: float) -> None:
+        self.retries += 1
+        log.info("retry %d in %.2fs: %s", attempt, pause, exc)
+
+    def issue(self, issue: ScanIssue) -> None:
+        if issue.failed:
+            self.failed += 1
+            log.error("%s: %s", issue.relative, issue.message)
+        else:
+            self.ignored += 1
+            log.warning("%s: %s", issue.relative, issue.message)
+        self._emit(
+            {"type": "file", "path": issue.relative,
+             "status": "failed" if issue.failed else "ignored", "reason": issue.message}
+        )
+
+    def outcome(self, outcome: FileOutcome) -> None:
+        status = outcome.status
+        self.done_bytes += outcome.size
+        if status == "uploaded":
+            self.uploaded += 1
+            self.resumed_parts += outcome.resumed_parts
+            log.info("uploaded %s -> %s (%s, %s)", outcome.relative, outcome.key,
+                     human_bytes(outcome.size), outcome.reason)
+        elif status == "unchanged":
+            self.unchanged += 1
+            log.debug("unchanged %s", outcome.relative)
+        elif status == "would-upload":
+            self.would_upload += 1
+            log.info("would upload %s -> %s (%s)", outcome.relative, outcome.key, outcome.reason)
+        elif status == "skipped":
+            self.ignored += 1
+            log.warning("%s: %s", outcome.relative, outcome.reason)
+        else:
+            self.failed += 1
+            log.error("%s: %s", outcome.relative, outcome.error)
+        record: dict[str, Any] = {
+            "type": "file", "path": outcome.relative, "key": outcome.key, "status": status,
+            "reason": outcome.reason, "size": outcome.size, "bytes": outcome.bytes_sent,
+        }
+        if outcome.parts:
+            record["parts"] = outcome.parts
+            record["resumed_parts"] = outcome.resumed_parts
+        if outcome.error:
+            record["error"] = outcome.error
+        self._emit(record)
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self.json_lines:
+            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        seconds = time.monotonic() - self.started
+        return {
+            "type": "summary",
+            "uploaded": self.uploaded,
+            "skipped": self.unchanged,
+            "would_upload": self.would_upload,
+            "failed": self.failed,
+            "ignored": self.ignored,
+            "bytes": self.bytes_sent,
+            "retries": self.retries,
+            "resumed_parts": self.resumed_parts,
+            "seconds": round(seconds, 3),
+        }
+
+    def finish(self, *, quiet: bool = False) -> dict[str, Any]:
+        """Print the summary (a JSON line, or one human line on stderr) and return it."""
+        self._clear_progress()
+        summary = self.summary()
+        if self.json_lines:
+            self._emit(summary)
+            self.out.flush()
+        elif not quiet:
+            seconds = max(summary["seconds"], 1e-9)
+            parts = [f"{self.uploaded} uploaded", f"{self.unchanged} unchanged"]
+            if self.would_upload:
+                parts.append(f"{self.would_upload} would upload")
+            parts.append(f"{self.failed} failed")
+            if self.ignored:
+                parts.append(f"{self.ignored} ignored")
+            rate = human_bytes(self.bytes_sent / seconds)
+            self.err.write(
+                f"asyncsync: {', '.join(parts)}; {human_bytes(self.bytes_sent)} sent "
+                f"in {seconds:.1f}s ({rate}/s)"
+                + (f", {self.retries} retries" if self.retries else "")
+                + "\n"
+            )
+        return summary
+
+    # -- progress bar -----------------------------------------------------------------------
+
+    async def draw_progress(self, interval: float = 0.2) -> None:
+        """Redraw one status line on stderr until cancelled."""
+        if not self.progress:
+            return
+        while True:
+            self._draw()
+            await asyncio.sleep(interval)
+
+    def _draw(self) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.bytes_sent / elapsed
+        files = self.uploaded + self.unchanged + self.failed + self.would_upload
+        total = f"/{self.scanned_files}" if self.scan_done else f" of {self.scanned_files}+"
+        line = (
+            f"{files}{total} files  {human_bytes(self.bytes_sent)} sent  "
+            f"{human_bytes(rate)}/s"
+        )
+        remaining = self.scanned_bytes - self.done_bytes
+        if self.scan_done and rate > 0 and remaining > 0:
+            eta = int(remaining / rate)
+            line += f"  ETA {eta // 60}:{eta % 60:02d}"
+        self.err.write("\r" + line[:100].ljust(70))
+        self.err.flush()
+
+    def _clear_progress(self) -> None:
+        if self.progress:
+            self.err.write("\r" + " " * 100 + "\r")
+            self.err.flush()

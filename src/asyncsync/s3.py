@@ -1,0 +1,330 @@
+"""The S3 implementation of `store.ObjectStore`, with aiobotocore.
+
+Three decisions live here and nowhere else:
+- credentials come only from botocore's standard chain (environment, shared config and
+  profile, container/instance role, web identity); nothing here reads or prints them;
+- botocore's own retries are off and `retry.retry_transient` is the single retry layer,
+  so attempts never multiply;
+- integrity: every PUT and part carries a Content-MD5 the server verifies, and botocore's
+  flexible checksums are set to ``when_required`` so that S3-compatible stores which do not
+  speak them (or their aws-chunked trailers) still work.
+
+botocore is imported lazily (`open_s3_store`): importing it costs a few hundred
+milliseconds, and a re-run that finds nothing changed never needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from .config import StoreConfig
+from .errors import (
+    FatalStoreError,
+    NoSuchUpload,
+    NotFound,
+    StoreError,
+    TransientStoreError,
+)
+from .retry import Backoff, retry_transient
+from .store import ObjectAttributes, ObjectInfo, UploadedPart
+
+T = TypeVar("T")
+
+_FATAL_CODES = {
+    "InvalidAccessKeyId": "the access key is not known to the store",
+    "SignatureDoesNotMatch": "the secret key does not match the access key",
+    "ExpiredToken": "the credentials have expired",
+    "TokenRefreshRequired": "the credentials have expired",
+    "InvalidToken": "the session token is invalid",
+    "AccessDenied": "access denied",
+    "AllAccessDisabled": "access to the bucket is disabled",
+    "AccountProblem": "the account has a problem",
+    "NoSuchBucket": "the bucket does not exist",
+    "AuthorizationHeaderMalformed": "the request's region or credentials are malformed",
+    "PermanentRedirect": "the bucket is in another region or needs another endpoint",
+}
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
+    "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+    "BadDigest",  # the body was damaged on the way: sending it again is the cure
+    "IncompleteBody", "OperationAborted",
+}
+
+RetryObserver = Callable[[TransientStoreError, int, float], None]
+
+
+def translate_error(exc: BaseException, *, op: str, key: str, location: str) -> StoreError:
+    """Map a botocore/aiohttp exception to the domain hierarchy (the caller keeps the cause)."""
+    from botocore import exceptions as bce
+
+    where = f"{op} {location}/{key}" if key else f"{op} {location}"
+    if isinstance(exc, bce.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = str(error.get("Message", "")) or code
+        if code == "NoSuchUpload":
+            return NoSuchUpload(f"{where}: upload no longer exists", op=op, key=key, code=code)
+        if code in _FATAL_CODES:
+            return FatalStoreError(
+                f"{where}: {_FATAL_CODES[code]} ({code})", op=op, key=key, code=code
+            )
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return NotFound(f"{where}: not found", op=op, key=key, code=code or "404")
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return TransientStoreError(
+                f"{where}: {message} ({code or status})", op=op, key=key, code=code
+            )
+        if status == 403:
+            return FatalStoreError(f"{where}: access denied ({code or 403})", op=op, key=key,
+                                   code=code or "403")
+        return StoreError(f"{where}: {message} ({code or status})", op=op, key=key, code=code)
+    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
+        return FatalStoreError(
+            "no usable AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "a profile (AWS_PROFILE/--profile), or run with an instance or web-identity role",
+            op=op,
+        )
+    if isinstance(exc, bce.ProfileNotFound):
+        return FatalStoreError(f"AWS profile not found: {exc}", op=op)
+    if isinstance(exc, bce.EndpointConnectionError):
+        return TransientStoreError(f"{where}: cannot connect to the endpoint", op=op, key=key)
+    if isinstance(exc, bce.BotoCoreError | asyncio.TimeoutError | OSError):
+        return TransientStoreError(f"{where}: {type(exc).__name__}: {exc}", op=op, key=key)
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - aiobotocore depends on aiohttp
+        aiohttp = None  # type: ignore[assignment]
+    if aiohttp is not None and isinstance(exc, aiohttp.ClientError):
+        return TransientStoreError(f"{where}: {type(exc).__name__}: {exc}", op=op, key=key)
+    return StoreError(f"{where}: {type(exc).__name__}: {exc}", op=op, key=key)
+
+
+class S3Store:
+    """One bucket of an S3-compatible store, through one aiobotocore client."""
+
+    def __init__(
+        self,
+        client: Any,
+        exit_stack: contextlib.AsyncExitStack,
+        bucket: str,
+        config: StoreConfig,
+        on_retry: RetryObserver | None,
+    ) -> None:
+        self._client = client
+        self._exit_stack = exit_stack
+        self._bucket = bucket
+        self._config = config
+        self._backoff = Backoff(config.backoff_base, config.backoff_cap)
+        self._on_retry = on_retry
+        endpoint = getattr(client.meta, "endpoint_url", "") or ""
+        self._location = f"s3://{bucket}" + (f" at {endpoint}" if endpoint else "")
+
+    @property
+    def location(self) -> str:
+        return self._location
+
+    async def _call(self, op: str, key: str, call: Callable[[], Awaitable[T]]) -> T:
+        async def attempt() -> T:
+            try:
+                return await call()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise translate_error(
+                    exc, op=op, key=key, location=f"s3://{self._bucket}"
+                ) from exc
+
+        return await retry_transient(
+            attempt, attempts=self._config.max_attempts, backoff=self._backoff,
+            on_retry=self._on_retry,
+        )
+
+    async def check_bucket(self) -> None:
+        try:
+            await self._call(
+                "HeadBucket", "", lambda: self._client.head_bucket(Bucket=self._bucket)
+            )
+        except NotFound as exc:
+            raise FatalStoreError(
+                f"bucket s3://{self._bucket} does not exist", op="HeadBucket", code="NoSuchBucket"
+            ) from exc
+        except FatalStoreError as exc:
+            # HEAD responses carry no error body, so 403 cannot tell bad keys from a policy
+            # that allows PutObject but not HeadBucket. Let the first upload decide.
+            if exc.code not in ("403", "AccessDenied"):
+                raise
+
+    @staticmethod
+    def _attribute_args(attributes: ObjectAttributes) -> dict[str, Any]:
+        args: dict[str, Any] = {"Metadata": dict(attributes.metadata)}
+        if attributes.content_encoding:
+            args["ContentEncoding"] = attributes.content_encoding
+        if attributes.content_type:
+            args["ContentType"] = attributes.content_type
+        return args
+
+    async def put_object(
+        self, key: str, body: bytes, *, md5_b64: str, attributes: ObjectAttributes
+    ) -> str:
+        extra = self._attribute_args(attributes)
+        response = await self._call(
+            "PutObject", key,
+            lambda: self._client.put_object(
+                Bucket=self._bucket, Key=key, Body=body, ContentMD5=md5_b64, **extra
+            ),
+        )
+        return str(response["ETag"])
+
+    async def create_multipart_upload(self, key: str, *, attributes: ObjectAttributes) -> str:
+        extra = self._attribute_args(attributes)
+        response = await self._call(
+            "CreateMultipartUpload", key,
+            lambda: self._client.create_multipart_upload(Bucket=self._bucket, Key=key, **extra),
+        )
+        return str(response["UploadId"])
+
+    async def upload_part(
+        self, key: str, upload_id: str, part_number: int, body: bytes, *, md5_b64: str
+    ) -> str:
+        response = await self._call(
+            "UploadPart", key,
+            lambda: self._client.upload_part(
+                Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=part_number,
+                Body=body, ContentMD5=md5_b64,
+            ),
+        )
+        return str(response["ETag"])
+
+    async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
+        parts: list[UploadedPart] = []
+        marker = 0
+        while True:
+            page = await self._call(
+                "ListParts", key,
+                lambda m=marker: self._client.list_parts(  # type: ignore[misc]
+                    Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumberMarker=m
+                ),
+            )
+            for part in page.get("Parts", []):
+                parts.append(
+                    UploadedPart(int(part["PartNumber"]), str(part["ETag"]), int(part["Size"]))
+                )
+            if not page.get("IsTruncated"):
+                return parts
+            marker = int(page.get("NextPartNumberMarker", 0))
+
+    async def complete_multipart_upload(
+        self, key: str, upload_id: str, parts: list[UploadedPart]
+    ) -> str:
+        layout = {"Parts": [{"PartNumber": p.part_number, "ETag": p.etag} for p in parts]}
+        response = await self._call(
+            "CompleteMultipartUpload", key,
+            lambda: self._client.complete_multipart_upload(
+                Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload=layout
+            ),
+        )
+        return str(response["ETag"])
+
+    async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        with contextlib.suppress(NoSuchUpload, NotFound):
+            await self._call(
+                "AbortMultipartUpload", key,
+                lambda: self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=key, UploadId=upload_id
+                ),
+            )
+
+    async def head_object(self, key: str) -> ObjectInfo | None:
+        try:
+            response = await self._call(
+                "HeadObject", key, lambda: self._client.head_object(Bucket=self._bucket, Key=key)
+            )
+        except NotFound:
+            return None
+        return ObjectInfo(
+            key=key,
+            size=int(response["ContentLength"]),
+            etag=str(response["ETag"]),
+            metadata=dict(response.get("Metadata", {})),
+            content_encoding=response.get("ContentEncoding"),
+        )
+
+    async def list_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        token: str | None = None
+        while True:
+            args: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix}
+            if token:
+                args["ContinuationToken"] = token
+            page = await self._call(
+                "ListObjectsV2", prefix, lambda a=args: self._client.list_objects_v2(**a)  # type: ignore[misc]
+            )
+            for item in page.get("Contents", []):
+                yield ObjectInfo(str(item["Key"]), int(item["Size"]), str(item["ETag"]))
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    async def get_object(self, key: str) -> AsyncIterator[bytes]:
+        response = await self._call(
+            "GetObject", key, lambda: self._client.get_object(Bucket=self._bucket, Key=key)
+        )
+        async with response["Body"] as stream:
+            while True:
+                chunk = await stream.read(1024 * 1024)
+                if not chunk:
+                    return
+                yield chunk
+
+    async def copy_object(self, source_key: str, key: str) -> str:
+        response = await self._call(
+            "CopyObject", key,
+            lambda: self._client.copy_object(
+                Bucket=self._bucket, Key=key,
+                CopySource={"Bucket": self._bucket, "Key": source_key},
+                MetadataDirective="COPY",
+            ),
+        )
+        return str(response["CopyObjectResult"]["ETag"])
+
+    async def close(self) -> None:
+        await self._exit_stack.aclose()
+
+
+async def open_s3_store(
+    bucket: str, config: StoreConfig, *, on_retry: RetryObserver | None = None
+) -> S3Store:
+    """Create the client (credentials from the standard chain) for one bucket."""
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import AioSession
+    from botocore import exceptions as bce
+
+    try:
+        session = AioSession(profile=config.profile)
+        client_config = AioConfig(
+            max_pool_connections=config.max_connections,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            s3={"addressing_style": config.addressing_style},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            user_agent_extra="asyncsync",
+        )
+        stack = contextlib.AsyncExitStack()
+        client = await stack.enter_async_context(
+            session.create_client(
+                "s3",
+                region_name=config.region,
+                endpoint_url=config.endpoint_url,
+                config=client_config,
+            )
+        )
+    except (bce.ProfileNotFound, bce.NoRegionError, bce.InvalidConfigError) as exc:
+        raise FatalStoreError(f"AWS configuration: {exc}", op="configure") from exc
+    except ValueError as exc:  # e.g. a malformed endpoint URL
+        raise FatalStoreError(f"AWS configuration: {exc}", op="configure") from exc
+    return S3Store(client, stack, bucket, config, on_retry)

@@ -1,0 +1,104 @@
+"""The storage seam: the one Protocol everything above the store talks to.
+
+`s3.py` implements it with aiobotocore. Implementations translate their own errors into
+`errors.StoreError` subclasses (keeping ``__cause__``), retry what is transient themselves
+(one retry layer), and never log or echo credentials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Object metadata keys (sent as x-amz-meta-*): the digest of the original content lets a
+# bucket be verified without the manifest; the original size matters when the body is gzip.
+META_DIGEST = "xxh128"
+META_SIZE = "asyncsync-size"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    content_encoding: str | None = None
+
+
+@dataclass(frozen=True)
+class UploadedPart:
+    part_number: int
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ObjectAttributes:
+    """What a new object carries besides its body."""
+
+    metadata: Mapping[str, str]
+    content_encoding: str | None = None
+    content_type: str | None = None
+
+
+class ObjectStore(Protocol):
+    """A bucket (or bucket-like root) of an object store."""
+
+    @property
+    def location(self) -> str:
+        """Human-readable name of the store, for messages (never holds credentials)."""
+        ...
+
+    async def check_bucket(self) -> None:
+        """Raise FatalStoreError if the bucket does not exist or cannot be reached with these
+        credentials; TransientStoreError if the store does not answer."""
+        ...
+
+    async def put_object(
+        self, key: str, body: bytes, *, md5_b64: str, attributes: ObjectAttributes
+    ) -> str:
+        """Store a whole object; return its ETag. The store verifies ``md5_b64``."""
+        ...
+
+    async def create_multipart_upload(self, key: str, *, attributes: ObjectAttributes) -> str:
+        """Start a multipart upload; return its upload id."""
+        ...
+
+    async def upload_part(
+        self, key: str, upload_id: str, part_number: int, body: bytes, *, md5_b64: str
+    ) -> str:
+        """Store one part; return its ETag."""
+        ...
+
+    async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
+        """Parts already stored for an upload; raise NoSuchUpload if the upload is gone."""
+        ...
+
+    async def complete_multipart_upload(
+        self, key: str, upload_id: str, parts: list[UploadedPart]
+    ) -> str:
+        """Publish the object from its parts; return its ETag."""
+        ...
+
+    async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        """Discard an upload and its parts; a no-op if the upload is already gone."""
+        ...
+
+    async def head_object(self, key: str) -> ObjectInfo | None:
+        """The object's size, ETag and metadata, or None if it does not exist."""
+        ...
+
+    def list_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Every object under ``prefix`` (no metadata: listings do not carry it)."""
+        ...
+
+    def get_object(self, key: str) -> AsyncIterator[bytes]:
+        """The object's body, in chunks."""
+        ...
+
+    async def copy_object(self, source_key: str, key: str) -> str:
+        """Server-side copy within the bucket; return the new ETag."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,99 @@
+"""Session fixtures: one real SeaweedFS S3 server for the whole run, a fresh bucket per test.
+
+Set ASYNCSYNC_TEST_ENDPOINT (with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment)
+to run the same tests against another S3 endpoint instead of the embedded server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from asyncsync.embedded_s3 import SeaweedFS
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A subprocess environment that reaches this server through the standard AWS chain."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(
+            AWS_ACCESS_KEY_ID=self.access_key,
+            AWS_SECRET_ACCESS_KEY=self.secret_key,
+            AWS_ENDPOINT_URL=self.endpoint,
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_CONFIG_FILE=os.devnull,
+            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        )
+        env.update(extra)
+        return env
+
+    def client(self, endpoint: str | None = None) -> Any:
+        """A plain synchronous botocore client, for tests to inspect the bucket independently."""
+        import botocore.session
+        from botocore.config import Config
+
+        session = botocore.session.Session()
+        return session.create_client(
+            "s3",
+            endpoint_url=endpoint or self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"total_max_attempts": 3},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    endpoint = os.environ.get("ASYNCSYNC_TEST_ENDPOINT")
+    if endpoint:
+        yield S3Server(
+            endpoint, os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+        )
+        return
+    server = SeaweedFS(data_dir=tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield S3Server(server.endpoint, server.access_key, server.secret_key)
+    finally:
+        server.stop()
+
+
+def empty_bucket(client: Any, bucket: str) -> None:
+    """Abort every multipart upload and delete every object of a bucket."""
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+        for upload in page.get("Uploads", []):
+            client.abort_multipart_upload(
+                Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=bucket, Key=obj["Key"])
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server) -> Iterator[str]:
+    """A new, empty bucket for one test, deleted afterwards (SeaweedFS gives each a volume)."""
+    client = s3_server.client()
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    client.create_bucket(Bucket=name)
+    try:
+        yield name
+    finally:
+        empty_bucket(client, name)
+        client.delete_bucket(Bucket=name)
