@@ -6,10 +6,14 @@ to run the same tests against another S3 endpoint instead of the embedded server
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,3 +101,63 @@ def bucket(s3_server: S3Server) -> Iterator[str]:
     finally:
         empty_bucket(client, name)
         client.delete_bucket(Bucket=name)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The --json lines of stdout."""
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        last = self.records[-1]
+        assert last["type"] == "summary", last
+        return last
+
+    def files(self, status: str) -> list[str]:
+        return sorted(
+            r["path"] for r in self.records if r["type"] == "file" and r["status"] == status
+        )
+
+
+ASYNCSYNC = str(Path(sys.executable).parent / "asyncsync")
+
+
+def run_cli(
+    *args: str | Path,
+    env: dict[str, str],
+    timeout: float = 180,
+    prefix: list[str] | None = None,
+    **popen: Any,
+) -> CliResult:
+    """Run the installed `asyncsync` command and capture what it printed."""
+    command = [*(prefix or []), ASYNCSYNC, *map(str, args)]
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=timeout, **popen
+    )
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def read_object(client: Any, bucket: str, key: str) -> bytes:
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    try:
+        return bytes(body.read())
+    finally:
+        body.close()
+
+
+def bucket_keys(client: Any, bucket: str, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.extend(obj["Key"] for obj in page.get("Contents", []))
+    return sorted(keys)
+
+
+def open_uploads(client: Any, bucket: str) -> list[dict[str, Any]]:
+    return list(client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))

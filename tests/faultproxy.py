@@ -4,8 +4,9 @@ The proxy sits between an S3 client (botocore, aiobotocore, or an `asyncsync` su
 AWS_ENDPOINT_URL points at `FaultProxy.endpoint`) and a real S3 server such as the embedded
 SeaweedFS, and lets a test make chosen requests fail the way real object stores and networks
 fail: throttling (503 SlowDown), server errors (500), connection resets, latency, and a slow
-uplink. Everything else is forwarded byte for byte, so SigV4 signatures stay valid (the client
-signs the proxy's Host header and the proxy passes it through unchanged).
+uplink. Everything else is forwarded byte for byte (bar the Expect header, which the proxy
+answers itself), so SigV4 signatures stay valid: the client signs the proxy's Host header and
+the proxy passes it through unchanged.
 
 The proxy runs its own asyncio event loop in a daemon thread, so synchronous tests and
 subprocesses can use it alike. Bodies are streamed in bounded pieces, never held whole.
@@ -30,7 +31,7 @@ ACTIONS = ("503", "500", "reset", "delay")
 
 _PIECE = 64 * 1024
 _MAX_HEAD = 1024 * 1024
-_HOP_HEADERS_TO_DROP = frozenset({b"expect"})
+_HEADERS_NOT_FORWARDED = frozenset({b"expect"})
 
 _ERRORS = {
     "503": (503, b"Slow Down", "SlowDown", "Please reduce your request rate."),
@@ -411,12 +412,16 @@ class FaultProxy:
     async def _shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
+        # A connection accepted just before the close has its handler task only scheduled.
+        await asyncio.sleep(0)
         for task in list(self._handlers):
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        # A hostname upstream resolves through the default executor; stop its threads too.
+        await asyncio.get_running_loop().shutdown_default_executor()
 
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -515,7 +520,7 @@ class FaultProxy:
             lines = [
                 line
                 for line in request.header_lines
-                if line.partition(b":")[0].strip().lower() not in _HOP_HEADERS_TO_DROP
+                if line.partition(b":")[0].strip().lower() not in _HEADERS_NOT_FORWARDED
             ]
             start = b"%s %s %s" % (
                 request.method.encode("ascii"),
@@ -534,7 +539,7 @@ class FaultProxy:
             # on a large PUT): asyncio drops its answer with the reset, much as a client
             # talking to the server directly would usually lose it.
             await upstream.close()
-            body = _error_xml("BadGateway", "The fault proxy could not reach the server.", "")
+            body = _error_xml("BadGateway", "The proxy lost its connection to the server.", "")
             writer.write(_simple_response(502, b"Bad Gateway", body, close=True))
             await writer.drain()
             return False

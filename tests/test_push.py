@@ -1,0 +1,299 @@
+"""`asyncsync push` end to end: the installed command against the real SeaweedFS server.
+
+Every assertion about what was uploaded reads the bytes (or metadata) back from the bucket.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+
+from .conftest import S3Server, bucket_keys, open_uploads, read_object, run_cli
+
+pytestmark = pytest.mark.s3
+
+MiB = 1024 * 1024
+
+
+def write(path: Path, data: bytes) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def random_bytes(n: int, seed: int = 0) -> bytes:
+    return (xxhash.xxh3_128_digest(seed.to_bytes(8, "little")) * (n // 16 + 1))[:n] if n < 64 \
+        else os.urandom(n)
+
+
+def push(server: S3Server, src: Path, dest: str, state: Path, *extra: str) -> Any:
+    return run_cli("push", src, dest, "--state-dir", state, "--json", *extra,
+                   env=server.env())
+
+
+def test_round_trip_odd_names_thresholds_and_multipart(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "runs"
+    threshold = 8 * MiB
+    files = {
+        "exp/args.yaml": b"epochs: 2\nimgsz: 64\n",
+        "exp/results.csv": b"epoch,loss\n1,0.5\n",
+        "exp/empty.txt": b"",
+        "exp/ünïcødé 日本/spaces and +#%&=.txt": b"odd name",
+        "exp/at-threshold.bin": os.urandom(threshold),
+        "exp/below-threshold.bin": os.urandom(threshold - 1),
+        "exp/above-threshold.bin": os.urandom(threshold + 1),
+        "exp/weights/last.pt": os.urandom(40 * MiB),
+    }
+    for name, data in files.items():
+        write(src / name, data)
+    outside = write(tmp_path / "outside-secret.txt", b"must never be uploaded")
+    del outside
+    os.symlink(tmp_path / "outside-secret.txt", src / "exp" / "link-outside.txt")
+    os.symlink(src / "exp" / "args.yaml", src / "exp" / "link-inside.yaml")
+
+    result = push(s3_server, src, f"s3://{bucket}/team/", tmp_path / "state",
+                  "--multipart-threshold", "8MiB", "--follow-symlinks")
+    assert result.returncode == 0, result.stderr
+    client = s3_server.client()
+    expected_keys = sorted(f"team/{name}" for name in files) + ["team/exp/link-inside.yaml"]
+    assert bucket_keys(client, bucket) == sorted(expected_keys)
+    for name, data in files.items():
+        key = f"team/{name}"
+        assert read_object(client, bucket, key) == data, key
+        head = client.head_object(Bucket=bucket, Key=key)
+        assert head["Metadata"]["xxh128"] == xxhash.xxh3_128_hexdigest(data), key
+    assert read_object(client, bucket, "team/exp/link-inside.yaml") == files["exp/args.yaml"]
+    assert "link-outside.txt" in " ".join(result.files("ignored"))
+
+    # Threshold boundaries: exactly the threshold is one PUT, one byte more is multipart.
+    def etag(name: str) -> str:
+        return str(client.head_object(Bucket=bucket, Key=f"team/{name}")["ETag"])
+
+    assert "-" not in etag("exp/at-threshold.bin")
+    assert "-" not in etag("exp/below-threshold.bin")
+    assert etag("exp/above-threshold.bin").endswith('-2"')
+    assert etag("exp/weights/last.pt").endswith('-5"')
+    assert open_uploads(client, bucket) == []
+    summary = result.summary
+    assert summary["uploaded"] == len(files) + 1
+    assert summary["failed"] == 0
+    assert summary["bytes"] == sum(map(len, files.values())) + len(files["exp/args.yaml"])
+
+
+def test_rerun_skips_unchanged_touch_and_sends_only_changes(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "runs"
+    for i in range(20):
+        write(src / f"exp/plots/p{i}.png", os.urandom(1000 + i))
+    write(src / "exp/weights/last.pt", os.urandom(20 * MiB))
+    state = tmp_path / "state"
+    dest = f"s3://{bucket}/runs"
+    first = push(s3_server, src, dest, state)
+    assert first.returncode == 0, first.stderr
+    assert first.summary["uploaded"] == 21
+
+    again = push(s3_server, src, dest, state)
+    assert again.returncode == 0
+    assert (again.summary["uploaded"], again.summary["skipped"], again.summary["bytes"]) == (0, 21, 0)
+
+    # touch: new mtime, same content -> hashed, found equal, not sent.
+    os.utime(src / "exp/weights/last.pt")
+    os.utime(src / "exp/plots/p3.png")
+    touched = push(s3_server, src, dest, state)
+    assert (touched.summary["uploaded"], touched.summary["bytes"]) == (0, 0)
+    # ...and the manifest was refreshed: the next run does not even hash them.
+    assert push(s3_server, src, dest, state).files("unchanged") == sorted(
+        [f"exp/plots/p{i}.png" for i in range(20)] + ["exp/weights/last.pt"]
+    )
+
+    new_content = write(src / "exp/plots/p7.png", os.urandom(1007))
+    changed = push(s3_server, src, dest, state)
+    assert changed.returncode == 0
+    assert changed.files("uploaded") == ["exp/plots/p7.png"]
+    assert read_object(s3_server.client(), bucket, "runs/exp/plots/p7.png") == new_content
+
+
+def test_injected_failure_aborts_the_multipart_upload(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "runs"
+    write(src / "big.pt", os.urandom(24 * MiB))
+    write(src / "small.txt", b"fine")
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.inject("503", 1000, method="PUT", query_contains="partNumber=2")
+        result = run_cli(
+            "push", src, f"s3://{bucket}/x", "--state-dir", tmp_path / "state", "--json",
+            "--retries", "2", "--multipart-threshold", "8MiB",
+            env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint),
+        )
+        assert result.returncode == 1, result.stderr
+        assert result.files("failed") == ["big.pt"]
+        assert result.files("uploaded") == ["small.txt"]
+        assert "big.pt" in result.stderr and "SlowDown" in result.stderr
+        client = s3_server.client()
+        assert open_uploads(client, bucket) == []
+        assert bucket_keys(client, bucket) == ["x/small.txt"]
+        # The manifest holds no half-done upload either, and a clean run sends the file.
+        proxy.clear_rules()
+        again = run_cli(
+            "push", src, f"s3://{bucket}/x", "--state-dir", tmp_path / "state", "--json",
+            "--multipart-threshold", "8MiB", env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint),
+        )
+    assert again.returncode == 0
+    assert again.files("uploaded") == ["big.pt"]
+    assert read_object(client, bucket, "x/big.pt") == (src / "big.pt").read_bytes()
+
+
+def test_transient_faults_are_retried(s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "runs"
+    files = {f"f{i}.txt": os.urandom(2000) for i in range(10)}
+    files["w.pt"] = os.urandom(18 * MiB)
+    for name, data in files.items():
+        write(src / name, data)
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.inject("503", 3, method="PUT")
+        proxy.inject("reset", 2, method="PUT")
+        proxy.inject("delay", 2, delay=0.5)
+        proxy.inject("500", 1, method="POST")  # CreateMultipartUpload / Complete
+        result = run_cli(
+            "push", src, f"s3://{bucket}/r", "--state-dir", tmp_path / "state", "--json",
+            "--multipart-threshold", "8MiB",
+            env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint),
+        )
+        faults = proxy.stats.faults
+    assert result.returncode == 0, result.stderr
+    assert faults == 8
+    assert result.summary["retries"] >= 4  # each 5xx; aiohttp itself resends after a reset
+    client = s3_server.client()
+    for name, data in files.items():
+        assert read_object(client, bucket, f"r/{name}") == data
+    assert open_uploads(client, bucket) == []
+
+
+def test_gzip_compressible_types_only(s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
+    src = tmp_path / "runs"
+    csv = write(src / "results.csv", b"epoch,loss,mAP50\n" + b"1,0.25,0.5\n" * 2000)
+    jpg = write(src / "val_batch0_pred.jpg", os.urandom(5000))
+    result = push(s3_server, src, f"s3://{bucket}/g", tmp_path / "state", "--gzip")
+    assert result.returncode == 0, result.stderr
+    client = s3_server.client()
+    head = client.head_object(Bucket=bucket, Key="g/results.csv")
+    assert head["ContentEncoding"] == "gzip"
+    assert head["ContentLength"] < len(csv) // 5
+    assert head["Metadata"]["xxh128"] == xxhash.xxh3_128_hexdigest(csv)
+    assert gzip.decompress(read_object(client, bucket, "g/results.csv")) == csv
+    assert "ContentEncoding" not in client.head_object(Bucket=bucket, Key="g/val_batch0_pred.jpg")
+    assert read_object(client, bucket, "g/val_batch0_pred.jpg") == jpg
+    assert push(s3_server, src, f"s3://{bucket}/g", tmp_path / "state", "--gzip").summary[
+        "uploaded"
+    ] == 0
+
+
+def test_include_exclude_and_dry_run(s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
+    src = tmp_path / "runs"
+    for name in ["a/weights/best.pt", "a/weights/last.pt", "a/results.csv", "a/x.jpg", "b/y.jpg"]:
+        write(src / name, name.encode())
+    dry = push(s3_server, src, f"s3://{bucket}/f", tmp_path / "state", "--dry-run",
+               "--include", "*.pt", "--include", "*.csv", "--exclude", "last.pt")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.files("would-upload") == ["a/results.csv", "a/weights/best.pt"]
+    client = s3_server.client()
+    assert bucket_keys(client, bucket) == []
+    real = push(s3_server, src, f"s3://{bucket}/f", tmp_path / "state",
+                "--include", "*.pt", "--include", "*.csv", "--exclude", "last.pt")
+    assert bucket_keys(client, bucket) == ["f/a/results.csv", "f/a/weights/best.pt"]
+    assert real.summary["uploaded"] == 2
+
+
+def test_reconcile_resends_missing_and_changed_and_rebuilds_a_lost_manifest(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "runs"
+    data = {f"exp/f{i}.bin": os.urandom(3000 + i) for i in range(6)}
+    data["exp/weights/last.pt"] = os.urandom(12 * MiB)
+    for name, content in data.items():
+        write(src / name, content)
+    dest = f"s3://{bucket}/rc"
+    state = tmp_path / "state"
+    assert push(s3_server, src, dest, state, "--multipart-threshold", "8MiB").returncode == 0
+    client = s3_server.client()
+    client.delete_object(Bucket=bucket, Key="rc/exp/f1.bin")
+    client.put_object(Bucket=bucket, Key="rc/exp/f2.bin", Body=b"tampered")
+
+    # Without --reconcile the manifest is trusted: nothing is sent.
+    assert push(s3_server, src, dest, state).summary["uploaded"] == 0
+    fixed = push(s3_server, src, dest, state, "--reconcile")
+    assert fixed.returncode == 0, fixed.stderr
+    assert fixed.files("uploaded") == ["exp/f1.bin", "exp/f2.bin"]
+    for name, content in data.items():
+        assert read_object(client, bucket, f"rc/{name}") == content
+
+    # A lost manifest: --reconcile adopts what the bucket already has, by digest.
+    fresh = tmp_path / "fresh-state"
+    rebuilt = push(s3_server, src, dest, fresh, "--reconcile", "--multipart-threshold", "8MiB")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert (rebuilt.summary["uploaded"], rebuilt.summary["bytes"]) == (0, 0)
+    assert rebuilt.summary["skipped"] == len(data)
+    after = push(s3_server, src, dest, fresh)
+    assert after.files("unchanged") == sorted(data)
+    # A local change after the rebuild is still noticed.
+    write(src / "exp/f0.bin", b"new")
+    assert push(s3_server, src, dest, fresh).files("uploaded") == ["exp/f0.bin"]
+
+
+def test_file_rewritten_during_upload_never_publishes_a_torn_object(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """A checkpoint rewritten in place mid-upload: the upload re-reads, never mixes versions."""
+    import threading
+
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "runs"
+    path = src / "weights" / "last.pt"
+    write(path, b"A" * (24 * MiB))
+    final = b"B" * (24 * MiB)
+    state = tmp_path / "state"
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.set_bandwidth(16 * MiB)
+
+        def rewrite_when_parts_arrive() -> None:
+            db = state / "manifest.db"
+            for _ in range(400):
+                if db.exists():
+                    with sqlite3.connect(db) as conn:
+                        if conn.execute("SELECT count(*) FROM parts").fetchone()[0] >= 1:
+                            break
+                threading.Event().wait(0.025)
+            with open(path, "r+b") as f:  # in place, like torch.save over last.pt
+                f.truncate(0)
+                f.write(final)
+
+        writer = threading.Thread(target=rewrite_when_parts_arrive)
+        writer.start()
+        result = run_cli(
+            "push", src, f"s3://{bucket}/t", "--state-dir", state, "--json",
+            "--multipart-threshold", "8MiB", "--part-concurrency", "1", "-v",
+            env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint),
+        )
+        writer.join()
+    assert result.returncode == 0, result.stderr
+    assert "changed while uploading" in result.stderr
+    client = s3_server.client()
+    assert read_object(client, bucket, "t/weights/last.pt") == final
+    head = client.head_object(Bucket=bucket, Key="t/weights/last.pt")
+    assert head["Metadata"]["xxh128"] == xxhash.xxh3_128_hexdigest(final)
+    assert open_uploads(client, bucket) == []
