@@ -27,12 +27,10 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
-import threading
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,12 +39,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import corpus as corpora
-from corpus import CORPORA, Corpus
-
 from asyncsync.embedded_s3 import SeaweedFS, find_weed
+from corpus import CORPORA, DEFAULT_WORK_DIR, Corpus, ensure
 
 HERE = Path(__file__).resolve().parent
+LAUNCHER = HERE / "launcher.py"
 BUCKET = "asyncsync-bench"
 TOOLS = ("asyncsync", "s5cmd")
 QUICK_SCALE = 0.05
@@ -57,6 +54,10 @@ RSS_TARGET_MB = 150.0
 
 
 # -- measuring one child ------------------------------------------------------------------
+
+
+class BenchFailure(RuntimeError):
+    """A tool failed, or left the bucket in a state that does not match the corpus."""
 
 
 @dataclass
@@ -93,33 +94,38 @@ class Measured:
 
 
 def measure(argv: Sequence[str], env: dict[str, str], log_stem: Path) -> Measured:
-    """Run argv to completion; resource usage of that child only (os.wait4, not getrusage).
+    """Run argv to completion under launcher.py; resource usage of that command only.
 
-    Output goes to files, not pipes: a pipe nobody drains would stall a chatty child
-    (asyncsync --json writes a line per file), and reading it here would cost CPU in this
-    process while the child runs.
+    The launcher (not this process) spawns the command and waits for it: see launcher.py for
+    why peak RSS would otherwise include this process's own. Output goes to files, not pipes:
+    a pipe nobody drains would stall a chatty child (asyncsync --json writes a line per
+    file), and draining it here would cost CPU on the cores the tools share.
     """
     log_stem.parent.mkdir(parents=True, exist_ok=True)
     out_path = log_stem.with_suffix(".out")
     err_path = log_stem.with_suffix(".err")
+    usage_path = log_stem.with_suffix(".usage.json")
+    usage_path.unlink(missing_ok=True)
+    probe = [sys.executable, "-I", "-S", str(LAUNCHER), str(usage_path), *argv]
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        killer = threading.Timer(CHILD_TIMEOUT_S, proc.kill)
-        killer.start()
+        # A session of its own, so that a hung command can be killed with its launcher.
+        proc = subprocess.Popen(probe, env=env, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        wall = time.perf_counter() - start
-    # We reaped it ourselves: tell Popen, so that it never waits on a recycled pid.
-    proc.returncode = os.waitstatus_to_exitcode(status)
+            proc.wait(timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise BenchFailure(f"{argv[0]} ran over {CHILD_TIMEOUT_S:.0f}s: killed") from None
+    if proc.returncode != 0 or not usage_path.exists():
+        raise BenchFailure(f"launcher failed ({proc.returncode}) for {argv}: see {err_path}")
+    usage = json.loads(usage_path.read_text())
     return Measured(
-        wall_s=wall,
-        user_s=usage.ru_utime,
-        sys_s=usage.ru_stime,
-        peak_rss_mb=usage.ru_maxrss / 1024,  # KiB on Linux
-        exit_code=proc.returncode,
+        wall_s=usage["wall_s"],
+        user_s=usage["user_s"],
+        sys_s=usage["sys_s"],
+        peak_rss_mb=usage["maxrss_kib"] / 1024,  # ru_maxrss is in KiB on Linux
+        exit_code=usage["exit_code"],
         stdout=out_path,
         stderr=err_path,
     )
@@ -141,10 +147,6 @@ def make_sample(
 
 
 # -- the store ------------------------------------------------------------------------------
-
-
-class BenchFailure(RuntimeError):
-    """A tool failed, or left the bucket in a state that does not match the corpus."""
 
 
 def s3_client(server: SeaweedFS) -> Any:
@@ -198,7 +200,7 @@ def vacuum(server: SeaweedFS) -> None:
     try:
         with urllib.request.urlopen(url, timeout=300) as response:
             response.read()
-    except (OSError, urllib.error.URLError) as exc:
+    except OSError as exc:  # URLError and HTTPError included
         print(f"  (vacuum failed, continuing: {exc})", file=sys.stderr)
 
 
@@ -547,9 +549,11 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
     for r in sorted(rows, key=lambda r: (order.get(r["corpus"], 99), case_order[r["case"]],
                                          r["tool"])):
         mbs = "—" if r["case"] != "cold" else _fmt(r["mb_per_s"], 1)
+        # find's peak is below the launcher's ~9 MB floor, so the figure would be the floor's.
+        rss = "—" if r["case"] == "floor" else _fmt(r["peak_rss_mb"], 0)
         lines.append(
             f"| {r['corpus']} | {CASE_LABEL[r['case']]} | {TOOL_LABEL[(r['case'], r['tool'])]} "
-            f"| {_fmt(r['wall_s'])} | {_fmt(r['cpu_s'])} | {_fmt(r['peak_rss_mb'], 0)} "
+            f"| {_fmt(r['wall_s'])} | {_fmt(r['cpu_s'])} | {rss} "
             f"| {_fmt(r['files_per_s'], 0)} | {mbs} |"
         )
     lines += [
@@ -610,7 +614,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for results.json, README.md, throughput.png "
                              "(default: benchmarks/)")
-    parser.add_argument("--work-dir", type=Path, default=corpora.DEFAULT_WORK_DIR,
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
                         help="corpora, server data, state dirs and logs (default: "
                              "benchmarks/work/)")
     args = parser.parse_args(argv)
@@ -635,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpora (scale {args.scale:g}):", flush=True)
     sets = []
     for name in names:
-        c = corpora.ensure(name, args.scale, work)
+        c = ensure(name, args.scale, work)
         print(f"  {c.name}: {c.files:,} files, {c.bytes / 1e6:,.1f} MB", flush=True)
         sets.append(c)
 

@@ -297,3 +297,105 @@ def test_file_rewritten_during_upload_never_publishes_a_torn_object(
     head = client.head_object(Bucket=bucket, Key="t/weights/last.pt")
     assert head["Metadata"]["xxh128"] == xxhash.xxh3_128_hexdigest(final)
     assert open_uploads(client, bucket) == []
+
+
+def test_sigkill_mid_multipart_resumes_without_resending(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from .conftest import ASYNCSYNC
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "runs"
+    size = 48 * MiB
+    content = write(src / "weights" / "epoch10.pt", os.urandom(size))
+    state = tmp_path / "state"
+    part = 8 * MiB
+    with FaultProxy(s3_server.endpoint) as proxy:
+        env = s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint)
+        proxy.set_bandwidth(24 * MiB)
+        process = subprocess.Popen(
+            [ASYNCSYNC, "push", str(src), f"s3://{bucket}/k", "--state-dir", str(state),
+             "--multipart-threshold", "8MiB", "--part-size", "8MiB", "--part-concurrency", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            recorded = 0
+            while time.monotonic() < deadline and recorded < 3:
+                time.sleep(0.02)
+                if (state / "manifest.db").exists():
+                    with sqlite3.connect(state / "manifest.db") as db:
+                        recorded = db.execute("SELECT count(*) FROM parts").fetchone()[0]
+            assert recorded >= 3, "the upload never got going"
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.wait(timeout=30)
+        assert process.returncode == -signal.SIGKILL
+        client = s3_server.client()
+        assert len(open_uploads(client, bucket)) == 1  # kept on purpose, owned by the manifest
+        assert bucket_keys(client, bucket) == []
+
+        proxy.set_bandwidth(None)
+        proxy.reset_stats()
+        resumed = run_cli("push", src, f"s3://{bucket}/k", "--state-dir", state, "--json",
+                          "--multipart-threshold", "8MiB", "--part-size", "8MiB", env=env)
+        upstream = proxy.stats.body_bytes_upstream
+    assert resumed.returncode == 0, resumed.stderr
+    record = resumed.records[0]
+    assert record["status"] == "uploaded" and record["reason"] == "resumed"
+    assert record["resumed_parts"] >= 3
+    # Only the missing parts crossed the wire again (measured at the proxy, too).
+    assert resumed.summary["bytes"] <= size - 3 * part
+    assert upstream <= size - 3 * part + 64 * 1024
+    assert read_object(client, bucket, "k/weights/epoch10.pt") == content
+    assert str(client.head_object(Bucket=bucket, Key="k/weights/epoch10.pt")["ETag"]).endswith(
+        '-6"'
+    )
+    assert open_uploads(client, bucket) == []
+
+
+def test_changed_file_is_not_resumed_and_old_upload_is_aborted(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """A kept upload whose file changed since is aborted and the new content sent whole."""
+    from .conftest import ASYNCSYNC
+
+    src = tmp_path / "runs"
+    path = src / "w.pt"
+    write(path, os.urandom(24 * MiB))
+    state = tmp_path / "state"
+    client = s3_server.client()
+    # Leave a kept upload behind, the way an interrupted run would.
+    import signal
+    import subprocess
+    import time
+
+    from .faultproxy import FaultProxy
+
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.set_bandwidth(12 * MiB)
+        env = s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint)
+        process = subprocess.Popen(
+            [ASYNCSYNC, "push", str(src), f"s3://{bucket}/c", "--state-dir", str(state),
+             "--multipart-threshold", "8MiB", "--part-concurrency", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not open_uploads(client, bucket):
+            time.sleep(0.02)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        assert len(open_uploads(client, bucket)) == 1
+        new = write(path, os.urandom(24 * MiB))
+        proxy.set_bandwidth(None)
+        result = run_cli("push", src, f"s3://{bucket}/c", "--state-dir", state, "--json",
+                         "--multipart-threshold", "8MiB", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.records[0]["resumed_parts"] == 0
+    assert read_object(client, bucket, "c/w.pt") == new
+    assert open_uploads(client, bucket) == []

@@ -1,0 +1,283 @@
+"""Bad input: one clear line naming the value or file and the cause, the right exit code,
+and nothing lost. Each case runs the installed command; store cases use real SeaweedFS."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import S3Server, bucket_keys, read_object, run_cli
+
+MiB = 1024 * 1024
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("asyncsync: error:")]
+
+
+def make_tree(root: Path, count: int = 3) -> None:
+    for i in range(count):
+        path = root / "exp" / f"f{i}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"file {i}\n".encode())
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_DEFAULT_REGION="us-east-1",
+               AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed_port()}", **extra)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["push", "{missing}", "s3://bucket-a/x"], "does not exist"),
+        (["push", "{file}", "s3://bucket-a/x"], "is not a directory"),
+        (["push", "{src}", "s3:/x"], "expected s3://BUCKET"),
+        (["push", "{src}", "s3://"], "no bucket name"),
+        (["push", "{src}", "bucket-a/x"], "expected s3://BUCKET"),
+        (["push", "{src}", "s3://Bad_Bucket/x"], "invalid bucket name 'Bad_Bucket'"),
+        (["push", "{src}", "s3://ab/x"], "invalid bucket name 'ab'"),
+        (["push", "{src}", "s3://bucket-a/../x"], "'..'"),
+        (["push", "{src}", "s3://bucket-a", "--workers", "0"], "--workers"),
+        (["push", "{src}", "s3://bucket-a", "--max-memory", "lots"], "--max-memory"),
+        (["push", "{src}", "s3://bucket-a", "--multipart-threshold", "1MiB"], "at least 5MiB"),
+        (["push", "{src}", "s3://bucket-a", "--endpoint-url", "localhost:9000"], "endpoint URL"),
+        (["push", "{src}", "s3://bucket-a", "--no-such-option"], "--no-such-option"),
+        (["push", "{src}"], "required"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    (tmp_path / "file").write_text("x")
+    values = {"missing": str(tmp_path / "nope"), "file": str(tmp_path / "file"), "src": str(src)}
+    result = run_cli(*[a.format(**values) for a in args], "--state-dir", tmp_path / "state",
+                     env=offline_env())
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("asyncsync: error:")
+    assert needle in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.mark.s3
+def test_missing_bucket_is_a_configuration_error_and_is_not_created(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    result = run_cli("push", src, "s3://no-such-bucket-here/x", "--state-dir", tmp_path / "s",
+                     env=s3_server.env())
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "asyncsync: error: bucket s3://no-such-bucket-here does not exist"
+    ]
+    names = [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
+    assert "no-such-bucket-here" not in names  # SeaweedFS would create it on a blind PUT
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(
+    ("key_id", "secret", "needle"),
+    [
+        (None, "wrong-secret-value-123", "secret key does not match"),
+        ("AKIANOSUCHKEY", "another-secret-456", "access key is not known"),
+    ],
+)
+def test_wrong_credentials_fail_fast_and_are_never_printed(
+    s3_server: S3Server, bucket: str, tmp_path: Path, key_id: str | None, secret: str,
+    needle: str,
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, 20)
+    env = s3_server.env(AWS_SECRET_ACCESS_KEY=secret)
+    if key_id:
+        env["AWS_ACCESS_KEY_ID"] = key_id
+    started = time.monotonic()
+    result = run_cli("push", src, f"s3://{bucket}/x", "--state-dir", tmp_path / "s", "-vv",
+                     "--json", env=env)
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 20  # no retry storm
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and needle in errors[0], result.stderr
+    assert secret not in result.stderr + result.stdout
+    assert s3_server.secret_key not in result.stderr + result.stdout
+    assert bucket_keys(s3_server.client(), bucket) == []
+
+
+def test_unreachable_endpoint_fails_after_retries(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    result = run_cli("push", src, "s3://bucket-a/x", "--state-dir", tmp_path / "s",
+                     "--retries", "3", env=offline_env())
+    assert result.returncode == 1
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "unreachable" in errors[0] and "connect" in errors[0]
+
+
+def _without_root_privileges() -> list[str]:
+    """A command prefix under which file permissions apply, even when the tests run as root."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("running as root without setpriv: cannot make a file unreadable")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"]
+
+
+@pytest.mark.s3
+def test_unreadable_file_fails_alone(s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, 4)
+    secret = src / "exp" / "f2.txt"
+    secret.chmod(0)
+    result = run_cli("push", src, f"s3://{bucket}/x", "--state-dir", tmp_path / "s", "--json",
+                     env=s3_server.env(), prefix=_without_root_privileges())
+    assert result.returncode == 1, result.stderr
+    assert result.files("failed") == ["exp/f2.txt"]
+    assert result.files("uploaded") == ["exp/f0.txt", "exp/f1.txt", "exp/f3.txt"]
+    assert error_lines(result.stderr) == [
+        "asyncsync: error: exp/f2.txt: cannot read: Permission denied"
+    ]
+    client = s3_server.client()
+    assert bucket_keys(client, bucket) == ["x/exp/f0.txt", "x/exp/f1.txt", "x/exp/f3.txt"]
+    # Readable again: the next run sends just that file.
+    secret.chmod(0o644)
+    again = run_cli("push", src, f"s3://{bucket}/x", "--state-dir", tmp_path / "s", "--json",
+                    env=s3_server.env())
+    assert again.returncode == 0 and again.files("uploaded") == ["exp/f2.txt"]
+
+
+@pytest.mark.s3
+def test_file_vanishing_after_the_scan_is_a_warning(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "src"
+    make_tree(src, 30)
+    doomed = src / "exp" / "f9.txt"
+    with FaultProxy(s3_server.endpoint) as proxy:
+        # Hold the first request (the bucket check) so the walk is done and f9.txt is
+        # listed, but not yet read, when it is deleted.
+        proxy.inject("delay", 1, delay=1.5)
+
+        def delete_once_requests_start() -> None:
+            deadline = time.monotonic() + 30
+            while proxy.stats.requests == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            doomed.unlink()
+
+        deleter = threading.Thread(target=delete_once_requests_start)
+        deleter.start()
+        result = run_cli("push", src, f"s3://{bucket}/v", "--state-dir", tmp_path / "s",
+                         "--json", "--workers", "1",
+                         env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint))
+        deleter.join()
+    assert result.returncode == 0, result.stderr
+    assert result.files("skipped") == ["exp/f9.txt"]
+    assert "exp/f9.txt: vanished" in result.stderr
+    assert result.summary["uploaded"] == 29 and result.summary["failed"] == 0
+    assert "v/exp/f9.txt" not in bucket_keys(s3_server.client(), bucket)
+
+
+@pytest.mark.s3
+def test_corrupt_manifest_is_reported_and_rebuilt_with_reconcile(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, 5)
+    state = tmp_path / "state"
+    dest = f"s3://{bucket}/m"
+    assert run_cli("push", src, dest, "--state-dir", state, env=s3_server.env()).returncode == 0
+    manifest = state / "manifest.db"
+    for extra in ("-wal", "-shm"):
+        Path(str(manifest) + extra).unlink(missing_ok=True)
+    manifest.write_bytes(b"this is not a database" * 100)
+    result = run_cli("push", src, dest, "--state-dir", state, env=s3_server.env())
+    assert result.returncode == 2
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1
+    assert str(manifest) in errors[0] and "corrupt" in errors[0] and "--reconcile" in errors[0]
+    assert manifest.read_bytes().startswith(b"this is not a database")  # left for inspection
+
+    # The documented way out: move it aside, run with --reconcile; nothing is re-sent.
+    manifest.rename(state / "manifest.db.broken")
+    rebuilt = run_cli("push", src, dest, "--state-dir", state, "--reconcile", "--json",
+                      env=s3_server.env())
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert (rebuilt.summary["uploaded"], rebuilt.summary["skipped"]) == (0, 5)
+
+
+def test_state_dir_that_cannot_be_created(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = run_cli("push", src, "s3://bucket-a/x", "--state-dir", blocker / "state",
+                     env=offline_env())
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        f"asyncsync: error: state directory '{blocker / 'state'}' cannot be created: "
+        "Not a directory"
+    ]
+
+
+def test_state_dir_not_writable(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o555)
+    try:
+        result = run_cli("push", src, "s3://bucket-a/x", "--state-dir", state,
+                         env=offline_env(), prefix=_without_root_privileges())
+    finally:
+        state.chmod(0o755)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        f"asyncsync: error: state directory '{state}' is not writable"
+    ]
+
+
+@pytest.mark.s3
+def test_state_dir_full_stops_cleanly_and_loses_nothing(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """A full disk under the manifest (simulated with RLIMIT_FSIZE): exit 2, one line; what
+    was uploaded is intact, and once there is room the next run completes the job."""
+    src = tmp_path / "src"
+    make_tree(src, 1500)
+    state = tmp_path / "state"
+
+    def small_files_only() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (96 * 1024, 96 * 1024))
+
+    result = run_cli("push", src, f"s3://{bucket}/full", "--state-dir", state,
+                     env=s3_server.env(), preexec_fn=small_files_only)
+    assert result.returncode == 2, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "is the state directory full?" in errors[0], result.stderr
+    again = run_cli("push", src, f"s3://{bucket}/full", "--state-dir", state, "--json",
+                    env=s3_server.env())
+    assert again.returncode == 0, again.stderr
+    client = s3_server.client()
+    keys = bucket_keys(client, bucket)
+    assert len(keys) == 1500
+    assert read_object(client, bucket, "full/exp/f1499.txt") == b"file 1499\n"
