@@ -461,7 +461,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                            0.0) for c in names]
             xs = [x + (i - 0.5) * width for x in range(len(names))]
             bars = ax.bar(xs, values, width, label=tool)
-            ax.bar_label(bars, labels=[_fmt(v, 0) for v in values], fontsize=8, padding=2)
+            ax.bar_label(bars, labels=[_fmt(v, 0 if v >= 100 else 1) for v in values],
+                         fontsize=8, padding=2)
         ax.set_xticks(range(len(names)), names)
         ax.set_title(title)
         ax.margins(y=0.15)
@@ -492,7 +493,8 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "",
         "- **Corpora** (`corpus.py`, seeded, generated once under `benchmarks/work/`): "
         + "; ".join(
-            f"`{name}`: {c['files']:,} files, {c['bytes'] / 1e6:,.0f} MB" for name, c in
+            f"`{name}`: {c['files']:,} file{'s' if c['files'] != 1 else ''}, "
+            f"{c['bytes'] / 1e6:,.0f} MB" for name, c in
             sizes.items()
         )
         + ". `runs` is 12 YOLOv8-shaped run directories (args.yaml, results.csv, plots, "

@@ -51,8 +51,9 @@ class StoreSession:
     the same error at once instead of retrying the whole backoff schedule again.
     """
 
-    def __init__(self, opener: Callable[[], object]) -> None:
+    def __init__(self, opener: Callable[[], object], attempts: int) -> None:
         self._opener = opener
+        self._attempts = attempts
         self._store: ObjectStore | None = None
         self._error: BaseException | None = None
         self._lock = asyncio.Lock()
@@ -72,7 +73,9 @@ class StoreSession:
                         await store.close()
                         raise
                 except TransientStoreError as exc:
-                    self._error = EndpointUnreachable(f"store unreachable: {exc}")
+                    self._error = EndpointUnreachable(
+                        f"store unreachable: {exc} (gave up after {self._attempts} attempts)"
+                    )
                     raise self._error from exc
                 except FatalStoreError as exc:
                     self._error = exc
@@ -99,7 +102,7 @@ async def run_push(config: PushConfig, reporter: Reporter) -> None:
     """Mirror config.source into config.destination once. Outcomes go to ``reporter``."""
     manifest = Manifest.open(config.state_dir)
     temp_dir = config.state_dir / "tmp"
-    session = StoreSession(open_store(config, reporter.retried))
+    session = StoreSession(open_store(config, reporter.retried), config.store.max_attempts)
     try:
         await _push(config, reporter, manifest, session, temp_dir)
     finally:

@@ -56,7 +56,9 @@ _TRANSIENT_CODES = {
 RetryObserver = Callable[[TransientStoreError, int, float], None]
 
 
-def translate_error(exc: BaseException, *, op: str, key: str, location: str) -> StoreError:
+def translate_error(
+    exc: BaseException, *, op: str, key: str, location: str, endpoint: str = ""
+) -> StoreError:
     """Map a botocore/aiohttp exception to the domain hierarchy (the caller keeps the cause)."""
     from botocore import exceptions as bce
 
@@ -91,7 +93,8 @@ def translate_error(exc: BaseException, *, op: str, key: str, location: str) -> 
     if isinstance(exc, bce.ProfileNotFound):
         return FatalStoreError(f"AWS profile not found: {exc}", op=op)
     if isinstance(exc, bce.EndpointConnectionError):
-        return TransientStoreError(f"{where}: cannot connect to the endpoint", op=op, key=key)
+        target = endpoint or "the endpoint"
+        return TransientStoreError(f"{where}: cannot connect to {target}", op=op, key=key)
     if isinstance(exc, bce.BotoCoreError | asyncio.TimeoutError | OSError):
         return TransientStoreError(f"{where}: {type(exc).__name__}: {exc}", op=op, key=key)
     try:
@@ -120,8 +123,8 @@ class S3Store:
         self._config = config
         self._backoff = Backoff(config.backoff_base, config.backoff_cap)
         self._on_retry = on_retry
-        endpoint = getattr(client.meta, "endpoint_url", "") or ""
-        self._location = f"s3://{bucket}" + (f" at {endpoint}" if endpoint else "")
+        self._endpoint = str(getattr(client.meta, "endpoint_url", "") or "")
+        self._location = f"s3://{bucket}" + (f" at {self._endpoint}" if self._endpoint else "")
 
     @property
     def location(self) -> str:
@@ -135,7 +138,7 @@ class S3Store:
                 raise
             except Exception as exc:
                 raise translate_error(
-                    exc, op=op, key=key, location=f"s3://{self._bucket}"
+                    exc, op=op, key=key, location=f"s3://{self._bucket}", endpoint=self._endpoint
                 ) from exc
 
         return await retry_transient(
