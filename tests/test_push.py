@@ -395,3 +395,185 @@ def test_changed_file_is_not_resumed_and_old_upload_is_aborted(
     assert result.records[0]["resumed_parts"] == 0
     assert read_object(client, bucket, "c/w.pt") == new
     assert open_uploads(client, bucket) == []
+
+
+def _start_slow_multipart(
+    s3_server: S3Server, proxy: Any, src: Path, dest: str, state: Path
+) -> Any:
+    """Start push of a large file through a throttled proxy; return once parts are landing."""
+    import subprocess
+    import time
+
+    from .conftest import ASYNCSYNC
+
+    proxy.set_bandwidth(16 * MiB)
+    process = subprocess.Popen(
+        [ASYNCSYNC, "push", str(src), dest, "--state-dir", str(state),
+         "--multipart-threshold", "8MiB", "--part-size", "8MiB", "--part-concurrency", "1"],
+        env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        if (state / "manifest.db").exists():
+            with sqlite3.connect(state / "manifest.db") as db:
+                if db.execute("SELECT count(*) FROM parts").fetchone()[0] >= 2:
+                    return process
+    process.kill()
+    raise AssertionError("the upload never got going")
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_interrupt_keeps_the_upload_for_the_next_run(
+    s3_server: S3Server, bucket: str, tmp_path: Path, signame: str
+) -> None:
+    import signal
+
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "runs"
+    content = write(src / "last.pt", os.urandom(40 * MiB))
+    state = tmp_path / "state"
+    dest = f"s3://{bucket}/i"
+    client = s3_server.client()
+    with FaultProxy(s3_server.endpoint) as proxy:
+        process = _start_slow_multipart(s3_server, proxy, src, dest, state)
+        signum = getattr(signal, signame)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == 128 + signum, stderr
+        assert "run again to resume" in stderr
+        assert "Traceback" not in stderr
+        assert len(open_uploads(client, bucket)) == 1
+        proxy.set_bandwidth(None)
+        resumed = run_cli("push", src, dest, "--state-dir", state, "--json",
+                          "--multipart-threshold", "8MiB", "--part-size", "8MiB",
+                          env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint))
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.records[0]["resumed_parts"] >= 2
+    assert read_object(client, bucket, "i/last.pt") == content
+    assert open_uploads(client, bucket) == []
+
+
+def test_upload_of_a_file_deleted_since_is_aborted(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    import signal
+
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "runs"
+    write(src / "epoch3.pt", os.urandom(40 * MiB))
+    write(src / "results.csv", b"epoch\n1\n")
+    state = tmp_path / "state"
+    dest = f"s3://{bucket}/o"
+    client = s3_server.client()
+    with FaultProxy(s3_server.endpoint) as proxy:
+        process = _start_slow_multipart(s3_server, proxy, src, dest, state)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+        assert len(open_uploads(client, bucket)) == 1
+        (src / "epoch3.pt").unlink()  # ultralytics removes old epoch checkpoints too
+        proxy.set_bandwidth(None)
+        again = run_cli("push", src, dest, "--state-dir", state, "--json",
+                        env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint))
+    assert again.returncode == 0, again.stderr
+    assert open_uploads(client, bucket) == []
+    assert bucket_keys(client, bucket) == ["o/results.csv"]
+
+
+def test_state_dir_inside_the_source_is_never_uploaded(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "runs"
+    write(src / "exp" / "results.csv", b"epoch\n1\n")
+    result = push(s3_server, src, f"s3://{bucket}/s", src / ".asyncsync")
+    assert result.returncode == 0, result.stderr
+    assert (src / ".asyncsync" / "manifest.db").exists()
+    assert bucket_keys(s3_server.client(), bucket) == ["s/exp/results.csv"]
+    assert push(s3_server, src, f"s3://{bucket}/s", src / ".asyncsync").summary["uploaded"] == 0
+
+
+def test_one_manifest_serves_several_sources_and_destinations(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    pairs = []
+    for name in ("node-a", "node-b"):
+        src = tmp_path / name
+        for i in range(3):
+            write(src / f"exp/f{i}.txt", f"{name} {i}".encode())
+        pairs.append((src, f"s3://{bucket}/{name}"))
+    pairs.append((tmp_path / "node-a", f"s3://{bucket}/mirror-of-a"))
+    for src, dest in pairs:
+        assert push(s3_server, src, dest, state).summary["uploaded"] == 3
+    for src, dest in pairs:
+        assert push(s3_server, src, dest, state).summary["uploaded"] == 0
+    client = s3_server.client()
+    assert read_object(client, bucket, "node-b/exp/f2.txt") == b"node-b 2"
+    assert read_object(client, bucket, "mirror-of-a/exp/f0.txt") == b"node-a 0"
+
+
+def test_credentials_from_a_shared_profile(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "runs"
+    write(src / "a.txt", b"via profile")
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[trainer]\naws_access_key_id = {s3_server.access_key}\n"
+        f"aws_secret_access_key = {s3_server.secret_key}\n"
+    )
+    env = s3_server.env(AWS_SHARED_CREDENTIALS_FILE=str(credentials))
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    result = run_cli("push", src, f"s3://{bucket}/p", "--state-dir", tmp_path / "state",
+                     "--profile", "trainer", "--region", "us-east-1",
+                     "--addressing-style", "path", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert read_object(s3_server.client(), bucket, "p/a.txt") == b"via profile"
+    missing = run_cli("push", src, f"s3://{bucket}/p", "--state-dir", tmp_path / "state2",
+                      "--profile", "nobody", env=env)
+    assert missing.returncode == 2
+    assert "profile" in missing.stderr and "nobody" in missing.stderr
+
+
+def test_progress_bar_on_a_terminal_only(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    import pty
+    import subprocess
+
+    from .conftest import ASYNCSYNC
+
+    src = tmp_path / "runs"
+    for i in range(5):
+        write(src / f"p{i}.png", os.urandom(5000))
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [ASYNCSYNC, "push", str(src), f"s3://{bucket}/t", "--state-dir",
+             str(tmp_path / "state")],
+            env=s3_server.env(), stderr=follower, stdout=subprocess.DEVNULL, timeout=60,
+        )
+        os.close(follower)
+        follower = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    terminal = b"".join(chunks).decode()
+    assert done.returncode == 0
+    assert "\r" in terminal and "files" in terminal and "/s" in terminal
+    assert "5 uploaded" in terminal
+    quiet = push(s3_server, src, f"s3://{bucket}/t2", tmp_path / "state")
+    assert "\r" not in quiet.stderr
