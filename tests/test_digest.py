@@ -239,13 +239,6 @@ def test_gzip_to_temp_content_matches_read_small(tmp_path: Path) -> None:
     assert bodies[0][4:8] == b"\x00\x00\x00\x00"
 
 
-@pytest.mark.xfail(
-    reason="digest.gzip_to_temp: GzipFile(fileobj=temp) without filename='' writes the random "
-    "temp file name (FNAME, e.g. 'gzip-m5fyi5kb') into the gzip header, so the same content "
-    "compresses to different bytes on every call (and the name ends up in the object)",
-    raises=AssertionError,
-    strict=True,
-)
 def test_gzip_to_temp_is_deterministic(tmp_path: Path) -> None:
     source = tmp_path / "results.csv"
     source.write_bytes(TEXT)

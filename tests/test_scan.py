@@ -165,25 +165,17 @@ def test_follow_symlinks_directory_inside_root(tmp_path: Path) -> None:
     write(tmp_path / "data" / "f.txt", b"f")
     (tmp_path / "zz-alias").symlink_to(tmp_path / "data")
     items = scan(tmp_path, ScanOptions(follow_symlinks=True))
-    # The directory is walked once, under its real name.
-    assert relatives(items) == ["data/f.txt"]
-    assert issues(items)["zz-alias"].message == "skipped directory loop"
+    # Following a link means its files appear under the link's name too (as rsync -L).
+    assert relatives(items) == ["data/f.txt", "zz-alias/f.txt"]
+    assert issues(items) == {}
 
 
-@pytest.mark.xfail(
-    reason="scan._Walker.list_directory: with follow_symlinks, a symlink to a directory "
-    "that sorts before the real directory claims its (dev, inode) first, so the real "
-    "directory is reported as 'skipped directory loop' and its files are uploaded under "
-    "the link's name",
-    raises=AssertionError,
-    strict=True,
-)
-def test_real_directory_wins_over_an_earlier_symlinked_alias(tmp_path: Path) -> None:
+def test_an_earlier_symlinked_alias_does_not_hide_the_real_directory(tmp_path: Path) -> None:
     write(tmp_path / "z_dir" / "f.txt", b"f")
     (tmp_path / "a_link").symlink_to(tmp_path / "z_dir")
     items = scan(tmp_path, ScanOptions(follow_symlinks=True))
-    assert "z_dir/f.txt" in relatives(items)
-    assert "z_dir" not in issues(items)
+    assert relatives(items) == ["a_link/f.txt", "z_dir/f.txt"]
+    assert issues(items) == {}
 
 
 def test_symlink_loop_terminates(tree: Path) -> None:
@@ -194,7 +186,7 @@ def test_symlink_loop_terminates(tree: Path) -> None:
     found = issues(items)
     assert set(found) == {"a/sub/up", "c/self"}
     for issue in found.values():
-        assert issue.message == "skipped directory loop"
+        assert issue.message == "skipped symlink loop"
         assert issue.failed is False
 
 
@@ -204,10 +196,10 @@ def test_mutual_directory_links_terminate(tmp_path: Path) -> None:
     (tmp_path / "p" / "to-q").symlink_to(tmp_path / "q")
     (tmp_path / "q" / "to-p").symlink_to(tmp_path / "p")
     items = scan(tmp_path, ScanOptions(follow_symlinks=True))
-    rels = relatives(items)
-    assert rels.count("p/p.txt") == 1
-    assert len(rels) == 2  # each file once, under one name or the other
-    assert all(i.message == "skipped directory loop" for i in issues(items).values())
+    # Each link is followed once; the way back up is a loop and stops there.
+    assert relatives(items) == ["p/p.txt", "p/to-q/q.txt", "q/q.txt", "q/to-p/p.txt"]
+    assert set(issues(items)) == {"p/to-q/to-p", "q/to-p/to-q"}
+    assert all(i.message == "skipped symlink loop" for i in issues(items).values())
 
 
 def test_dangling_symlink_followed_is_a_warning(tree: Path) -> None:

@@ -39,7 +39,9 @@ class ByteBudget:
             if future.done() and not future.cancelled():
                 self.release(grant)  # granted just as we were cancelled: give it back
             else:
-                self._waiters.remove(waiter)
+                # _wake() may already have dropped this (cancelled) waiter from the queue.
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
                 self._wake()
             raise
         return grant

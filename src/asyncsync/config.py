@@ -34,7 +34,7 @@ DEFAULT_RETRIES = 6
 # Content types that compress well; weights and images are already dense.
 DEFAULT_GZIP_SUFFIXES = (".csv", ".yaml", ".yml", ".json", ".txt", ".log", ".jsonl", ".tsv")
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])i?)?b?\s*$", re.IGNORECASE)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
@@ -43,8 +43,8 @@ def parse_size(text: str, *, what: str) -> int:
     match = _SIZE_RE.match(text)
     if not match:
         raise ConfigError(f"{what}: {text!r} is not a size (examples: 64MiB, 16M, 1G, 1048576)")
-    number, unit, _ = match.groups()
-    scale = {"": 1, "k": 1024, "m": MiB, "g": GiB, "t": 1024 * GiB}[unit.lower()]
+    number, unit = match.groups()
+    scale = {"": 1, "k": 1024, "m": MiB, "g": GiB, "t": 1024 * GiB}[(unit or "").lower()]
     return int(float(number) * scale)
 
 

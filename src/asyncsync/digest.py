@@ -161,7 +161,8 @@ def gzip_to_temp(path: str, temp_dir: str) -> tuple[str, str, FileIdentity, Bina
         temp = tempfile.NamedTemporaryFile(dir=temp_dir, prefix="gzip-", suffix=".gz")
         try:
             with open(fd, "rb", closefd=False) as source, gzip.GzipFile(
-                fileobj=temp, mode="wb", compresslevel=6, mtime=0
+                # No name and no mtime in the header: same content, same bytes.
+                filename="", fileobj=temp, mode="wb", compresslevel=6, mtime=0
             ) as sink:
                 while True:
                     chunk = source.read(HASH_CHUNK)

@@ -166,7 +166,13 @@ class Manifest:
             db.execute("PRAGMA synchronous = NORMAL")
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("PRAGMA quick_check(1)")
+            # quick_check reports damage as a row, not an exception.
+            verdict = db.execute("PRAGMA quick_check(1)").fetchone()
+            if verdict is None or verdict[0] != "ok":
+                problem = verdict[0] if verdict else "no answer"
+                raise ManifestError(
+                    f"manifest {str(path)!r} is corrupt ({problem}); {REBUILD_HINT}"
+                )
         except ManifestError:
             db.close()
             raise

@@ -35,6 +35,7 @@ class ScanIssue:
 
 
 ScanItem = ScannedFile | ScanIssue
+DirIdentity = tuple[int, int]  # (st_dev, st_ino)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,6 @@ class _Walker:
         self.root = root
         self.options = options
         self.real_root = os.path.realpath(root)
-        self.seen_dirs: set[tuple[int, int]] = set()
 
     def _relative(self, path: str) -> str:
         return os.path.relpath(path, self.root).replace(os.sep, "/")
@@ -70,10 +70,13 @@ class _Walker:
         real = os.path.realpath(path)
         return real == self.real_root or real.startswith(self.real_root + os.sep)
 
-    def list_directory(self, directory: str) -> tuple[list[ScanItem], list[str]]:
-        """One directory: its files and issues, and the subdirectories to visit later."""
+    def list_directory(
+        self, directory: str, ancestors: frozenset[DirIdentity]
+    ) -> tuple[list[ScanItem], list[tuple[str, frozenset[DirIdentity]]]]:
+        """One directory: its files and issues, and the subdirectories to visit later, each
+        with the identities of the directories above it (for loop detection)."""
         items: list[ScanItem] = []
-        subdirs: list[str] = []
+        subdirs: list[tuple[str, frozenset[DirIdentity]]] = []
         try:
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -90,6 +93,8 @@ class _Walker:
             try:
                 st = entry.stat(follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
+                    if not self.options.path_filter.accepts(rel) and not entry.is_dir():
+                        continue
                     if not self.options.follow_symlinks:
                         items.append(ScanIssue(rel, "skipped symlink (see --follow-symlinks)"))
                         continue
@@ -104,12 +109,13 @@ class _Walker:
                 items.append(ScanIssue(rel, f"cannot stat: {exc.strerror}", failed=True))
                 continue
             if stat.S_ISDIR(st.st_mode):
+                # Only a followed symlink can lead back to a directory above it (hard links
+                # to directories do not exist); aliases elsewhere are simply followed.
                 identity = (st.st_dev, st.st_ino)
-                if identity in self.seen_dirs:
-                    items.append(ScanIssue(rel, "skipped directory loop"))
+                if identity in ancestors:
+                    items.append(ScanIssue(rel, "skipped symlink loop"))
                     continue
-                self.seen_dirs.add(identity)
-                subdirs.append(entry.path)
+                subdirs.append((entry.path, ancestors | {identity}))
             elif stat.S_ISREG(st.st_mode):
                 if self.options.path_filter.accepts(rel):
                     items.append(
@@ -124,11 +130,12 @@ async def scan_tree(root: str, options: ScanOptions | None = None) -> AsyncItera
     """Yield every regular file under ``root`` (and issues), depth first, names sorted."""
     walker = _Walker(root, options or ScanOptions())
     root_stat = os.stat(root)
-    walker.seen_dirs.add((root_stat.st_dev, root_stat.st_ino))
-    stack = [root]
+    stack = [(root, frozenset({(root_stat.st_dev, root_stat.st_ino)}))]
     while stack:
-        directory = stack.pop()
-        items, subdirs = await anyio.to_thread.run_sync(walker.list_directory, directory)
+        directory, ancestors = stack.pop()
+        items, subdirs = await anyio.to_thread.run_sync(
+            walker.list_directory, directory, ancestors
+        )
         for item in items:
             yield item
         # Reversed so that the pop() order visits subdirectories alphabetically.
