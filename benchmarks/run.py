@@ -10,13 +10,14 @@ order rotated per round (so neither always goes first, onto a colder server), an
   prefix (nothing changed; asyncsync reads its manifest, s5cmd lists the bucket);
 * the floor: `find SRC -type f`, the cost of merely walking the tree.
 
-Per child: wall seconds, client CPU seconds (user+sys of the child alone, from os.wait4, so
-the server's CPU is not counted), peak RSS (the child's ru_maxrss), files/s and MB/s. Medians
-over rounds go to results.json (with every raw round and the machine), README.md and
-throughput.png in the output directory.
+Per child, as measured by launcher.py: wall seconds, client CPU seconds (user+sys of the child
+alone, from os.wait4, so the server's CPU is not counted), peak RSS (the child's ru_maxrss),
+and from those files/s and MB/s. Medians over rounds go to results.json (with every raw round
+and the machine), README.md and throughput.png in the output directory.
 
     .venv/bin/python benchmarks/run.py            # the full run, as `make bench` does
     .venv/bin/python benchmarks/run.py --quick    # a scaled-down smoke run, into work/quick/
+    .venv/bin/python benchmarks/run.py --render-only   # redraw README/plot from results.json
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Sample:
     files_per_s: float
     mb_per_s: float
     exit_code: int
-    verified: str = ""  # what was checked after the run, e.g. "180 objects, 1003 MB"
+    verified: str = ""  # what was checked after the run, e.g. "180 objects, 1136851210 bytes"
 
 
 @dataclass
@@ -370,6 +371,9 @@ def medians(samples: list[Sample]) -> list[dict[str, Any]]:
                                "bytes": group[0].bytes}
         for metric in METRICS:
             row[metric] = round(statistics.median(getattr(s, metric) for s in group), 3)
+        # The spread shows how much of a difference between tools is noise.
+        row["wall_min_s"] = min(s.wall_s for s in group)
+        row["wall_max_s"] = max(s.wall_s for s in group)
         rows.append(row)
     return rows
 
@@ -423,6 +427,8 @@ def machine_info(bench: Bench) -> dict[str, Any]:
         "asyncsync": metadata.version("asyncsync"),
         "s5cmd": _first_line([bench.s5cmd, "version"]),
         "seaweedfs": _first_line([find_weed(), "version"]),
+        # Other work on a shared machine shows up here: read it next to the spreads.
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -444,6 +450,20 @@ def _fmt(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _secs(value: float) -> str:
+    """Seconds: two decimals, three below 1 s (find's floor is a few milliseconds)."""
+    return f"{value:.3f}" if value < 1 else _fmt(value)
+
+
+def _rate(value: float) -> str:
+    """A rate, rounded to what the noise allows: 12,345 / 123 / 12.3 / 4.7 / 0.097."""
+    if value >= 100:
+        return _fmt(value, 0)
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2g}"
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -461,8 +481,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                            0.0) for c in names]
             xs = [x + (i - 0.5) * width for x in range(len(names))]
             bars = ax.bar(xs, values, width, label=tool)
-            ax.bar_label(bars, labels=[_fmt(v, 0 if v >= 100 else 1) for v in values],
-                         fontsize=8, padding=2)
+            ax.bar_label(bars, labels=[_rate(v) for v in values], fontsize=8, padding=2)
         ax.set_xticks(range(len(names)), names)
         ax.set_title(title)
         ax.margins(y=0.15)
@@ -473,6 +492,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _loads(values: list[float] | None) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) if values else "n/a"
 
 
 def render_readme(results: dict[str, Any], plot_name: str) -> str:
@@ -512,8 +535,10 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "- **Floor**: `find SRC -type f`, the cost of walking the tree at all.",
         f"- **Rounds**: {cfg['rounds']}; the tools' order rotates each round (round r starts "
         "with a different tool), prefixes are deleted between rounds. Figures are **medians** "
-        "over rounds; every raw round is in `results.json`. One untimed warm-up upload per "
-        "tool precedes the runs; the corpus is in the page cache for every tool alike.",
+        "over rounds, each column on its own (one row's wall and RSS may come from different "
+        "rounds); the wall range is min–max over rounds; every raw round is in "
+        "`results.json`. One untimed warm-up upload per tool precedes the runs; the corpus is "
+        "in the page cache for every tool alike.",
         "- **Wall s**: the child process, start to exit, including interpreter start-up. "
         "**CPU s**: user+sys of the client child only (`os.wait4`), *not* the server's. "
         "**Peak RSS**: the child's `ru_maxrss`. **files/s**, **MB/s**: corpus files (bytes) / "
@@ -541,22 +566,25 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB RAM, {m['os']}; "
         f"Python {m['python']}; asyncsync {m['asyncsync']}; s5cmd {m['s5cmd']}; "
         f"SeaweedFS {m['seaweedfs']}. Date: {m['date']}. Scale: {cfg['scale']:g}, "
-        f"rounds: {cfg['rounds']}, workers: {cfg['workers']}.",
+        f"rounds: {cfg['rounds']}, workers: {cfg['workers']}. Load average (1, 5, 15 min) "
+        f"at start: {_loads(m.get('loadavg_at_start'))}, at end: "
+        f"{_loads(m.get('loadavg_at_end'))}.",
         "",
-        "| corpus | case | tool | wall s | CPU s | peak RSS MB | files/s | MB/s |",
-        "|---|---|---|--:|--:|--:|--:|--:|",
+        "| corpus | case | tool | wall s | wall range | CPU s | peak RSS MB | files/s | MB/s |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     order = {c: i for i, c in enumerate(CORPORA)}
     case_order = {"cold": 0, "noop": 1, "floor": 2}
     for r in sorted(rows, key=lambda r: (order.get(r["corpus"], 99), case_order[r["case"]],
                                          r["tool"])):
-        mbs = "—" if r["case"] != "cold" else _fmt(r["mb_per_s"], 1)
+        mbs = "—" if r["case"] != "cold" else _rate(r["mb_per_s"])
+        spread = f"{_secs(r['wall_min_s'])}–{_secs(r['wall_max_s'])}" if r["rounds"] > 1 else ""
         # find's peak is below the launcher's ~9 MB floor, so the figure would be the floor's.
         rss = "—" if r["case"] == "floor" else _fmt(r["peak_rss_mb"], 0)
         lines.append(
             f"| {r['corpus']} | {CASE_LABEL[r['case']]} | {TOOL_LABEL[(r['case'], r['tool'])]} "
-            f"| {_fmt(r['wall_s'])} | {_fmt(r['cpu_s'])} | {rss} "
-            f"| {_fmt(r['files_per_s'], 0)} | {mbs} |"
+            f"| {_secs(r['wall_s'])} | {spread} | {_secs(r['cpu_s'])} | {rss} "
+            f"| {_rate(r['files_per_s'])} | {mbs} |"
         )
     lines += [
         "",
@@ -616,6 +644,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for results.json, README.md, throughput.png "
                              "(default: benchmarks/)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: redraw README.md and throughput.png from the "
+                             "results.json in --out")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
                         help="corpora, server data, state dirs and logs (default: "
                              "benchmarks/work/)")
@@ -634,8 +665,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Generate or reuse the corpora, run every round on one server, return the results."""
     work: Path = args.work_dir
     names = [c for c in CORPORA if c in args.corpora]
     print(f"corpora (scale {args.scale:g}):", flush=True)
@@ -663,9 +694,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             delete_prefix(client, "")
             client.delete_bucket(Bucket=BUCKET)
+    machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     rows = medians(samples)
-    results = {
+    return {
         "machine": machine,
         "config": {"rounds": args.rounds, "workers": args.workers, "scale": args.scale,
                    "corpora": names},
@@ -674,12 +706,24 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios(rows),
         "rounds": [asdict(s) for s in samples],
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(rows, out / "throughput.png")
+    results_path = out / "results.json"
+    if args.render_only:
+        results = json.loads(results_path.read_text())
+        # Summaries are recomputed from the raw rounds, so a renderer change needs no rerun.
+        rows = medians([Sample(**raw) for raw in results["rounds"]])
+        results.update(medians=rows, ratios=ratios(rows))
+    else:
+        results = run_benchmark(args)
+        out.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results["medians"], out / "throughput.png")
     (out / "README.md").write_text(render_readme(results, "throughput.png"))
-    print(f"wrote {out / 'results.json'}, {out / 'README.md'}, {out / 'throughput.png'}")
+    print(f"wrote {results_path}, {out / 'README.md'}, {out / 'throughput.png'}")
     for q in results["ratios"]:
         print(f"  {q['corpus']:6} {q['case']:5} asyncsync/s5cmd wall {q['wall']:.2f}x "
               f"cpu {q['cpu']:.2f}x")

@@ -161,3 +161,17 @@ def bucket_keys(client: Any, bucket: str, prefix: str = "") -> list[str]:
 
 def open_uploads(client: Any, bucket: str) -> list[dict[str, Any]]:
     return list(client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+def recorded_parts(state_dir: Path) -> int:
+    """Multipart parts the manifest has recorded so far (0 before it exists)."""
+    import sqlite3
+
+    path = state_dir / "manifest.db"
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return int(db.execute("SELECT count(*) FROM parts").fetchone()[0])
+    except sqlite3.OperationalError:  # created, schema not written yet
+        return 0

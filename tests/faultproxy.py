@@ -27,7 +27,7 @@ from types import TracebackType
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
-ACTIONS = ("503", "500", "reset", "delay")
+ACTIONS = ("503", "500", "reset", "delay", "lose-response")
 
 _PIECE = 64 * 1024
 _MAX_HEAD = 1024 * 1024
@@ -323,7 +323,8 @@ class FaultProxy:
         Rules are tried in the order they were added; a request takes the first one that
         matches and still has count left. Under aiobotocore, aiohttp resends an idempotent
         request (GET, PUT, HEAD, DELETE) once by itself after a dropped connection, so it takes
-        a reset with count=2 for the client to see one.
+        a reset with count=2 for the client to see one. "lose-response" forwards the request,
+        lets the server act on it, and resets the client instead of relaying the answer.
         """
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}; expected one of {ACTIONS}")
@@ -442,6 +443,9 @@ class FaultProxy:
                 if rule is not None and rule.action == "reset":
                     await self._reset(request, reader, writer)
                     return
+                if rule is not None and rule.action == "lose-response":
+                    await self._forward_then_reset(request, reader, writer, upstream)
+                    return
                 if rule is not None and rule.action in _ERRORS:
                     await self._answer_error(rule.action, request, reader, writer)
                     if request.wants_close:
@@ -513,26 +517,7 @@ class FaultProxy:
     ) -> bool:
         """Send one request upstream and relay its response; False when the client is done."""
         try:
-            up_reader, up_writer = await upstream.ensure_open()
-            # The proxy answers the client's Expect itself and drops the header upstream
-            # (SigV4 never signs it): that keeps interim responses out of the relay logic
-            # and still lets clients that wait for 100 (aiohttp waits forever) send the body.
-            lines = [
-                line
-                for line in request.header_lines
-                if line.partition(b":")[0].strip().lower() not in _HEADERS_NOT_FORWARDED
-            ]
-            start = b"%s %s %s" % (
-                request.method.encode("ascii"),
-                request.target.encode("latin-1"),
-                request.version,
-            )
-            up_writer.write(b"\r\n".join([start, *lines]) + b"\r\n\r\n")
-            self._count_forwarded()
-            if request.expects_continue:
-                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                await writer.drain()
-            await self._forward_body(request, reader, up_writer)
+            up_reader, up_writer = await self._send_upstream(request, reader, writer, upstream)
             close_after = await self._relay_response(request, up_reader, writer)
         except _UpstreamError:
             # This includes a server that answers early and hangs up mid-body (a bad signature
@@ -547,6 +532,54 @@ class FaultProxy:
             await upstream.close()
             return False
         return not request.wants_close
+
+    async def _send_upstream(
+        self,
+        request: _Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: _Upstream,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Send the request head and body to the server; return the upstream streams."""
+        up_reader, up_writer = await upstream.ensure_open()
+        # The proxy answers the client's Expect itself and drops the header upstream
+        # (SigV4 never signs it): that keeps interim responses out of the relay logic
+        # and still lets clients that wait for 100 (aiohttp waits forever) send the body.
+        lines = [
+            line
+            for line in request.header_lines
+            if line.partition(b":")[0].strip().lower() not in _HEADERS_NOT_FORWARDED
+        ]
+        start = b"%s %s %s" % (
+            request.method.encode("ascii"),
+            request.target.encode("latin-1"),
+            request.version,
+        )
+        up_writer.write(b"\r\n".join([start, *lines]) + b"\r\n\r\n")
+        self._count_forwarded()
+        if request.expects_continue:
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+        await self._forward_body(request, reader, up_writer)
+        return up_reader, up_writer
+
+    async def _forward_then_reset(
+        self,
+        request: _Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: _Upstream,
+    ) -> None:
+        """The server does the work but its answer never arrives: the client must find out
+        for itself whether the request took effect (a lost CompleteMultipartUpload reply)."""
+        with contextlib.suppress(_UpstreamError):
+            up_reader, _ = await self._send_upstream(request, reader, writer, upstream)
+            with contextlib.suppress(ConnectionError, asyncio.LimitOverrunError):
+                await _read_head(up_reader)
+        await upstream.close()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
 
     async def _forward_body(
         self, request: _Request, reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 from botocore.exceptions import ClientError
 
-from faultproxy import FaultProxy
+from .faultproxy import FaultProxy
 
 MiB = 1024 * 1024
 

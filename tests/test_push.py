@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import gzip
 import os
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 import xxhash
 
-from .conftest import S3Server, bucket_keys, open_uploads, read_object, run_cli
+from .conftest import (
+    S3Server,
+    bucket_keys,
+    open_uploads,
+    read_object,
+    recorded_parts,
+    run_cli,
+)
 
 pytestmark = pytest.mark.s3
 
@@ -267,12 +273,9 @@ def test_file_rewritten_during_upload_never_publishes_a_torn_object(
         proxy.set_bandwidth(16 * MiB)
 
         def rewrite_when_parts_arrive() -> None:
-            db = state / "manifest.db"
             for _ in range(400):
-                if db.exists():
-                    with sqlite3.connect(db) as conn:
-                        if conn.execute("SELECT count(*) FROM parts").fetchone()[0] >= 1:
-                            break
+                if recorded_parts(state) >= 1:
+                    break
                 threading.Event().wait(0.025)
             with open(path, "r+b") as f:  # in place, like torch.save over last.pt
                 f.truncate(0)
@@ -323,9 +326,7 @@ def test_sigkill_mid_multipart_resumes_without_resending(
             recorded = 0
             while time.monotonic() < deadline and recorded < 3:
                 time.sleep(0.02)
-                if (state / "manifest.db").exists():
-                    with sqlite3.connect(state / "manifest.db") as db:
-                        recorded = db.execute("SELECT count(*) FROM parts").fetchone()[0]
+                recorded = recorded_parts(state)
             assert recorded >= 3, "the upload never got going"
             process.send_signal(signal.SIGKILL)
         finally:
@@ -416,10 +417,8 @@ def _start_slow_multipart(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         time.sleep(0.02)
-        if (state / "manifest.db").exists():
-            with sqlite3.connect(state / "manifest.db") as db:
-                if db.execute("SELECT count(*) FROM parts").fetchone()[0] >= 2:
-                    return process
+        if recorded_parts(state) >= 2:
+            return process
     process.kill()
     raise AssertionError("the upload never got going")
 
@@ -577,3 +576,25 @@ def test_progress_bar_on_a_terminal_only(
     assert "5 uploaded" in terminal
     quiet = push(s3_server, src, f"s3://{bucket}/t2", tmp_path / "state")
     assert "\r" not in quiet.stderr
+
+
+def test_lost_complete_answer_is_recognised_as_success(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """CompleteMultipartUpload succeeds but its answer is lost: the retry finds the upload
+    gone, and the object (same digest, same part count) proves it was published."""
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "runs"
+    content = write(src / "best.pt", os.urandom(20 * MiB))
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.inject("lose-response", 1, method="POST", query_contains="uploadId=")
+        result = run_cli("push", src, f"s3://{bucket}/l", "--state-dir", tmp_path / "state",
+                         "--json", "--multipart-threshold", "8MiB",
+                         env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint))
+        assert proxy.stats.faults == 1
+    assert result.returncode == 0, result.stderr
+    assert result.summary["retries"] == 1
+    client = s3_server.client()
+    assert read_object(client, bucket, "l/best.pt") == content
+    assert open_uploads(client, bucket) == []

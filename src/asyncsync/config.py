@@ -134,6 +134,8 @@ class StoreConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 120.0
     max_connections: int = DEFAULT_WORKERS + DEFAULT_PART_CONCURRENCY
+    # Send bodies through the lean signed path (s3direct); off: through botocore.
+    direct_uploads: bool = True
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ Three decisions live here and nowhere else:
   flexible checksums are set to ``when_required`` so that S3-compatible stores which do not
   speak them (or their aws-chunked trailers) still work.
 
+Bodies (PutObject, UploadPart) go through the lean path of `s3direct` unless
+``StoreConfig.direct_uploads`` is off; control calls always go through botocore.
+
 botocore is imported lazily (`open_s3_store`): importing it costs a few hundred
 milliseconds, and a re-run that finds nothing changed never needs it.
 """
@@ -25,85 +28,16 @@ from .errors import (
     FatalStoreError,
     NoSuchUpload,
     NotFound,
-    StoreError,
     TransientStoreError,
 )
 from .retry import Backoff, retry_transient
+from .s3direct import DirectUploads, open_direct_uploads
+from .s3errors import translate_error
 from .store import ObjectAttributes, ObjectInfo, UploadedPart
 
 T = TypeVar("T")
 
-_FATAL_CODES = {
-    "InvalidAccessKeyId": "the access key is not known to the store",
-    "SignatureDoesNotMatch": "the secret key does not match the access key",
-    "ExpiredToken": "the credentials have expired",
-    "TokenRefreshRequired": "the credentials have expired",
-    "InvalidToken": "the session token is invalid",
-    "AccessDenied": "access denied",
-    "AllAccessDisabled": "access to the bucket is disabled",
-    "AccountProblem": "the account has a problem",
-    "NoSuchBucket": "the bucket does not exist",
-    "AuthorizationHeaderMalformed": "the request's region or credentials are malformed",
-    "PermanentRedirect": "the bucket is in another region or needs another endpoint",
-}
-_TRANSIENT_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
-    "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
-    "BadDigest",  # the body was damaged on the way: sending it again is the cure
-    "IncompleteBody", "OperationAborted",
-}
-
 RetryObserver = Callable[[TransientStoreError, int, float], None]
-
-
-def translate_error(
-    exc: BaseException, *, op: str, key: str, location: str, endpoint: str = ""
-) -> StoreError:
-    """Map a botocore/aiohttp exception to the domain hierarchy (the caller keeps the cause)."""
-    from botocore import exceptions as bce
-
-    where = f"{op} {location}/{key}" if key else f"{op} {location}"
-    if isinstance(exc, bce.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        message = str(error.get("Message", "")) or code
-        if code == "NoSuchUpload":
-            return NoSuchUpload(f"{where}: upload no longer exists", op=op, key=key, code=code)
-        if code in _FATAL_CODES:
-            return FatalStoreError(
-                f"{where}: {_FATAL_CODES[code]} ({code})", op=op, key=key, code=code
-            )
-        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-            return NotFound(f"{where}: not found", op=op, key=key, code=code or "404")
-        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-            return TransientStoreError(
-                f"{where}: {message} ({code or status})", op=op, key=key, code=code
-            )
-        if status == 403:
-            return FatalStoreError(f"{where}: access denied ({code or 403})", op=op, key=key,
-                                   code=code or "403")
-        return StoreError(f"{where}: {message} ({code or status})", op=op, key=key, code=code)
-    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
-        return FatalStoreError(
-            "no usable AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            "a profile (AWS_PROFILE/--profile), or run with an instance or web-identity role",
-            op=op,
-        )
-    if isinstance(exc, bce.ProfileNotFound):
-        return FatalStoreError(f"AWS profile not found: {exc}", op=op)
-    if isinstance(exc, bce.EndpointConnectionError):
-        target = endpoint or "the endpoint"
-        return TransientStoreError(f"{where}: cannot connect to {target}", op=op, key=key)
-    if isinstance(exc, bce.BotoCoreError | asyncio.TimeoutError | OSError):
-        return TransientStoreError(f"{where}: {type(exc).__name__}: {exc}", op=op, key=key)
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover - aiobotocore depends on aiohttp
-        aiohttp = None  # type: ignore[assignment]
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientError):
-        return TransientStoreError(f"{where}: {type(exc).__name__}: {exc}", op=op, key=key)
-    return StoreError(f"{where}: {type(exc).__name__}: {exc}", op=op, key=key)
 
 
 class S3Store:
@@ -116,8 +50,10 @@ class S3Store:
         bucket: str,
         config: StoreConfig,
         on_retry: RetryObserver | None,
+        direct: DirectUploads | None = None,
     ) -> None:
         self._client = client
+        self._direct = direct
         self._exit_stack = exit_stack
         self._bucket = bucket
         self._config = config
@@ -141,6 +77,9 @@ class S3Store:
                     exc, op=op, key=key, location=f"s3://{self._bucket}", endpoint=self._endpoint
                 ) from exc
 
+        return await self._retried(attempt)
+
+    async def _retried(self, attempt: Callable[[], Awaitable[T]]) -> T:
         return await retry_transient(
             attempt, attempts=self._config.max_attempts, backoff=self._backoff,
             on_retry=self._on_retry,
@@ -173,6 +112,11 @@ class S3Store:
     async def put_object(
         self, key: str, body: bytes, *, md5_b64: str, attributes: ObjectAttributes
     ) -> str:
+        if self._direct is not None:
+            direct = self._direct
+            return await self._retried(
+                lambda: direct.put_object(key, body, md5_b64=md5_b64, attributes=attributes)
+            )
         extra = self._attribute_args(attributes)
         response = await self._call(
             "PutObject", key,
@@ -193,6 +137,11 @@ class S3Store:
     async def upload_part(
         self, key: str, upload_id: str, part_number: int, body: bytes, *, md5_b64: str
     ) -> str:
+        if self._direct is not None:
+            direct = self._direct
+            return await self._retried(
+                lambda: direct.upload_part(key, upload_id, part_number, body, md5_b64=md5_b64)
+            )
         response = await self._call(
             "UploadPart", key,
             lambda: self._client.upload_part(
@@ -216,9 +165,11 @@ class S3Store:
                 parts.append(
                     UploadedPart(int(part["PartNumber"]), str(part["ETag"]), int(part["Size"]))
                 )
-            if not page.get("IsTruncated"):
+            next_marker = int(page.get("NextPartNumberMarker") or 0)
+            # A truncated page without a way forward would restart from the top forever.
+            if not page.get("IsTruncated") or next_marker <= marker:
                 return parts
-            marker = int(page.get("NextPartNumberMarker", 0))
+            marker = next_marker
 
     async def complete_multipart_upload(
         self, key: str, upload_id: str, parts: list[UploadedPart]
@@ -267,9 +218,9 @@ class S3Store:
             )
             for item in page.get("Contents", []):
                 yield ObjectInfo(str(item["Key"]), int(item["Size"]), str(item["ETag"]))
-            if not page.get("IsTruncated"):
-                return
             token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
 
     async def get_object(self, key: str) -> AsyncIterator[bytes]:
         response = await self._call(
@@ -277,7 +228,15 @@ class S3Store:
         )
         async with response["Body"] as stream:
             while True:
-                chunk = await stream.read(1024 * 1024)
+                try:
+                    chunk = await stream.read(1024 * 1024)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    raise translate_error(
+                        exc, op="GetObject", key=key, location=f"s3://{self._bucket}",
+                        endpoint=self._endpoint,
+                    ) from exc
                 if not chunk:
                     return
                 yield chunk
@@ -291,10 +250,16 @@ class S3Store:
                 MetadataDirective="COPY",
             ),
         )
-        return str(response["CopyObjectResult"]["ETag"])
+        etag = str(response["CopyObjectResult"]["ETag"])
+        # Some stores (SeaweedFS) leave the quotes off here but not in HEAD or listings.
+        return etag if etag.startswith('"') else f'"{etag}"'
 
     async def close(self) -> None:
-        await self._exit_stack.aclose()
+        try:
+            if self._direct is not None:
+                await self._direct.close()
+        finally:
+            await self._exit_stack.aclose()
 
 
 async def open_s3_store(
@@ -330,4 +295,11 @@ async def open_s3_store(
         raise FatalStoreError(f"AWS configuration: {exc}", op="configure") from exc
     except ValueError as exc:  # e.g. a malformed endpoint URL
         raise FatalStoreError(f"AWS configuration: {exc}", op="configure") from exc
-    return S3Store(client, stack, bucket, config, on_retry)
+    direct = None
+    if config.direct_uploads:
+        try:
+            direct = await open_direct_uploads(client, session, bucket, config)
+        except BaseException:
+            await stack.aclose()
+            raise
+    return S3Store(client, stack, bucket, config, on_retry, direct)

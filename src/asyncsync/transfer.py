@@ -41,6 +41,7 @@ from .digest import (
 from .errors import (
     FatalStoreError,
     ManifestError,
+    NoSuchUpload,
     SourceChanged,
     SourceVanished,
     StoreError,
@@ -289,7 +290,7 @@ class _LargeUpload:
         try:
             parts = await self._send_parts(store, upload_id, done)
             self._check_still_same()
-            etag = await store.complete_multipart_upload(self.key, upload_id, parts)
+            etag = await self._complete(store, upload_id, parts)
         except (asyncio.CancelledError, FatalStoreError, ManifestError):
             # Interrupted, or nothing can reach the store: keep the upload for the next run.
             raise
@@ -298,6 +299,24 @@ class _LargeUpload:
             raise
         manifest.forget_upload(scope, self.key, upload_id)
         return etag, self.sent, len(done), len(parts)
+
+    async def _complete(
+        self, store: ObjectStore, upload_id: str, parts: list[UploadedPart]
+    ) -> str:
+        try:
+            return await store.complete_multipart_upload(self.key, upload_id, parts)
+        except NoSuchUpload:
+            # A retried Complete whose first answer was lost finds the upload gone because it
+            # succeeded. The object then carries exactly our digest and size.
+            head = await store.head_object(self.key)
+            if (
+                head is not None
+                and head.metadata.get(META_DIGEST) == self.digest
+                and head.size == self.body_size
+                and head.etag.endswith(f'-{len(parts)}"')
+            ):
+                return head.etag
+            raise
 
     async def _resume_or_create(self, store: ObjectStore) -> tuple[str, dict[int, UploadedPart]]:
         manifest, scope = self.up._manifest, self.up._scope
@@ -337,8 +356,6 @@ class _LargeUpload:
         self, store: ObjectStore, pending: PendingUpload
     ) -> dict[int, UploadedPart] | None:
         """Parts both the store and the manifest know, with the same ETag and size."""
-        from .errors import NoSuchUpload
-
         try:
             listed = await store.list_parts(self.key, pending.upload_id)
         except NoSuchUpload:

@@ -1,0 +1,186 @@
+"""The lean data path: PutObject and UploadPart signed here and sent with aiohttp.
+
+botocore spends about a millisecond of CPU per request in its generic pipeline; for a tree
+of small files that, not the network, is the limit. Only the two requests that carry file
+bodies take this path; every control call (HeadBucket, CreateMultipartUpload, Complete,
+ListParts, ...) still goes through botocore. What stays botocore's:
+- the URL: taken once from a presigned URL botocore builds for a probe key, so endpoint,
+  region and path/virtual addressing are exactly what botocore would use;
+- the credentials: fetched from botocore's credential chain for every request (refreshable
+  credentials such as web identity refresh themselves).
+
+Bodies are streamed in slices so that asyncio's transport never holds a second copy of a
+part: memory stays what the byte budget paid for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from yarl import URL
+
+from .config import StoreConfig
+from .errors import FatalStoreError, StoreError
+from .s3errors import classify_response, translate_transport_error
+from .sigv4 import SigV4Signer, canonical_query, quote_path
+from .store import ObjectAttributes
+
+PROBE_KEY = "asyncsync-probe"
+# Slices of a body handed to the transport at a time; it waits for the socket in between.
+STREAM_SLICE = 256 * 1024
+
+_XML_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
+
+
+class DirectUploads:
+    """Sends object and part bodies for one bucket, outside botocore's pipeline."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        *,
+        base: str,
+        signer: SigV4Signer,
+        credentials: Any,
+        bucket: str,
+        endpoint: str,
+    ) -> None:
+        parts = urlsplit(base)
+        self._http = http
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._host = parts.netloc
+        self._path_prefix = parts.path  # "/" (virtual hosted) or "/bucket/" (path style)
+        self._signer = signer
+        self._credentials = credentials
+        self._location = f"s3://{bucket}"
+        self._endpoint = endpoint
+
+    async def put_object(
+        self, key: str, body: bytes, *, md5_b64: str, attributes: ObjectAttributes
+    ) -> str:
+        headers = {"content-md5": md5_b64, "content-length": str(len(body))}
+        for name, value in attributes.metadata.items():
+            headers[f"x-amz-meta-{name.lower()}"] = value
+        if attributes.content_encoding:
+            headers["content-encoding"] = attributes.content_encoding
+        if attributes.content_type:
+            headers["content-type"] = attributes.content_type
+        return await self._put("PutObject", key, {}, headers, body)
+
+    async def upload_part(
+        self, key: str, upload_id: str, part_number: int, body: bytes, *, md5_b64: str
+    ) -> str:
+        headers = {"content-md5": md5_b64, "content-length": str(len(body))}
+        query = {"partNumber": str(part_number), "uploadId": upload_id}
+        return await self._put("UploadPart", key, query, headers, body)
+
+    async def _put(
+        self, op: str, key: str, query: Mapping[str, str], headers: dict[str, str], body: bytes
+    ) -> str:
+        where = f"{op} {self._location}/{key}"
+        path = quote_path(self._path_prefix + key)
+        query_string = canonical_query(query)
+        access_key, secret_key, token = await self._frozen_credentials(op)
+        self._signer.sign(
+            "PUT", self._host, path, query_string, headers,
+            access_key=access_key, secret_key=secret_key, token=token,
+        )
+        url = URL(f"{self._origin}{path}" + (f"?{query_string}" if query_string else ""),
+                  encoded=True)
+        data: bytes | AsyncIterator[memoryview] = (
+            body if len(body) <= STREAM_SLICE else _slices(body)
+        )
+        try:
+            async with self._http.put(url, data=data, headers=headers) as response:
+                payload = await response.read()
+                if response.status == 200:
+                    etag = response.headers.get("ETag")
+                    if etag:
+                        return etag
+                    raise StoreError(f"{where}: the store sent no ETag", op=op, key=key)
+                code, message = _error_fields(payload)
+                raise classify_response(
+                    where, op=op, key=key, status=response.status, code=code, message=message
+                )
+        except StoreError:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate_transport_error(
+                exc, where=where, op=op, key=key, endpoint=self._endpoint
+            ) from exc
+
+    async def _frozen_credentials(self, op: str) -> tuple[str, str, str | None]:
+        if self._credentials is None:
+            raise FatalStoreError(_NO_CREDENTIALS, op=op)
+        frozen = await self._credentials.get_frozen_credentials()
+        if not frozen.access_key or not frozen.secret_key:
+            raise FatalStoreError(_NO_CREDENTIALS, op=op)
+        return frozen.access_key, frozen.secret_key, frozen.token
+
+    async def close(self) -> None:
+        await self._http.close()
+
+
+_NO_CREDENTIALS = (
+    "no usable AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+    "a profile (AWS_PROFILE/--profile), or run with an instance or web-identity role"
+)
+
+
+async def _slices(body: bytes) -> AsyncIterator[memoryview]:
+    view = memoryview(body)
+    for start in range(0, len(view), STREAM_SLICE):
+        yield view[start:start + STREAM_SLICE]
+
+
+def _error_fields(payload: bytes) -> tuple[str, str]:
+    fields = {name.decode(): value.decode("utf-8", "replace")
+              for name, value in _XML_FIELD.findall(payload)}
+    return fields.get("Code", ""), fields.get("Message", "")
+
+
+async def open_direct_uploads(
+    client: Any, session: Any, bucket: str, config: StoreConfig
+) -> DirectUploads:
+    """Build the lean path from an open aiobotocore client and its session."""
+    probe = await client.generate_presigned_url(
+        "put_object", Params={"Bucket": bucket, "Key": PROBE_KEY}, ExpiresIn=60
+    )
+    parts = urlsplit(probe)
+    if not parts.path.endswith("/" + PROBE_KEY):
+        raise FatalStoreError(f"cannot derive the upload URL for s3://{bucket} from {probe!r}")
+    base = f"{parts.scheme}://{parts.netloc}{parts.path[: -len(PROBE_KEY)]}"
+    region = client.meta.region_name or "us-east-1"
+    credentials = await session.get_credentials()
+    connector = aiohttp.TCPConnector(
+        limit=config.max_connections, ssl=_ssl_context(session) if parts.scheme == "https"
+        else False,
+    )
+    http = aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+        ),
+        skip_auto_headers=("Content-Type",),
+        auto_decompress=False,
+        trust_env=True,  # HTTP(S)_PROXY and NO_PROXY, as botocore honours them
+    )
+    return DirectUploads(
+        http, base=base, signer=SigV4Signer(region), credentials=credentials, bucket=bucket,
+        endpoint=str(client.meta.endpoint_url or ""),
+    )
+
+
+def _ssl_context(session: Any) -> ssl.SSLContext:
+    """Verify TLS with the same CA bundle botocore would use (AWS_CA_BUNDLE, ca_bundle)."""
+    bundle = session.get_config_variable("ca_bundle") or os.environ.get("AWS_CA_BUNDLE")
+    return ssl.create_default_context(cafile=bundle) if bundle else ssl.create_default_context()

@@ -1,0 +1,517 @@
+"""ObjectStore conformance: the same tests against FileStore and S3Store (SeaweedFS).
+
+The pipeline talks to stores only through `store.ObjectStore`, so whatever it relies on is
+checked here against both implementations; a few FileStore-only tests cover what S3 gets from
+the server (keys that would escape the root, the hidden sidecar tree, crash leftovers).
+Each test runs its body in one `asyncio.run`, because the S3 client must be created and closed
+inside the event loop that uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from asyncsync.config import StoreConfig
+from asyncsync.errors import (
+    FatalStoreError,
+    NoSuchUpload,
+    NotFound,
+    StoreError,
+    TransientStoreError,
+)
+from asyncsync.localstore import STATE_DIR, FileStore, open_file_store
+from asyncsync.store import META_DIGEST, META_SIZE, ObjectAttributes, ObjectStore, UploadedPart
+
+MiB = 1024 * 1024
+
+Body = Callable[[ObjectStore], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StoreFactory:
+    kind: str  # "file" or "s3"
+    open: Callable[[], Awaitable[ObjectStore]]
+    root: Path | None = None  # FileStore only
+
+    def run(self, body: Body) -> None:
+        async def main() -> None:
+            store = await self.open()
+            try:
+                await body(store)
+            finally:
+                await store.close()
+
+        asyncio.run(main())
+
+
+@pytest.fixture(
+    params=[
+        "file",
+        pytest.param("s3", marks=pytest.mark.s3),
+        pytest.param("s3-botocore", marks=pytest.mark.s3),
+    ]
+)
+def store(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> StoreFactory:
+    if request.param == "file":
+        root = tmp_path / "store"
+        root.mkdir()
+        return StoreFactory("file", lambda: _open_file(root), root)
+    # Only the S3 parameter starts (or reuses) the SeaweedFS server.
+    server = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("bucket")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    # "s3" sends bodies on the lean signed path (s3direct), "s3-botocore" through botocore.
+    config = StoreConfig(
+        endpoint_url=server.endpoint, region="us-east-1", addressing_style="path",
+        max_attempts=2, direct_uploads=request.param == "s3",
+    )
+
+    async def open_s3() -> ObjectStore:
+        from asyncsync.s3 import open_s3_store
+
+        return await open_s3_store(bucket, config)
+
+    return StoreFactory("s3", open_s3)  # both S3 variants share the S3 expectations
+
+
+async def _open_file(root: Path) -> ObjectStore:
+    return await open_file_store(str(root))
+
+
+def md5_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+
+
+def plain_etag(data: bytes) -> str:
+    return f'"{hashlib.md5(data).hexdigest()}"'
+
+
+def multipart_etag(*parts: bytes) -> str:
+    joined = b"".join(hashlib.md5(p).digest() for p in parts)
+    return f'"{hashlib.md5(joined).hexdigest()}-{len(parts)}"'
+
+
+ATTRS = ObjectAttributes(
+    metadata={META_DIGEST: "0123456789abcdef0123456789abcdef", META_SIZE: "12345"},
+    content_encoding="gzip",
+    content_type="application/octet-stream",
+)
+PLAIN = ObjectAttributes(metadata={})
+
+
+async def put(store: ObjectStore, key: str, data: bytes,
+              attributes: ObjectAttributes = PLAIN) -> str:
+    return await store.put_object(key, data, md5_b64=md5_b64(data), attributes=attributes)
+
+
+async def read(store: ObjectStore, key: str) -> bytes:
+    return b"".join([chunk async for chunk in store.get_object(key)])
+
+
+async def keys(store: ObjectStore, prefix: str) -> list[str]:
+    return [info.key async for info in store.list_objects(prefix)]
+
+
+# -- both stores ------------------------------------------------------------------------------
+
+
+def test_put_head_get_round_trip(store: StoreFactory) -> None:
+    data = os.urandom(3 * MiB + 17)  # more than one get_object chunk
+
+    async def body(s: ObjectStore) -> None:
+        etag = await put(s, "run/a/data.bin", data, ATTRS)
+        assert etag == plain_etag(data)
+        head = await s.head_object("run/a/data.bin")
+        assert head is not None
+        assert (head.key, head.size, head.etag) == ("run/a/data.bin", len(data), etag)
+        assert dict(head.metadata) == dict(ATTRS.metadata)
+        assert head.content_encoding == "gzip"
+        assert await read(s, "run/a/data.bin") == data
+        # Overwriting replaces data and metadata together.
+        etag2 = await put(s, "run/a/data.bin", b"v2", PLAIN)
+        head = await s.head_object("run/a/data.bin")
+        assert head is not None
+        assert (head.size, head.etag, dict(head.metadata)) == (2, etag2, {})
+        assert head.content_encoding is None
+        assert await read(s, "run/a/data.bin") == b"v2"
+
+    store.run(body)
+
+
+def test_bad_md5_is_refused_and_nothing_stored(store: StoreFactory) -> None:
+    async def body(s: ObjectStore) -> None:
+        with pytest.raises(TransientStoreError) as caught:
+            await s.put_object("bad/md5", b"payload", md5_b64=md5_b64(b"other"),
+                               attributes=ATTRS)
+        assert caught.value.code == "BadDigest"
+        assert await s.head_object("bad/md5") is None
+        assert await keys(s, "bad/") == []
+
+    store.run(body)
+
+
+def test_head_and_get_of_missing_key(store: StoreFactory) -> None:
+    async def body(s: ObjectStore) -> None:
+        assert await s.head_object("no/such/key") is None
+        with pytest.raises(NotFound):
+            await read(s, "no/such/key")
+        with pytest.raises(NotFound):
+            await s.copy_object("no/such/key", "copy/of/nothing")
+
+    store.run(body)
+
+
+def test_multipart_round_trip(store: StoreFactory) -> None:
+    first, second = os.urandom(5 * MiB), os.urandom(1000)
+
+    async def body(s: ObjectStore) -> None:
+        key = "run/big.bin"
+        upload_id = await s.create_multipart_upload(key, attributes=ATTRS)
+        # Second part first: parts may arrive in any order.
+        etag2 = await s.upload_part(key, upload_id, 2, second, md5_b64=md5_b64(second))
+        etag1 = await s.upload_part(key, upload_id, 1, first, md5_b64=md5_b64(first))
+        assert (etag1, etag2) == (plain_etag(first), plain_etag(second))
+        listed = await s.list_parts(key, upload_id)
+        assert listed == [UploadedPart(1, etag1, len(first)), UploadedPart(2, etag2, len(second))]
+        assert await s.head_object(key) is None  # nothing visible before completion
+        with pytest.raises(TransientStoreError) as caught:
+            await s.upload_part(key, upload_id, 3, b"x", md5_b64=md5_b64(b"y"))
+        assert caught.value.code == "BadDigest"
+
+        etag = await s.complete_multipart_upload(key, upload_id, listed)
+        assert etag.endswith('-2"')
+        assert etag == multipart_etag(first, second)
+        assert await read(s, key) == first + second
+        head = await s.head_object(key)
+        assert head is not None
+        assert (head.size, head.etag) == (len(first) + len(second), etag)
+        assert dict(head.metadata) == dict(ATTRS.metadata)
+        assert head.content_encoding == "gzip"
+        assert [(i.key, i.size, i.etag) for i in [x async for x in s.list_objects("run/")]] == [
+            (key, len(first) + len(second), etag)
+        ]
+
+    store.run(body)
+
+
+def test_abort_removes_the_upload(store: StoreFactory) -> None:
+    part = os.urandom(1024)
+
+    async def body(s: ObjectStore) -> None:
+        key = "run/aborted.bin"
+        upload_id = await s.create_multipart_upload(key, attributes=PLAIN)
+        await s.upload_part(key, upload_id, 1, part, md5_b64=md5_b64(part))
+        assert len(await s.list_parts(key, upload_id)) == 1
+        await s.abort_multipart_upload(key, upload_id)
+        with pytest.raises(NoSuchUpload):
+            await s.list_parts(key, upload_id)
+        await s.abort_multipart_upload(key, upload_id)  # already gone: a no-op
+        assert await s.head_object(key) is None
+
+    store.run(body)
+
+
+def test_list_objects_by_prefix(store: StoreFactory) -> None:
+    # '-' (0x2d) < '/' (0x2f) < '0' (0x30): a naive tree walk gets the order of these wrong.
+    names = ["p/b/c", "p/a", "p/b-d", "p/ab", "p/b0", "q/x", "pz", "p/b/a/deep"]
+
+    async def listed(s: ObjectStore, prefix: str) -> list[str]:
+        found = await keys(s, prefix)
+        assert len(found) == len(set(found))
+        if store.kind == "file":
+            assert found == sorted(found)  # S3's order: UTF-8 byte order of the keys
+        # SeaweedFS walks its directories instead ('p/b/c' before 'p/b-d'); the pipeline
+        # only builds a dict from listings, so only the set is compared there.
+        return sorted(found)
+
+    async def body(s: ObjectStore) -> None:
+        etags = {}
+        for name in names:
+            etags[name] = await put(s, name, name.encode())
+        assert await listed(s, "p/") == ["p/a", "p/ab", "p/b-d", "p/b/a/deep", "p/b/c", "p/b0"]
+        assert await listed(s, "p/a") == ["p/a", "p/ab"]
+        assert await listed(s, "p/b/") == ["p/b/a/deep", "p/b/c"]
+        assert await listed(s, "p/zz") == []
+        assert await listed(s, "nothing/") == []
+        assert await listed(s, "") == sorted(names)
+        async for info in s.list_objects(""):
+            assert (info.size, info.etag) == (len(info.key), etags[info.key])
+
+    store.run(body)
+
+
+def test_copy_object_copies_data_and_metadata(store: StoreFactory) -> None:
+    data = os.urandom(100_000)
+
+    async def body(s: ObjectStore) -> None:
+        await put(s, "src/obj", data, ATTRS)
+        etag = await s.copy_object("src/obj", "dst/obj")
+        # Compared without quotes: see test_copy_object_etag_is_quoted_like_head.
+        assert etag.strip('"') == plain_etag(data).strip('"')
+        head = await s.head_object("dst/obj")
+        assert head is not None
+        assert (head.size, head.etag) == (len(data), plain_etag(data))
+        assert dict(head.metadata) == dict(ATTRS.metadata)
+        assert head.content_encoding == "gzip"
+        assert await read(s, "dst/obj") == data
+        assert await read(s, "src/obj") == data
+
+    store.run(body)
+
+
+def test_copy_object_etag_is_quoted_like_head(store: StoreFactory) -> None:
+    # SeaweedFS sends CopyObjectResult's ETag without quotes; the store normalises it.
+
+    async def body(s: ObjectStore) -> None:
+        await put(s, "src/obj", b"abc")
+        etag = await s.copy_object("src/obj", "dst/obj")
+        head = await s.head_object("dst/obj")
+        assert head is not None and etag == head.etag
+
+    store.run(body)
+
+
+def test_list_parts_of_unknown_upload(store: StoreFactory) -> None:
+    async def body(s: ObjectStore) -> None:
+        upload_id = await s.create_multipart_upload("run/x", attributes=PLAIN)
+        await s.abort_multipart_upload("run/x", upload_id)
+        with pytest.raises(NoSuchUpload):
+            await s.list_parts("run/x", upload_id)
+
+    store.run(body)
+
+
+# -- FileStore only ---------------------------------------------------------------------------
+
+
+def file_store(tmp_path: Path) -> tuple[Path, StoreFactory]:
+    root = tmp_path / "store"
+    root.mkdir()
+    return root, StoreFactory("file", lambda: _open_file(root), root)
+
+
+def tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["../evil", "a/../../evil", "/abs/evil", "a//b", "./a", "a/./b", "a/", "", "..",
+     f"{STATE_DIR}/meta/x.json", "a/.asyncsync-tmp-" + "0" * 32, "nul\x00byte"],
+)
+def test_file_store_refuses_keys_that_could_escape(tmp_path: Path, key: str) -> None:
+    root, factory = file_store(tmp_path)
+    outside_before = tree(tmp_path)
+
+    async def body(s: ObjectStore) -> None:
+        with pytest.raises(StoreError) as caught:
+            await put(s, key, b"escape")
+        assert caught.value.code == "InvalidKey"
+        for attempt in (
+            s.head_object(key),
+            read(s, key),
+            s.create_multipart_upload(key, attributes=PLAIN),
+            s.copy_object("fine", key),
+        ):
+            with pytest.raises(StoreError):
+                await attempt
+
+    factory.run(body)
+    assert tree(tmp_path) == outside_before  # nothing written anywhere, inside or out
+
+
+def test_file_store_layout_and_hidden_state(tmp_path: Path) -> None:
+    root, factory = file_store(tmp_path)
+    part = os.urandom(10)
+
+    async def body(s: ObjectStore) -> None:
+        await put(s, "run/a.txt", b"a", ATTRS)
+        upload_id = await s.create_multipart_upload("run/b.bin", attributes=ATTRS)
+        await s.upload_part("run/b.bin", upload_id, 1, part, md5_b64=md5_b64(part))
+        # A temp file a crash left behind is not an object either.
+        (root / "run" / (".asyncsync-tmp-" + "f" * 32)).write_bytes(b"junk")
+        assert await keys(s, "") == ["run/a.txt"]
+        assert await keys(s, ".asyncsync") == []
+        assert await keys(s, f"{STATE_DIR}/") == []
+        assert (root / "run" / "a.txt").read_bytes() == b"a"
+        assert (root / STATE_DIR / "meta" / "run" / "a.txt.json").is_file()
+        assert (root / STATE_DIR / "uploads" / upload_id / "1").read_bytes() == part
+        await s.abort_multipart_upload("run/b.bin", upload_id)
+        assert not (root / STATE_DIR / "uploads" / upload_id).exists()
+
+    factory.run(body)
+
+
+def test_file_store_check_bucket(tmp_path: Path) -> None:
+    async def check(root: Path) -> None:
+        store = await open_file_store(str(root))
+        try:
+            await store.check_bucket()
+        finally:
+            await store.close()
+
+    root, _ = file_store(tmp_path)
+    asyncio.run(check(root))
+    with pytest.raises(FatalStoreError):
+        asyncio.run(check(tmp_path / "missing"))
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.raises(FatalStoreError):
+        asyncio.run(check(tmp_path / "a-file"))
+    assert FileStore(str(root)).location == f"file://{root}"
+
+
+def test_file_store_never_recreates_a_vanished_root(tmp_path: Path) -> None:
+    root, factory = file_store(tmp_path)
+
+    async def body(s: ObjectStore) -> None:
+        root.rmdir()  # unmounted, say
+        with pytest.raises(FatalStoreError):
+            await put(s, "run/a", b"a")
+        assert not root.exists()
+
+    factory.run(body)
+
+
+def test_file_store_key_conflicts_with_a_directory(tmp_path: Path) -> None:
+    _, factory = file_store(tmp_path)
+
+    async def body(s: ObjectStore) -> None:
+        await put(s, "a/b", b"1")
+        with pytest.raises(StoreError) as caught:
+            await put(s, "a", b"2")  # S3 could hold both; a file tree cannot
+        assert caught.value.code == "KeyConflict"
+        with pytest.raises(StoreError):
+            await put(s, "a/b/c", b"3")
+        assert await s.head_object("a") is None
+        assert await keys(s, "") == ["a/b"]
+
+    factory.run(body)
+
+
+def test_file_store_stale_sidecar_is_never_paired_with_other_data(tmp_path: Path) -> None:
+    """What a crash between the sidecar and the data rename (or a hand edit) leaves behind."""
+    root, factory = file_store(tmp_path)
+
+    async def body(s: ObjectStore) -> None:
+        await put(s, "run/a", b"old content", ATTRS)
+        # New bytes under the old sidecar: the sidecar no longer describes them.
+        (root / "run" / "a").write_bytes(b"new content!")
+        head = await s.head_object("run/a")
+        assert head is not None
+        assert (head.etag, dict(head.metadata)) == (plain_etag(b"new content!"), {})
+        assert [i.etag async for i in s.list_objects("run/")] == [head.etag]
+
+    factory.run(body)
+
+
+def test_file_store_sidecar_survives_a_copy_of_the_tree(tmp_path: Path) -> None:
+    """New inodes and mtimes (cp without -p) but the same bytes: the metadata still holds."""
+    root, factory = file_store(tmp_path)
+    first, second = os.urandom(5 * MiB), b"tail"
+
+    async def body(s: ObjectStore) -> None:
+        await put(s, "run/small", b"small", ATTRS)
+        upload_id = await s.create_multipart_upload("run/big", attributes=ATTRS)
+        parts = [
+            UploadedPart(n, await s.upload_part("run/big", upload_id, n, d, md5_b64=md5_b64(d)),
+                         len(d))
+            for n, d in ((1, first), (2, second))
+        ]
+        big_etag = await s.complete_multipart_upload("run/big", upload_id, parts)
+        for name in ("small", "big"):
+            path = root / "run" / name
+            data = path.read_bytes()
+            path.unlink()
+            path.write_bytes(data)
+        small = await s.head_object("run/small")
+        big = await s.head_object("run/big")
+        assert small is not None and big is not None
+        assert (small.etag, dict(small.metadata)) == (plain_etag(b"small"), dict(ATTRS.metadata))
+        assert (big.etag, dict(big.metadata)) == (big_etag, dict(ATTRS.metadata))
+
+    factory.run(body)
+
+
+def test_file_store_complete_checks_parts(tmp_path: Path) -> None:
+    _, factory = file_store(tmp_path)
+    small, other = b"small part", b"other"
+
+    async def body(s: ObjectStore) -> None:
+        key = "run/x"
+        upload_id = await s.create_multipart_upload(key, attributes=PLAIN)
+        etag1 = await s.upload_part(key, upload_id, 1, small, md5_b64=md5_b64(small))
+        etag2 = await s.upload_part(key, upload_id, 2, other, md5_b64=md5_b64(other))
+        attempts = {
+            "InvalidPart": [UploadedPart(1, plain_etag(b"not it"), len(small))],
+            "InvalidPartOrder": [UploadedPart(2, etag2, 5), UploadedPart(1, etag1, 10)],
+            "EntityTooSmall": [UploadedPart(1, etag1, 10), UploadedPart(2, etag2, 5)],
+            "MalformedXML": [],
+        }
+        for code, parts in attempts.items():
+            with pytest.raises(StoreError) as caught:
+                await s.complete_multipart_upload(key, upload_id, parts)
+            assert caught.value.code == code
+        with pytest.raises(StoreError) as missing:
+            await s.complete_multipart_upload(key, upload_id, [UploadedPart(7, etag1, 1)])
+        assert missing.value.code == "InvalidPart"
+        # Refused completions leave the upload as it was; a single small part is fine.
+        assert len(await s.list_parts(key, upload_id)) == 2
+        etag = await s.complete_multipart_upload(key, upload_id, [UploadedPart(1, etag1, 10)])
+        assert etag == multipart_etag(small)
+        assert await read(s, key) == small
+        with pytest.raises(NoSuchUpload):
+            await s.list_parts(key, upload_id)
+        with pytest.raises(NoSuchUpload):
+            await s.upload_part(key, upload_id, 3, small, md5_b64=md5_b64(small))
+        with pytest.raises(NoSuchUpload):  # an id that is not ours cannot name a directory
+            await s.list_parts(key, "../../meta")
+
+    factory.run(body)
+
+
+def test_file_store_maps_os_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from asyncsync import localstore
+
+    root, factory = file_store(tmp_path)
+    real_write_all = localstore._write_all
+    failures = [errno.ESTALE, errno.ENOSPC]
+
+    def flaky_write_all(fd: int, data: bytes | memoryview) -> None:
+        if failures:
+            number = failures.pop(0)
+            raise OSError(number, os.strerror(number))
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(localstore, "_write_all", flaky_write_all)
+
+    async def body(s: ObjectStore) -> None:
+        # ESTALE (an NFS hiccup) is transient and retried inside the store, then ENOSPC is not.
+        with pytest.raises(StoreError) as caught:
+            await put(s, "run/a", b"data")
+        assert not isinstance(caught.value, TransientStoreError)
+        assert caught.value.code == "ENOSPC"
+        assert isinstance(caught.value.__cause__, OSError)
+        assert failures == []
+        assert await s.head_object("run/a") is None
+        assert await put(s, "run/a", b"data") == plain_etag(b"data")
+
+    factory.run(body)
+    leftovers = [p for p in tree(root) if ".asyncsync-tmp-" in p]
+    assert leftovers == []
