@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -230,6 +232,71 @@ def asyncsync_binary() -> str:
     raise FileNotFoundError("the asyncsync entry point was not found: pip install -e .")
 
 
+@dataclass(frozen=True)
+class FrozenSource:
+    """A copy of the asyncsync package, taken once at the start, that every round runs.
+
+    The venv's install is editable (it imports straight from src/), and src/ may be edited
+    while a benchmark of several minutes runs: without a copy, rounds could measure
+    different code. PYTHONPATH puts the copy ahead of the editable install's path entry.
+    """
+
+    root: Path  # the directory to put on PYTHONPATH; holds asyncsync/
+    digest: str  # sha256 of the package's files (names and bytes), 12 hex digits
+
+
+def freeze_source(work: Path) -> FrozenSource:
+    spec = importlib.util.find_spec("asyncsync")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("asyncsync is not installed: pip install -e .")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(p for p in package.rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts)
+    contents = {p.relative_to(package).as_posix(): p.read_bytes() for p in files}
+    hasher = hashlib.sha256()
+    for name, data in contents.items():
+        hasher.update(name.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+    digest = hasher.hexdigest()[:12]
+    root = work / "frozen" / digest
+    if not (root / "asyncsync").is_dir():
+        staging = work / "frozen" / f".{digest}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        for name, data in contents.items():
+            target = staging / "asyncsync" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(root)  # whole or not at all: a half copy is never reused
+    return FrozenSource(root, digest)
+
+
+def check_frozen(bench: Bench) -> None:
+    """The asyncsync child must import the frozen copy, not src/: check, don't assume."""
+    env = {**bench.env, "PYTHONPATH": str(bench.frozen.root)}
+    done = subprocess.run(
+        [sys.executable, "-c", "import asyncsync; print(asyncsync.__file__)"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    imported = Path(done.stdout.strip()).resolve()
+    if bench.frozen.root.resolve() not in imported.parents:
+        raise BenchFailure(f"asyncsync child imports {imported}, not the frozen copy")
+
+
+def git_state(path: Path) -> str:
+    """The commit, and whether the package's sources differ from it (read-only git calls)."""
+    try:
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        # --no-optional-locks: do not even refresh the index of a tree others are editing.
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(path), "status", "--porcelain", "--", "."],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} + uncommitted changes" if dirty else head
+
+
 def child_env(server: SeaweedFS) -> dict[str, str]:
     """The environment both tools get: the server's credentials and nothing else of AWS.
 
@@ -248,6 +315,7 @@ class Bench:
     server: SeaweedFS
     client: Any
     env: dict[str, str]
+    frozen: FrozenSource
     work: Path
     workers: int
     asyncsync: str = field(default_factory=asyncsync_binary)
@@ -269,7 +337,10 @@ class Bench:
         state: Path,
     ) -> Sample:
         stem = self.work / "logs" / f"{corpus.name}-r{rnd}-{case}-{tool}"
-        m = measure(self.argv(tool, case, corpus.path, prefix, state), self.env, stem)
+        env = self.env
+        if tool == "asyncsync":
+            env = {**env, "PYTHONPATH": str(self.frozen.root)}
+        m = measure(self.argv(tool, case, corpus.path, prefix, state), env, stem)
         if m.exit_code != 0:
             raise BenchFailure(f"{tool} {case} exited {m.exit_code}: see {m.stderr}")
         verified = self.verify(corpus, case, tool, prefix, m)
@@ -425,6 +496,8 @@ def machine_info(bench: Bench) -> dict[str, Any]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "asyncsync": metadata.version("asyncsync"),
+        "asyncsync_source": bench.frozen.digest,
+        "asyncsync_git": git_state(HERE.parent / "src"),
         "s5cmd": _first_line([bench.s5cmd, "version"]),
         "seaweedfs": _first_line([find_weed(), "version"]),
         # Other work on a shared machine shows up here: read it next to the spreads.
@@ -533,6 +606,9 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "not list the bucket); s5cmd runs `sync` to the same prefix (it lists the bucket and "
         "compares). Both must transfer nothing.",
         "- **Floor**: `find SRC -type f`, the cost of walking the tree at all.",
+        "- **Code under test**: the installed asyncsync package is copied once at the start "
+        "(its sha256 is in the results) and every round runs that copy, so edits to `src/` "
+        "during a run cannot mix versions.",
         f"- **Rounds**: {cfg['rounds']}; the tools' order rotates each round (round r starts "
         "with a different tool), prefixes are deleted between rounds. Figures are **medians** "
         "over rounds, each column on its own (one row's wall and RSS may come from different "
@@ -564,7 +640,9 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "## Results",
         "",
         f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB RAM, {m['os']}; "
-        f"Python {m['python']}; asyncsync {m['asyncsync']}; s5cmd {m['s5cmd']}; "
+        f"Python {m['python']}; asyncsync {m['asyncsync']} (git "
+        f"{m.get('asyncsync_git', 'unknown')}, source sha256 "
+        f"{m.get('asyncsync_source', 'unknown')}); s5cmd {m['s5cmd']}; "
         f"SeaweedFS {m['seaweedfs']}. Date: {m['date']}. Scale: {cfg['scale']:g}, "
         f"rounds: {cfg['rounds']}, workers: {cfg['workers']}. Load average (1, 5, 15 min) "
         f"at start: {_loads(m.get('loadavg_at_start'))}, at end: "
@@ -681,9 +759,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with seaweedfs(work / "seaweedfs") as server:
         client = s3_client(server)
         client.create_bucket(Bucket=BUCKET)
-        bench = Bench(server=server, client=client, env=child_env(server), work=work,
-                      workers=args.workers)
-        print(f"SeaweedFS at {server.endpoint}; s5cmd {bench.s5cmd}", flush=True)
+        bench = Bench(server=server, client=client, env=child_env(server),
+                      frozen=freeze_source(work), work=work, workers=args.workers)
+        check_frozen(bench)
+        print(f"SeaweedFS at {server.endpoint}; s5cmd {bench.s5cmd}; asyncsync source "
+              f"{bench.frozen.digest} frozen in {bench.frozen.root}", flush=True)
         machine = machine_info(bench)
         warm_up(bench)
         try:

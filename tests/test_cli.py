@@ -281,3 +281,16 @@ def test_state_dir_full_stops_cleanly_and_loses_nothing(
     keys = bucket_keys(client, bucket)
     assert len(keys) == 1500
     assert read_object(client, bucket, "full/exp/f1499.txt") == b"file 1499\n"
+
+
+def test_no_credentials_anywhere_is_a_configuration_error(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    env = offline_env(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull,
+                      AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    result = run_cli("push", src, "s3://bucket-a/x", "--state-dir", tmp_path / "s", env=env)
+    assert result.returncode == 2, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "no usable AWS credentials" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr

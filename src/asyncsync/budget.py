@@ -57,3 +57,27 @@ class ByteBudget:
                 continue
             self._available -= grant
             future.set_result(None)
+
+
+def release_large_buffers_promptly() -> None:
+    """Make glibc return freed part buffers to the system at once.
+
+    Part buffers are megabytes each, allocated in worker threads. glibc raises its mmap
+    threshold after the first such buffer is freed, so later ones come from per-thread
+    arenas that keep the memory after it is freed: the process then holds several times
+    the byte budget. A fixed threshold (which also turns off that adjustment) keeps every
+    buffer of 1 MiB or more in its own mapping, unmapped when freed. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, 1024 * 1024)

@@ -196,10 +196,12 @@ def configure_logging(verbose: int, quiet: bool) -> None:
 
 
 def run_push_command(args: argparse.Namespace) -> int:
+    from .budget import release_large_buffers_promptly
     from .push import run_push
     from .report import Reporter
 
     config = push_config(args)
+    release_large_buffers_promptly()
     reporter = Reporter(
         json_lines=args.json,
         progress=sys.stderr.isatty() and not args.json and not args.quiet,

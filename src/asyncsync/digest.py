@@ -23,7 +23,8 @@ import xxhash
 
 from .errors import SourceChanged, SourceVanished
 
-HASH_CHUNK = 4 * 1024 * 1024
+# Buffer of one hashing pass; the transfer stage pays for it from the byte budget.
+HASH_CHUNK = 1024 * 1024
 
 
 def new_digest() -> Any:

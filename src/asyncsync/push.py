@@ -125,6 +125,18 @@ async def _push(
         budget=ByteBudget(transfer.max_memory), temp_dir=temp_dir, dry_run=config.dry_run,
         on_bytes=reporter.sent,
     )
+    try:
+        await _push_with(config, reporter, manifest, session, uploader)
+    finally:
+        uploader.close()
+
+
+async def _push_with(
+    config: PushConfig, reporter: Reporter, manifest: Manifest, session: StoreSession,
+    uploader: Uploader,
+) -> None:
+    scope = scope_for(config)
+    transfer = config.transfer
     listing: dict[str, ObjectInfo] | None = None
     if config.reconcile:
         listing = await _list_destination(session, config)

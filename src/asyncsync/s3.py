@@ -299,7 +299,10 @@ async def open_s3_store(
     if config.direct_uploads:
         try:
             direct = await open_direct_uploads(client, session, bucket, config)
-        except BaseException:
+        except BaseException as exc:
             await stack.aclose()
+            if isinstance(exc, bce.BotoCoreError):
+                raise translate_error(exc, op="configure", key="", location=f"s3://{bucket}") \
+                    from exc
             raise
     return S3Store(client, stack, bucket, config, on_retry, direct)

@@ -19,6 +19,7 @@ import asyncio
 import os
 import re
 import ssl
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -51,9 +52,11 @@ class DirectUploads:
         credentials: Any,
         bucket: str,
         endpoint: str,
+        proxy: str | None = None,
     ) -> None:
         parts = urlsplit(base)
         self._http = http
+        self._proxy = proxy
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._host = parts.netloc
         self._path_prefix = parts.path  # "/" (virtual hosted) or "/bucket/" (path style)
@@ -98,7 +101,9 @@ class DirectUploads:
             body if len(body) <= STREAM_SLICE else _slices(body)
         )
         try:
-            async with self._http.put(url, data=data, headers=headers) as response:
+            async with self._http.put(
+                url, data=data, headers=headers, proxy=self._proxy
+            ) as response:
                 payload = await response.read()
                 if response.status == 200:
                     etag = response.headers.get("ETag")
@@ -152,6 +157,9 @@ async def open_direct_uploads(
     client: Any, session: Any, bucket: str, config: StoreConfig
 ) -> DirectUploads:
     """Build the lean path from an open aiobotocore client and its session."""
+    credentials = await session.get_credentials()
+    if credentials is None:
+        raise FatalStoreError(_NO_CREDENTIALS, op="configure")
     probe = await client.generate_presigned_url(
         "put_object", Params={"Bucket": bucket, "Key": PROBE_KEY}, ExpiresIn=60
     )
@@ -160,7 +168,6 @@ async def open_direct_uploads(
         raise FatalStoreError(f"cannot derive the upload URL for s3://{bucket} from {probe!r}")
     base = f"{parts.scheme}://{parts.netloc}{parts.path[: -len(PROBE_KEY)]}"
     region = client.meta.region_name or "us-east-1"
-    credentials = await session.get_credentials()
     connector = aiohttp.TCPConnector(
         limit=config.max_connections, ssl=_ssl_context(session) if parts.scheme == "https"
         else False,
@@ -172,12 +179,24 @@ async def open_direct_uploads(
         ),
         skip_auto_headers=("Content-Type",),
         auto_decompress=False,
-        trust_env=True,  # HTTP(S)_PROXY and NO_PROXY, as botocore honours them
+        # trust_env would re-read ~/.netrc and the proxy variables on every request (in a
+        # thread); the proxy is resolved once instead, below.
+        trust_env=False,
     )
     return DirectUploads(
         http, base=base, signer=SigV4Signer(region), credentials=credentials, bucket=bucket,
-        endpoint=str(client.meta.endpoint_url or ""),
+        endpoint=str(client.meta.endpoint_url or ""), proxy=proxy_for(base),
     )
+
+
+def proxy_for(url: str) -> str | None:
+    """The HTTP(S)_PROXY that applies to ``url`` (honouring NO_PROXY), as botocore does."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if not proxies or bypass(parts.hostname or "", proxies):
+        return None
+    return proxies.get(parts.scheme)
 
 
 def _ssl_context(session: Any) -> ssl.SSLContext:
