@@ -38,8 +38,9 @@ def push(server: S3Server, src: Path, dest: str, state: Path, *extra: str) -> An
                    env=server.env())
 
 
+@pytest.mark.parametrize("body_path", ["direct", "botocore"])
 def test_round_trip_odd_names_thresholds_and_multipart(
-    s3_server: S3Server, bucket: str, tmp_path: Path
+    s3_server: S3Server, bucket: str, tmp_path: Path, body_path: str
 ) -> None:
     src = tmp_path / "runs"
     threshold = 8 * MiB
@@ -60,8 +61,9 @@ def test_round_trip_odd_names_thresholds_and_multipart(
     os.symlink(tmp_path / "outside-secret.txt", src / "exp" / "link-outside.txt")
     os.symlink(src / "exp" / "args.yaml", src / "exp" / "link-inside.yaml")
 
+    extra = ["--no-direct-uploads"] if body_path == "botocore" else []
     result = push(s3_server, src, f"s3://{bucket}/team/", tmp_path / "state",
-                  "--multipart-threshold", "8MiB", "--follow-symlinks")
+                  "--multipart-threshold", "8MiB", "--follow-symlinks", *extra)
     assert result.returncode == 0, result.stderr
     client = s3_server.client()
     expected_keys = sorted(f"team/{name}" for name in files) + ["team/exp/link-inside.yaml"]

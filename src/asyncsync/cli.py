@@ -92,6 +92,9 @@ def add_transfer_options(parser: argparse.ArgumentParser) -> None:
     store.add_argument("--profile", help="named profile from the shared AWS config files")
     store.add_argument("--addressing-style", choices=("auto", "path", "virtual"),
                        default="auto", help="bucket in the path or in the host name")
+    store.add_argument("--no-direct-uploads", dest="direct_uploads", action="store_false",
+                       help="send file bodies through botocore's full request pipeline "
+                       "(slower; for stores that refuse UNSIGNED-PAYLOAD)")
     store.add_argument("--retries", type=_positive_int, default=DEFAULT_RETRIES, metavar="N",
                        help="attempts per request for transient errors "
                        f"(default {DEFAULT_RETRIES})")
@@ -161,7 +164,7 @@ def push_config(args: argparse.Namespace) -> PushConfig:
     store = StoreConfig(
         endpoint_url=endpoint, region=args.region, profile=args.profile,
         addressing_style=args.addressing_style, max_attempts=args.retries,
-        max_connections=connections,
+        max_connections=connections, direct_uploads=args.direct_uploads,
     )
     transfer = TransferConfig(
         workers=args.workers, max_memory=max_memory, multipart_threshold=threshold,
@@ -266,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except AsyncsyncError as exc:
         log.error("%s", exc)
+        return EXIT_SOME_FAILED
+    except Exception as exc:  # a bug: say so plainly, with the traceback to report
+        log.error("internal error: %s: %s (please report this)", type(exc).__name__, exc,
+                  exc_info=True)
         return EXIT_SOME_FAILED
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE
