@@ -600,3 +600,36 @@ def test_lost_complete_answer_is_recognised_as_success(
     client = s3_server.client()
     assert read_object(client, bucket, "l/best.pt") == content
     assert open_uploads(client, bucket) == []
+
+
+def test_upload_gone_from_the_store_starts_over(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """The manifest remembers an upload the store no longer has (aborted by a lifecycle rule
+    or by hand): the next run discards the record and sends the file whole."""
+    import signal
+
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "runs"
+    content = write(src / "last.pt", os.urandom(40 * MiB))
+    state = tmp_path / "state"
+    dest = f"s3://{bucket}/g"
+    client = s3_server.client()
+    with FaultProxy(s3_server.endpoint) as proxy:
+        process = _start_slow_multipart(s3_server, proxy, src, dest, state)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+        (upload,) = open_uploads(client, bucket)
+        client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        proxy.set_bandwidth(None)
+        again = run_cli("push", src, dest, "--state-dir", state, "--json",
+                        "--multipart-threshold", "8MiB", "--part-size", "8MiB",
+                        env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint))
+    assert again.returncode == 0, again.stderr
+    record = again.records[0]
+    assert record["status"] == "uploaded" and record["resumed_parts"] == 0
+    assert again.summary["bytes"] == len(content)
+    assert read_object(client, bucket, "g/last.pt") == content
+    assert open_uploads(client, bucket) == []
+    assert recorded_parts(state) == 0
