@@ -633,3 +633,28 @@ def test_upload_gone_from_the_store_starts_over(
     assert read_object(client, bucket, "g/last.pt") == content
     assert open_uploads(client, bucket) == []
     assert recorded_parts(state) == 0
+
+
+def test_push_to_a_directory_destination(tmp_path: Path) -> None:
+    """file:///path goes through the same pipeline, onto the local-directory store."""
+    src = tmp_path / "runs"
+    files = {"exp/results.csv": b"epoch\n1\n", "exp/weights/last.pt": os.urandom(20 * MiB),
+             "exp/odd name +#%&=.txt": b"x"}
+    for name, data in files.items():
+        write(src / name, data)
+    target = tmp_path / "mirror"
+    target.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    first = run_cli("push", src, f"file://{target}", "--state-dir", tmp_path / "state", "--json",
+                    "--multipart-threshold", "8MiB", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.summary["uploaded"] == 3
+    for name, data in files.items():
+        assert (target / name).read_bytes() == data
+    again = run_cli("push", src, f"file://{target}", "--state-dir", tmp_path / "state", "--json",
+                    env=env)
+    assert again.summary["uploaded"] == 0
+    missing = run_cli("push", src, f"file://{tmp_path / 'absent'}", "--state-dir",
+                      tmp_path / "state", env=env)
+    assert missing.returncode == 2
+    assert "is missing" in missing.stderr

@@ -1,958 +1,417 @@
-"""A local-directory implementation of `store.ObjectStore`, for ``file:///abs/path`` destinations.
-
-It mirrors a run into a directory (typically an NFS or Lustre mount) with the S3 semantics the
-pipeline relies on: keys are ``/``-separated paths under the root that can never name anything
-outside it; every object is published atomically (temp file in its own directory, fsync,
-``os.replace``) so a reader sees the old bytes or the new ones, never a mix; bodies and parts are
-verified against their Content-MD5 and get S3-shaped ETags (``"<md5>"``, multipart
-``"<md5 of part md5s>-<n>"``); metadata lives in a sidecar tree under ``.asyncsync-store/meta``
-and multipart uploads stage their parts under ``.asyncsync-store/uploads``, neither of which is
-ever listed. Each sidecar records the inode, size and mtime of the data file it describes, and
-is written *before* the data is renamed into place: the data rename is the single commit point,
-so a key never becomes visible without its metadata, and a reader that catches the gap between
-the two renames (or the remains of a crash between them) sees a fingerprint that does not match
-and either waits for the writer or falls back to hashing the bytes, so stale metadata is never
-paired with other data. All blocking file I/O runs in worker threads.
+"""A local-directory `store.ObjectStore` for ``file:///abs/path`` destinations (an NFS or Lustre
+mount, typically): ``<root>/<key>`` holds each object, keys can never name anything outside the
+root, and every write is published atomically (temp file beside its target, fsync,
+``os.replace``) after its Content-MD5 has been checked, with S3-shaped ETags. Metadata lives in
+sidecars under ``.asyncsync-store/meta`` and multipart uploads stage their parts under
+``.asyncsync-store/uploads``; neither is ever listed. A sidecar records the size, inode and
+mtime of the data file it was written for and is trusted only while they still match, so stale
+metadata is never paired with other bytes. Blocking I/O runs in worker threads.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import anyio.to_thread
 
-from .config import MAX_PARTS, MIN_PART_SIZE
-from .errors import (
-    FatalStoreError,
-    NoSuchUpload,
-    NotFound,
-    StoreError,
-    TransientStoreError,
-)
+from .config import MIN_PART_SIZE
+from .errors import FatalStoreError, NoSuchUpload, NotFound, StoreError, TransientStoreError
 from .retry import Backoff, retry_transient
 from .store import ObjectAttributes, ObjectInfo, UploadedPart
 
 T = TypeVar("T")
-
+E = TypeVar("E", bound=StoreError)
 RetryObserver = Callable[[TransientStoreError, int, float], None]
 
 STATE_DIR = ".asyncsync-store"
+# Listings skip names with this prefix (crash leftovers), so no key segment may have it.
 _TMP_PREFIX = ".asyncsync-tmp-"
-# Temp files live beside their target (same directory, so same filesystem, so os.replace is
-# atomic even when a subdirectory is another mount); this name is how listings skip them, and
-# why no key segment may look like one.
-_TMP_NAME = re.compile(r"\.asyncsync-tmp-[0-9a-f]{32}")
-_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
-_UPLOAD_META = "meta.json"
-
-_READ_CHUNK = 1024 * 1024  # get_object's chunk, as s3.py reads its stream
-_COPY_CHUNK = 8 * 1024 * 1024
-_LIST_BATCH = 1000
-# A reader that sees a sidecar and a data file that do not belong together retries this many
-# times (1, 2, 4, ... ms apart): the window between a writer's two renames is microseconds on a
-# local disk, a few milliseconds on NFS. After that it trusts only a hash of the bytes.
-_SETTLE_TRIES = 6
-
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-
-# Worth retrying: NFS/Lustre hiccups and momentary resource pressure.
-_TRANSIENT_ERRNOS = frozenset(
-    getattr(errno, name)
-    for name in ("ESTALE", "ETIMEDOUT", "EAGAIN", "EBUSY", "ENOLCK", "EMFILE", "ENFILE")
-    if hasattr(errno, name)
-)
+_CHUNK = 1024 * 1024  # get_object's chunk, as s3.py reads its stream
+# NFS/Lustre hiccups and momentary contention: worth another try.
+_TRANSIENT_ERRNOS = frozenset({errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY})
 
 
-class _KeyConflict(Exception):
-    """A file tree cannot hold both ``a`` and ``a/b``, which S3 can: the second write fails."""
-
-
-@dataclass(frozen=True)
-class _Record:
-    """A sidecar: what the store knows about one data file, bound to it by its fingerprint."""
-
-    etag: str
-    size: int
-    ino: int
-    mtime_ns: int
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    content_encoding: str | None = None
-    content_type: str | None = None
-    # Set for multipart objects, so their ETag can be recomputed from the bytes if need be.
-    part_sizes: tuple[int, ...] | None = None
-
-    def matches(self, st: os.stat_result) -> bool:
-        return (self.ino, self.size, self.mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def bound_to(self, st: os.stat_result) -> _Record:
-        return _Record(
-            self.etag, st.st_size, st.st_ino, st.st_mtime_ns, self.metadata,
-            self.content_encoding, self.content_type, self.part_sizes,
-        )
-
-    def to_json(self) -> bytes:
-        data: dict[str, Any] = {
-            "version": 1,
-            "etag": self.etag,
-            "size": self.size,
-            "ino": self.ino,
-            "mtime_ns": self.mtime_ns,
-            "metadata": dict(self.metadata),
-            "content_encoding": self.content_encoding,
-            "content_type": self.content_type,
-            "part_sizes": list(self.part_sizes) if self.part_sizes is not None else None,
-        }
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> _Record | None:
-        """The record, or None if it is damaged (then it is as good as absent)."""
-        try:
-            data = json.loads(raw)
-            metadata = data["metadata"]
-            parts = data.get("part_sizes")
-            if not isinstance(metadata, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-            ):
-                return None
-            return cls(
-                etag=str(data["etag"]),
-                size=int(data["size"]),
-                ino=int(data["ino"]),
-                mtime_ns=int(data["mtime_ns"]),
-                metadata=metadata,
-                content_encoding=_optional_str(data.get("content_encoding")),
-                content_type=_optional_str(data.get("content_type")),
-                part_sizes=tuple(int(p) for p in parts) if parts is not None else None,
-            )
-        except (ValueError, TypeError, KeyError):
-            return None
-
-
-def _optional_str(value: object) -> str | None:
-    return None if value is None else str(value)
+def _invalid_key(key: str) -> bool:
+    segments = key.split("/")  # '' and a leading '/' both give an empty segment
+    bad = "\x00" in key or segments[0] == STATE_DIR
+    return bad or any(s in ("", ".", "..") or s.startswith(_TMP_PREFIX) for s in segments)
 
 
 def _attributes_json(attributes: ObjectAttributes) -> dict[str, Any]:
-    return {
-        # S3 stores user metadata names in lower case (they travel as HTTP headers).
-        "metadata": {k.lower(): v for k, v in attributes.metadata.items()},
-        "content_encoding": attributes.content_encoding,
-        "content_type": attributes.content_type,
-    }
+    # S3 keeps user metadata names in lower case (they travel as HTTP headers).
+    metadata = {k.lower(): v for k, v in attributes.metadata.items()}
+    encoding, content_type = attributes.content_encoding, attributes.content_type
+    return {"metadata": metadata, "content_encoding": encoding, "content_type": content_type}
 
 
-def _quoted(md5_hex: str) -> str:
-    return f'"{md5_hex}"'
-
-
-def _bare_etag(etag: str) -> str:
-    # CompleteMultipartUpload accepts part ETags with or without their quotes.
-    return etag.strip().strip('"').lower()
-
-
-def _multipart_etag(digests: Sequence[bytes]) -> str:
-    return _quoted(f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}")
+def _fingerprint(st: os.stat_result) -> dict[str, int]:
+    # os.replace keeps the inode and mtime, so the temp file's stat is the published file's.
+    return {"size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
-        view = view[written:]
+        view = view[os.write(fd, view) :]
 
 
-def _open_temp(directory: str) -> tuple[int, str]:
-    path = os.path.join(directory, _TMP_PREFIX + uuid.uuid4().hex)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o666)
-    return fd, path
+def _write_body(body: bytes, etag: str, fd: int) -> str:
+    _write_all(fd, body)
+    return etag
 
 
-def _finish_temp(fd: int) -> os.stat_result:
-    """Make the temp file durable and take its fingerprint (os.replace keeps the inode)."""
-    os.fsync(fd)
-    return os.fstat(fd)
-
-
-def _discard(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some filesystems refuse fsync on a directory; their renames are durable anyway.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _write_file_atomically(path: str, data: bytes) -> os.stat_result:
-    """Write ``path`` through a temp file in its directory; return the new file's stat."""
-    directory = os.path.dirname(path)
-    fd, temp = _open_temp(directory)
-    try:
-        try:
-            _write_all(fd, data)
-            st = _finish_temp(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
-        _discard(temp)
-        raise
-    _fsync_dir(directory)
-    return st
-
-
-def _read_small(path: str) -> bytes | None:
-    """A sidecar's bytes, or None if there is none."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-
-
-def _read_record(path: str) -> _Record | None:
-    raw = _read_small(path)
-    return None if raw is None else _Record.from_json(raw)
-
-
-def _open_regular(path: str) -> tuple[int, os.stat_result] | None:
-    """An fd on the regular file at ``path`` and its stat, or None if there is none.
-
-    Opening (rather than stat-ing) also revalidates NFS's attribute cache (close-to-open).
-    The last component is not followed if it is a symlink: the store never writes one.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return None
-        raise
-    try:
-        st = os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        return None
-    return fd, st
-
-
-def _hash_range(fd: int, offset: int, length: int) -> bytes:
-    """MD5 digest of ``length`` bytes at ``offset`` (fewer if the file is shorter)."""
+def _append(fd: int, source: BinaryIO) -> bytes:
+    """Copy ``source`` to ``fd``; return the MD5 digest of what was copied."""
     digest = hashlib.md5()
-    done = 0
-    while done < length:
-        chunk = os.pread(fd, min(_COPY_CHUNK, length - done), offset + done)
-        if not chunk:
-            break
+    while chunk := source.read(_CHUNK):
         digest.update(chunk)
-        done += len(chunk)
+        _write_all(fd, chunk)
     return digest.digest()
 
 
-def _content_etag(fd: int, size: int, part_sizes: Sequence[int] | None) -> str:
-    """The ETag of the bytes themselves: multipart-shaped when the part layout fits them."""
-    if part_sizes and sum(part_sizes) == size:
-        digests: list[bytes] = []
-        offset = 0
-        for part_size in part_sizes:
-            digests.append(_hash_range(fd, offset, part_size))
-            offset += part_size
-        return _multipart_etag(digests)
-    return _quoted(_hash_range(fd, 0, size).hex())
-
-
-def _record_for(fd: int, st: os.stat_result, record_path: str) -> _Record:
-    """The sidecar that belongs to the open data file ``fd``, judged by the bytes.
-
-    Called when the fingerprints disagree for good: what a crash between the two renames, two
-    writers racing on one key, or a copy of the tree (new inodes) left behind. The sidecar is
-    kept only if its ETag is the bytes' ETag; otherwise the object is reported as S3 would
-    report a file put there without metadata: a plain MD5 ETag and no metadata.
-    """
-    record = _read_record(record_path)
-    if record is not None and record.matches(st):
-        return record
-    plain: str | None = None
-    if record is not None and record.size == st.st_size:
-        etag = _content_etag(fd, st.st_size, record.part_sizes)
-        if etag == record.etag:
-            return record.bound_to(st)
-        if not record.part_sizes:
-            plain = etag
-    if plain is None:
-        plain = _content_etag(fd, st.st_size, None)
-    return _Record(plain, st.st_size, st.st_ino, st.st_mtime_ns)
-
-
-def _settled(path: str, record_path: str) -> tuple[int, os.stat_result, _Record] | None:
-    """Open the data file and the sidecar that belongs to it; None if there is no object.
-
-    The caller owns (and closes) the returned fd.
-    """
-    for attempt in range(_SETTLE_TRIES):
-        opened = _open_regular(path)
-        if opened is None:
-            return None
-        fd, st = opened
+def _write_atomically(path: str, fill: Callable[[int], str], sidecar: str = "",
+                      extra: Mapping[str, Any] | None = None) -> str:
+    """Write ``path`` through a temp file in its directory (same filesystem: the rename is
+    atomic); ``fill`` writes the bytes and returns their ETag. A ``sidecar`` (ETag, fingerprint,
+    ``extra``) goes first, so the data rename is the one commit point: a key never appears
+    without its metadata, and a crash between the renames leaves a sidecar matching nothing."""
+    directory = os.path.dirname(path)
+    temp = os.path.join(directory, _TMP_PREFIX + uuid.uuid4().hex)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
         try:
-            record = _read_record(record_path)
-            # No sidecar at all is not a race (a sidecar is written before its data ever
-            # appears): a file put there by hand, or a lost sidecar. Nothing to wait for.
-            if record is not None and record.matches(st):
-                return fd, st, record
-            if record is None or attempt == _SETTLE_TRIES - 1:
-                return fd, st, _record_for(fd, st, record_path)
-        except BaseException:
+            etag = fill(fd)
+            os.fsync(fd)
+            st = os.fstat(fd)
+        finally:
             os.close(fd)
-            raise
+        if sidecar:
+            _write_json(sidecar, {"etag": etag, **(extra or {}), **_fingerprint(st)})
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)  # makes the rename durable
+    finally:
         os.close(fd)
-        time.sleep(0.001 * 2**attempt)
-    raise AssertionError("unreachable")  # pragma: no cover
+    return etag
 
 
-def _take(items: Iterator[T], count: int) -> list[T]:
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= count:
-            break
-    return batch
+def _write_json(path: str, data: Mapping[str, Any]) -> None:
+    _write_atomically(path, partial(_write_body, json.dumps(data, sort_keys=True).encode(), ""))
+
+
+def _read_json(path: str) -> Any:
+    """The JSON document at ``path``, or None if it is missing or damaged."""
+    try:
+        with open(path, "rb") as handle:
+            return json.load(handle)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
+        return None
+
+
+def _describe(path: str, sidecar: str) -> tuple[os.stat_result, str, dict[str, Any]] | None:
+    """Stat, ETag and attributes of the regular file at ``path`` (None for a symlink: the store
+    never writes one). Without a sidecar written for it (a crash between the renames, a hand
+    edit, a copy of the tree) it is what S3 shows for an object put without metadata."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    record = _read_json(sidecar)
+    if isinstance(record, dict) and all(record.get(k) == v for k, v in _fingerprint(st).items()):
+        return st, str(record["etag"]), dict(record.get("attributes") or {})
+    with open(path, "rb") as handle:
+        return st, f'"{hashlib.file_digest(handle, "md5").hexdigest()}"', {}
+
+
+def _walk(directory: str, meta: str, key_prefix: str, name_prefix: str) -> Iterator[ObjectInfo]:
+    """The objects under ``directory`` (sidecars under ``meta``) whose names start with
+    ``name_prefix``, in key order: sorting each directory with ``/`` appended to subdirectory
+    names yields S3's order (``a-b`` < ``a/c`` < ``a0``) without sorting the whole tree."""
+    try:
+        with os.scandir(directory) as scan:
+            # Symlinks are not followed (a loop could not end a listing), nor listed.
+            is_dir = {entry.name: entry.is_dir(follow_symlinks=False) for entry in scan}
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for name in sorted(is_dir, key=lambda n: n + "/" if is_dir[n] else n):
+        hidden = name.startswith(_TMP_PREFIX) or (not key_prefix and name == STATE_DIR)
+        if hidden or not name.startswith(name_prefix):
+            continue
+        path = os.path.join(directory, name)
+        if is_dir[name]:
+            yield from _walk(path, os.path.join(meta, name), f"{key_prefix}{name}/", "")
+        elif found := _describe(path, os.path.join(meta, name + ".json")):
+            yield ObjectInfo(key_prefix + name, found[0].st_size, found[1])
 
 
 class FileStore:
     """A directory as a bucket: ``<root>/<key>`` holds the object, sidecars hold the rest."""
 
-    def __init__(
-        self,
-        root: str,
-        *,
-        max_attempts: int = 3,
-        backoff: Backoff | None = None,
-        on_retry: RetryObserver | None = None,
-    ) -> None:
+    def __init__(self, root: str, *, max_attempts: int = 3, backoff: Backoff | None = None,
+                 on_retry: RetryObserver | None = None) -> None:
         self._root = os.path.abspath(root)
-        self._state = os.path.join(self._root, STATE_DIR)
-        self._meta = os.path.join(self._state, "meta")
-        self._uploads = os.path.join(self._state, "uploads")
+        self._meta = os.path.join(self._root, STATE_DIR, "meta")
+        self._uploads = os.path.join(self._root, STATE_DIR, "uploads")
         self._max_attempts = max(1, max_attempts)
         self._backoff = backoff or Backoff()
         self._on_retry = on_retry
 
     @property
-    def root(self) -> str:
-        return self._root
-
-    @property
     def location(self) -> str:
         return f"file://{self._root}"
 
-    # -- plumbing ------------------------------------------------------------------------
-
-    def _where(self, op: str, key: str) -> str:
-        return f"{op} {self.location}/{key}" if key else f"{op} {self.location}"
+    def _error(self, cls: type[E], op: str, key: str, message: str, code: str) -> E:
+        where = f"{self.location}/{key}" if key else self.location
+        return cls(f"{op} {where}: {message} ({code})", op=op, key=key, code=code)
 
     def _translate(self, exc: OSError, op: str, key: str) -> StoreError:
-        """Map an OSError to the domain hierarchy (runs in the worker thread: it may stat)."""
+        """Map an OSError to the domain hierarchy (in the worker thread: it may stat)."""
         number = exc.errno or 0
-        code = errno.errorcode.get(number, "")
-        where = self._where(op, key)
-        reason = exc.strerror or type(exc).__name__
-        if number in (errno.ENOENT, errno.ENOTDIR) and not os.path.isdir(self._root):
-            # The root went away (unmounted?): nothing else can work, and creating it again
-            # would write into whatever is under the mount point.
-            return FatalStoreError(
-                f"{where}: {self._root} no longer exists", op=op, key=key, code=code
-            )
-        if number == errno.EROFS:
-            return FatalStoreError(f"{where}: read-only filesystem", op=op, key=key, code=code)
-        if number in _TRANSIENT_ERRNOS:
-            return TransientStoreError(f"{where}: {reason} ({code})", op=op, key=key, code=code)
-        return StoreError(f"{where}: {reason} ({code or number})", op=op, key=key, code=code)
+        code, reason = errno.errorcode.get(number, str(number)), exc.strerror or str(exc)
+        gone = number in (errno.ENOENT, errno.ENOTDIR) and not os.path.isdir(self._root)
+        if gone:  # unmounted, say: nothing else can work, and the root is never created again
+            reason = f"{self._root} no longer exists"
+        fatal, transient = gone or number == errno.EROFS, number in _TRANSIENT_ERRNOS
+        cls = FatalStoreError if fatal else TransientStoreError if transient else StoreError
+        return self._error(cls, op, key, reason, code)
 
-    def _guarded(self, op: str, key: str, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except StoreError:
-            raise
-        except _KeyConflict as exc:
-            raise StoreError(
-                f"{self._where(op, key)}: {exc}", op=op, key=key, code="KeyConflict"
-            ) from exc
-        except OSError as exc:
-            raise self._translate(exc, op, key) from exc
+    async def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
+        """Run blocking ``fn`` in a worker thread; translate its errors; retry transient ones."""
 
-    async def _call(self, op: str, key: str, fn: Callable[[], T], *, retry: bool = True) -> T:
-        """Run blocking ``fn`` in a worker thread; translate its errors; retry transient ones.
+        def guarded() -> T:
+            try:
+                return fn()
+            except OSError as exc:
+                raise self._translate(exc, op, key) from exc
 
-        Threads are not abandoned on cancellation: a write always finishes or cleans up.
-        """
-
-        async def attempt() -> T:
-            return await anyio.to_thread.run_sync(self._guarded, op, key, fn)
-
-        if not retry:
-            return await attempt()
+        attempt = partial(anyio.to_thread.run_sync, guarded)
         return await retry_transient(
             attempt, attempts=self._max_attempts, backoff=self._backoff, on_retry=self._on_retry
         )
 
-    def _segments(self, op: str, key: str) -> list[str]:
-        """The key's path segments; refuse any key that could name something outside the
-        root, the store's own state, or a temp file."""
-        segments = key.split("/")
-        bad = (
-            not key
-            or key.startswith("/")
-            or "\x00" in key
-            or any(s in ("", ".", "..") or _TMP_NAME.fullmatch(s) for s in segments)
-            or segments[0] == STATE_DIR
-            or any(sep in key for sep in (os.sep, os.altsep) if sep and sep != "/")
-        )
-        if not bad:
-            try:
-                key.encode("utf-8")
-            except UnicodeEncodeError:
-                bad = True
-        if bad:
-            raise StoreError(
-                f"{self._where(op, '')}: invalid key {key!r} for a file store",
-                op=op, key=key, code="InvalidKey",
-            )
-        return segments
+    async def _verify(self, op: str, key: str, body: bytes, md5_b64: str) -> str:
+        """Check a body against its Content-MD5 as S3 does; return its ETag."""
+        digest = await anyio.to_thread.run_sync(lambda: hashlib.md5(body).digest())
+        with contextlib.suppress(ValueError):
+            if digest == base64.b64decode(md5_b64, validate=True):
+                return f'"{digest.hex()}"'
+        # Transient, as with S3: the body (or its MD5) was damaged on its way to the store.
+        raise self._error(TransientStoreError, op, key, "wrong Content-MD5", "BadDigest")
 
     def _paths(self, op: str, key: str) -> tuple[str, str]:
-        """(data file, sidecar) of a key."""
-        segments = self._segments(op, key)
-        data = os.path.join(self._root, *segments)
-        record = os.path.join(self._meta, *segments[:-1], segments[-1] + ".json")
-        return data, record
+        """(data file, sidecar) of a key; StoreError InvalidKey for a key that is not valid."""
+        if _invalid_key(key):
+            raise self._error(StoreError, op, key, f"invalid key {key!r}", "InvalidKey")
+        *parents, name = key.split("/")
+        data = os.path.join(self._root, *parents, name)
+        return data, os.path.join(self._meta, *parents, name + ".json")
 
-    def _ensure_dir(self, path: str) -> None:
-        """Create ``path`` and its missing parents, but never the root itself."""
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            if path == self._root:
-                raise
-            self._ensure_dir(os.path.dirname(path))
-            try:
-                os.mkdir(path)
-            except FileExistsError:
-                if not os.path.isdir(path):
-                    raise _KeyConflict(f"{self._relative(path)} is an object") from None
+    def _makedirs(self, path: str) -> None:
+        """Create ``path`` and its parents below the root, never the root itself. Where a parent
+        is a file (``a`` exists, ``a/b`` is written) the write fails with ENOTDIR, as it must."""
+        if os.path.isdir(path):
             return
-        except NotADirectoryError:
-            raise _KeyConflict(
-                f"a parent of {self._relative(path)} is an object"
-            ) from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise _KeyConflict(f"{self._relative(path)} is an object")
+        current = self._root
+        for segment in os.path.relpath(path, self._root).split(os.sep):
+            current = os.path.join(current, segment)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(current)
 
-    def _relative(self, path: str) -> str:
-        return os.path.relpath(path, self._root)
+    def _write_object(self, op: str, key: str, fill: Callable[[int], str],
+                      attributes: Mapping[str, Any]) -> str:
+        data, sidecar = self._paths(op, key)
+        self._makedirs(os.path.dirname(data))
+        self._makedirs(os.path.dirname(sidecar))
+        return _write_atomically(data, fill, sidecar, {"attributes": attributes})
 
-    def _prepare(self, data_path: str, record_path: str) -> None:
-        self._ensure_dir(os.path.dirname(data_path))
-        self._ensure_dir(os.path.dirname(record_path))
-        if os.path.isdir(data_path) and not os.path.islink(data_path):
-            raise _KeyConflict(f"{self._relative(data_path)} holds other objects")
-
-    def _publish(self, temp: str, data_path: str, record_path: str, record: _Record) -> None:
-        """Commit a finished temp file: sidecar first, then the data rename (the commit point).
-
-        Sidecar first means a new key is never visible without its metadata, and a crash
-        between the renames leaves the old object in place (its new sidecar does not match it,
-        so readers fall back to its bytes). The opposite order would expose new data under the
-        old sidecar until the second rename.
-        """
-        _write_file_atomically(record_path, record.to_json())
-        os.replace(temp, data_path)
-        _fsync_dir(os.path.dirname(data_path))
-
-    def _write_object(
-        self, key: str, fill: Callable[[int], _Record], op: str
-    ) -> str:
-        """Write a new object through a temp file filled by ``fill`` (which returns its record
-        minus fingerprint); return the ETag."""
-        data_path, record_path = self._paths(op, key)
-        self._prepare(data_path, record_path)
-        fd, temp = _open_temp(os.path.dirname(data_path))
-        try:
-            try:
-                record = fill(fd)
-                st = _finish_temp(fd)
-            finally:
-                os.close(fd)
-            self._publish(temp, data_path, record_path, record.bound_to(st))
-        except BaseException:
-            _discard(temp)
-            raise
-        return record.etag
-
-    def _check_md5(self, op: str, key: str, body: bytes, md5_b64: str) -> str:
-        """Verify a body against its Content-MD5 as S3 does; return the MD5 hex."""
-        try:
-            expected = base64.b64decode(md5_b64, validate=True)
-        except (binascii.Error, ValueError):
-            expected = b""
-        if len(expected) != 16:
-            raise StoreError(
-                f"{self._where(op, key)}: the Content-MD5 is not a valid MD5 (InvalidDigest)",
-                op=op, key=key, code="InvalidDigest",
-            )
-        actual = hashlib.md5(body)
-        if actual.digest() != expected:
-            # Transient, like S3's BadDigest: the body was damaged before it reached the store.
-            raise TransientStoreError(
-                f"{self._where(op, key)}: the body does not match its Content-MD5 (BadDigest)",
-                op=op, key=key, code="BadDigest",
-            )
-        return actual.hexdigest()
-
-    # -- whole objects -------------------------------------------------------------------
+    def _open(self, op: str, key: str) -> BinaryIO:
+        """The object's file, open for reading; NotFound if there is none."""
+        path = self._paths(op, key)[0]
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            if stat.S_ISREG(os.lstat(path).st_mode):  # a symlink is not an object
+                return open(path, "rb", buffering=0)
+        raise self._error(NotFound, op, key, "not found", "NoSuchKey")
 
     async def check_bucket(self) -> None:
-        await self._call("CheckRoot", "", self._check_root)
+        def check() -> None:
+            fatal = partial(self._error, FatalStoreError, "CheckRoot", "")
+            if not os.path.isdir(self._root):
+                raise fatal("is missing or not a directory", "NoSuchBucket")
+            if not os.access(self._root, os.W_OK | os.X_OK):  # false on a read-only mount too
+                raise fatal("is not writable", "AccessDenied")
 
-    def _check_root(self) -> None:
-        op = "CheckRoot"
-        try:
-            st = os.stat(self._root)
-        except FileNotFoundError as exc:
-            raise FatalStoreError(
-                f"{self.location} does not exist", op=op, code="NoSuchBucket"
-            ) from exc
-        if not stat.S_ISDIR(st.st_mode):
-            raise FatalStoreError(f"{self.location} is not a directory", op=op,
-                                  code="NoSuchBucket")
-        if not os.access(self._root, os.W_OK | os.X_OK):
-            raise FatalStoreError(f"{self.location} is not writable", op=op, code="AccessDenied")
-        if os.statvfs(self._root).f_flag & os.ST_RDONLY:
-            raise FatalStoreError(f"{self.location} is on a read-only filesystem", op=op,
-                                  code="EROFS")
+        await self._call("CheckRoot", "", check)
 
-    async def put_object(
-        self, key: str, body: bytes, *, md5_b64: str, attributes: ObjectAttributes
-    ) -> str:
+    async def put_object(self, key: str, body: bytes, *, md5_b64: str,
+                         attributes: ObjectAttributes) -> str:
         op = "PutObject"
-        self._segments(op, key)
-        # Verified outside the retry loop: the same bytes would fail the same way again.
-        md5_hex = await self._call(
-            op, key, partial(self._check_md5, op, key, body, md5_b64), retry=False
-        )
-        extra = _attributes_json(attributes)
-
-        def fill(fd: int) -> _Record:
-            _write_all(fd, body)
-            return _Record(
-                _quoted(md5_hex), len(body), 0, 0, extra["metadata"],
-                extra["content_encoding"], extra["content_type"],
-            )
-
-        return await self._call(op, key, partial(self._write_object, key, fill, op))
+        self._paths(op, key)  # refuse a bad key before hashing the body
+        fill = partial(_write_body, body, await self._verify(op, key, body, md5_b64))
+        attrs = _attributes_json(attributes)
+        return await self._call(op, key, lambda: self._write_object(op, key, fill, attrs))
 
     async def head_object(self, key: str) -> ObjectInfo | None:
-        op = "HeadObject"
-        data_path, record_path = self._paths(op, key)
-        return await self._call(op, key, partial(self._head, key, data_path, record_path))
-
-    @staticmethod
-    def _head(key: str, data_path: str, record_path: str) -> ObjectInfo | None:
-        found = _settled(data_path, record_path)
-        if found is None:
+        data, sidecar = self._paths("HeadObject", key)
+        if not (found := await self._call("HeadObject", key, lambda: _describe(data, sidecar))):
             return None
-        fd, st, record = found
-        os.close(fd)
-        return ObjectInfo(
-            key=key, size=st.st_size, etag=record.etag, metadata=dict(record.metadata),
-            content_encoding=record.content_encoding,
-        )
+        st, etag, attributes = found
+        metadata = dict(attributes.get("metadata") or {})
+        return ObjectInfo(key, st.st_size, etag, metadata, attributes.get("content_encoding"))
 
     async def get_object(self, key: str) -> AsyncIterator[bytes]:
         op = "GetObject"
-        data_path, _ = self._paths(op, key)
-        fd = await self._call(op, key, partial(self._open_for_get, op, key, data_path))
+        handle = await self._call(op, key, lambda: self._open(op, key))
         try:
-            while True:
-                # Reads go on from the one fd: a concurrent replace does not mix versions.
-                chunk = await self._call(op, key, partial(os.read, fd, _READ_CHUNK), retry=False)
-                if not chunk:
-                    return
+            # Reads go on from the one open file, so a concurrent replace cannot mix versions;
+            # unbuffered, so a failed read consumes nothing and can be retried.
+            while chunk := await self._call(op, key, lambda: handle.read(_CHUNK)):
                 yield chunk
         finally:
-            # Closing a read-only fd does not block (nothing to flush), and an async generator
-            # being closed may not be able to await.
-            os.close(fd)
-
-    def _open_for_get(self, op: str, key: str, data_path: str) -> int:
-        opened = _open_regular(data_path)
-        if opened is None:
-            raise NotFound(f"{self._where(op, key)}: not found", op=op, key=key, code="NoSuchKey")
-        return opened[0]
+            # Closing a read-only file does not block, and a closing generator may not await.
+            handle.close()
 
     async def copy_object(self, source_key: str, key: str) -> str:
         op = "CopyObject"
-        source_path, source_record = self._paths(op, source_key)
-        self._segments(op, key)
-        return await self._call(
-            op, key, partial(self._copy, op, source_key, source_path, source_record, key)
-        )
+        source, sidecar = self._paths(op, source_key)
+        self._paths(op, key)
 
-    def _copy(
-        self, op: str, source_key: str, source_path: str, source_record: str, key: str
-    ) -> str:
-        found = _settled(source_path, source_record)
-        if found is None:
-            raise NotFound(
-                f"{self._where(op, source_key)}: not found", op=op, key=source_key,
-                code="NoSuchKey",
-            )
-        source_fd, st, record = found
-        try:
-
-            def fill(fd: int) -> _Record:
+        def copy() -> str:
+            found = _describe(source, sidecar)
+            with self._open(op, source_key) as handle:
                 # Like S3's CopyObject: a new single-part object, so a plain MD5 ETag.
-                digest, copied = hashlib.md5(), 0
-                while True:
-                    chunk = os.pread(source_fd, _COPY_CHUNK, copied)
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    _write_all(fd, chunk)
-                    copied += len(chunk)
-                return _Record(
-                    _quoted(digest.hexdigest()), copied, 0, 0, record.metadata,
-                    record.content_encoding, record.content_type,
-                )
+                return self._write_object(op, key, lambda fd: f'"{_append(fd, handle).hex()}"',
+                                          found[2] if found else {})
 
-            return self._write_object(key, fill, op)
-        finally:
-            os.close(source_fd)
+        return await self._call(op, key, copy)
 
     async def list_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
-        op = "ListObjects"
-        walker = self._list(prefix)
-        while True:
-            # A generator cannot be resumed after it raised, so listing batches are not retried.
-            batch = await self._call(op, prefix, partial(_take, walker, _LIST_BATCH), retry=False)
-            for info in batch:
-                yield info
-            if len(batch) < _LIST_BATCH:
-                return
-
-    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Objects under ``prefix`` in key order, as S3 lists them."""
         head, slash, tail = prefix.rpartition("/")
-        start, key_prefix = self._root, ""
-        if slash:
-            segments = head.split("/")
-            if (
-                prefix.startswith("/")
-                or any(s in ("", ".", "..") or "\x00" in s for s in segments)
-                or segments[0] == STATE_DIR
-            ):
-                return  # no valid key starts with such a prefix
-            start, key_prefix = os.path.join(self._root, *segments), head + "/"
-        for key, path in self._walk(start, key_prefix, tail):
-            found = _settled(path, self._paths("ListObjects", key)[1])
-            if found is None:
-                continue  # replaced by a directory since the scan: gone
-            fd, st, record = found
-            os.close(fd)
-            yield ObjectInfo(key, st.st_size, record.etag)
-
-    def _walk(self, directory: str, key_prefix: str, name_prefix: str) -> Iterator[tuple[str, str]]:
-        """(key, path) of the regular files under ``directory``, in key order.
-
-        Sorting each directory's entries with ``/`` appended to subdirectory names yields the
-        keys in global byte order (``a-b`` < ``a/c`` < ``a0``) without sorting the whole tree.
-        Symlinks are neither listed nor followed (a loop could not end a listing).
-        """
-        try:
-            with os.scandir(directory) as scan:
-                entries = list(scan)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        named: list[tuple[str, str, bool]] = []
-        for entry in entries:
-            name = entry.name
-            if not name.startswith(name_prefix) or _TMP_NAME.fullmatch(name):
-                continue
-            if not key_prefix and name == STATE_DIR:
-                continue
-            try:
-                name.encode("utf-8")
-            except UnicodeEncodeError:
-                continue  # not a name any key could have
-            if entry.is_dir(follow_symlinks=False):
-                named.append((name + "/", entry.path, True))
-            elif entry.is_file(follow_symlinks=False):
-                named.append((name, entry.path, False))
-        named.sort()
-        for sort_name, path, is_dir in named:
-            if is_dir:
-                yield from self._walk(path, key_prefix + sort_name, "")
-            else:
-                yield key_prefix + sort_name, path
+        if slash and _invalid_key(head):
+            return  # no valid key starts with such a prefix
+        parents = head.split("/") if slash else []
+        start, meta = os.path.join(self._root, *parents), os.path.join(self._meta, *parents)
+        # Each attempt walks afresh: a generator that raised cannot be resumed.
+        walk = partial(_walk, start, meta, head + slash, tail)
+        for info in await self._call("ListObjects", prefix, lambda: list(walk())):
+            yield info
 
     async def close(self) -> None:
         return None
 
-    # -- multipart -----------------------------------------------------------------------
-
-    def _upload_dir(self, op: str, key: str, upload_id: str) -> str:
-        # Only our own ids name a directory: anything else could walk out of uploads/.
-        if not _UPLOAD_ID.fullmatch(upload_id):
-            raise self._no_upload(op, key)
-        return os.path.join(self._uploads, upload_id)
-
-    def _no_upload(self, op: str, key: str) -> NoSuchUpload:
-        return NoSuchUpload(
-            f"{self._where(op, key)}: upload no longer exists", op=op, key=key,
-            code="NoSuchUpload",
-        )
-
-    def _load_upload(self, op: str, key: str, upload_id: str) -> tuple[str, dict[str, Any]]:
-        """The staging directory and attributes of a live upload of ``key``."""
-        upload_dir = self._upload_dir(op, key, upload_id)
-        raw = _read_small(os.path.join(upload_dir, _UPLOAD_META))
-        try:
-            meta = json.loads(raw) if raw is not None else None
-        except ValueError:
-            meta = None
-        # S3 also answers NoSuchUpload when the id belongs to another key.
+    def _upload(self, op: str, key: str, upload_id: str) -> tuple[str, dict[str, Any]]:
+        """The staging directory and meta.json of a live upload of ``key``."""
+        self._paths(op, key)
+        upload_dir = os.path.join(self._uploads, upload_id)
+        # Only our own ids name a directory (anything else could walk out of uploads/), and S3
+        # also answers NoSuchUpload for the id of another key's upload.
+        ours = len(upload_id) == 32 and all(c in "0123456789abcdef" for c in upload_id)
+        meta = _read_json(os.path.join(upload_dir, "meta.json")) if ours else None
         if not isinstance(meta, dict) or meta.get("key") != key:
-            raise self._no_upload(op, key)
+            raise self._error(NoSuchUpload, op, key, "upload no longer exists", "NoSuchUpload")
         return upload_dir, meta
-
-    def _gone_if_missing(self, op: str, key: str, upload_dir: str, exc: OSError) -> None:
-        """An abort or complete removed the staging directory under us: NoSuchUpload."""
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not os.path.isdir(upload_dir):
-            raise self._no_upload(op, key) from exc
 
     async def create_multipart_upload(self, key: str, *, attributes: ObjectAttributes) -> str:
         op = "CreateMultipartUpload"
-        self._segments(op, key)
-        meta = {"key": key, "created": time.time(), **_attributes_json(attributes)}
-        return await self._call(op, key, partial(self._create_upload, meta))
+        self._paths(op, key)
+        meta = {"key": key, "attributes": _attributes_json(attributes)}
 
-    def _create_upload(self, meta: dict[str, Any]) -> str:
-        upload_id = uuid.uuid4().hex
-        self._ensure_dir(self._uploads)
-        upload_dir = os.path.join(self._uploads, upload_id)
-        os.mkdir(upload_dir)
-        try:
-            # The upload exists once meta.json does; list/upload/complete all need it.
-            _write_file_atomically(
-                os.path.join(upload_dir, _UPLOAD_META), json.dumps(meta).encode()
-            )
-            _fsync_dir(self._uploads)
-        except BaseException:
-            shutil.rmtree(upload_dir, ignore_errors=True)
-            raise
-        return upload_id
+        def create() -> str:
+            upload_dir = os.path.join(self._uploads, uuid.uuid4().hex)
+            self._makedirs(upload_dir)
+            _write_json(os.path.join(upload_dir, "meta.json"), meta)  # now the upload exists
+            return os.path.basename(upload_dir)
 
-    async def upload_part(
-        self, key: str, upload_id: str, part_number: int, body: bytes, *, md5_b64: str
-    ) -> str:
+        return await self._call(op, key, create)
+
+    async def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes, *,
+                          md5_b64: str) -> str:
         op = "UploadPart"
-        self._segments(op, key)
-        if not 1 <= part_number <= MAX_PARTS:
-            raise StoreError(
-                f"{self._where(op, key)}: part number {part_number} is not in 1..{MAX_PARTS}",
-                op=op, key=key, code="InvalidArgument",
-            )
-        md5_hex = await self._call(
-            op, key, partial(self._check_md5, op, key, body, md5_b64), retry=False
-        )
-        return await self._call(
-            op, key, partial(self._store_part, op, key, upload_id, part_number, body, md5_hex)
-        )
+        fill = partial(_write_body, body, await self._verify(op, key, body, md5_b64))
 
-    def _store_part(
-        self, op: str, key: str, upload_id: str, number: int, body: bytes, md5_hex: str
-    ) -> str:
-        upload_dir, _ = self._load_upload(op, key, upload_id)
-        etag = _quoted(md5_hex)
-        try:
-            fd, temp = _open_temp(upload_dir)
-            try:
-                try:
-                    _write_all(fd, body)
-                    st = _finish_temp(fd)
-                finally:
-                    os.close(fd)
-                # Same order as objects: the part's record, then the part itself.
-                record = _Record(etag, st.st_size, st.st_ino, st.st_mtime_ns)
-                _write_file_atomically(
-                    os.path.join(upload_dir, f"{number}.json"), record.to_json()
-                )
-                os.replace(temp, os.path.join(upload_dir, str(number)))
-            except BaseException:
-                _discard(temp)
-                raise
-            _fsync_dir(upload_dir)
-        except OSError as exc:
-            self._gone_if_missing(op, key, upload_dir, exc)
-            raise
-        return etag
+        def store() -> str:
+            part = os.path.join(self._upload(op, key, upload_id)[0], str(part_number))
+            # The part's sidecar keeps its ETag, so list_parts need not hash the parts.
+            return _write_atomically(part, fill, part + ".json")
+
+        return await self._call(op, key, store)
 
     async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
         op = "ListParts"
-        self._segments(op, key)
-        return await self._call(op, key, partial(self._list_parts, op, key, upload_id))
 
-    def _list_parts(self, op: str, key: str, upload_id: str) -> list[UploadedPart]:
-        upload_dir, _ = self._load_upload(op, key, upload_id)
-        try:
-            with os.scandir(upload_dir) as scan:
-                numbers = sorted(
-                    int(e.name) for e in scan if e.name.isdigit() and str(int(e.name)) == e.name
-                )
-            parts: list[UploadedPart] = []
-            for number in numbers:
-                found = _settled(
-                    os.path.join(upload_dir, str(number)),
-                    os.path.join(upload_dir, f"{number}.json"),
-                )
-                if found is None:
-                    continue
-                fd, st, record = found
-                os.close(fd)
-                parts.append(UploadedPart(number, record.etag, st.st_size))
-        except OSError as exc:
-            self._gone_if_missing(op, key, upload_dir, exc)
-            raise
-        return parts
+        def list_parts() -> list[UploadedPart]:
+            upload_dir, _ = self._upload(op, key, upload_id)
+            numbers = sorted(int(n) for n in os.listdir(upload_dir) if n.isascii() and n.isdigit())
+            paths = {n: os.path.join(upload_dir, str(n)) for n in numbers}
+            found = {n: _describe(path, path + ".json") for n, path in paths.items()}
+            return [UploadedPart(n, f[1], f[0].st_size) for n, f in found.items() if f]
 
-    async def complete_multipart_upload(
-        self, key: str, upload_id: str, parts: list[UploadedPart]
-    ) -> str:
+        return await self._call(op, key, list_parts)
+
+    async def complete_multipart_upload(self, key: str, upload_id: str,
+                                        parts: list[UploadedPart]) -> str:
         op = "CompleteMultipartUpload"
-        self._segments(op, key)
-        return await self._call(op, key, partial(self._complete, op, key, upload_id, parts))
+        refuse = partial(self._error, StoreError, op, key)
 
-    def _complete(self, op: str, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
-        upload_dir, meta = self._load_upload(op, key, upload_id)
+        def complete() -> str:
+            upload_dir, meta = self._upload(op, key, upload_id)
+            numbers = [part.part_number for part in parts]
+            paths = [os.path.join(upload_dir, str(number)) for number in numbers]
+            if not parts:
+                raise refuse("no parts given", "MalformedXML")
+            if numbers != sorted(set(numbers)):
+                raise refuse("parts are not in ascending order", "InvalidPartOrder")
+            if missing := [n for n, p in zip(numbers, paths, strict=True) if not os.path.isfile(p)]:
+                raise refuse(f"part {missing[0]} was never uploaded", "InvalidPart")
+            if any(os.path.getsize(path) < MIN_PART_SIZE for path in paths[:-1]):
+                raise refuse(f"a part but the last is under {MIN_PART_SIZE} B", "EntityTooSmall")
 
-        def refuse(message: str, code: str) -> StoreError:
-            return StoreError(f"{self._where(op, key)}: {message} ({code})", op=op, key=key,
-                              code=code)
-
-        if not parts:
-            raise refuse("no parts given", "MalformedXML")
-        numbers = [p.part_number for p in parts]
-        if any(later <= earlier for earlier, later in zip(numbers, numbers[1:], strict=False)):
-            raise refuse("parts are not in ascending order", "InvalidPartOrder")
-        try:
-            sizes: list[int] = []
-            for part in parts:
-                try:
-                    sizes.append(os.stat(os.path.join(upload_dir, str(part.part_number))).st_size)
-                except FileNotFoundError:
-                    if not os.path.isdir(upload_dir):
-                        raise
-                    raise refuse(f"part {part.part_number} was never uploaded",
-                                 "InvalidPart") from None
-            if any(size < MIN_PART_SIZE for size in sizes[:-1]):
-                raise refuse(f"a part but the last is under {MIN_PART_SIZE} bytes",
-                             "EntityTooSmall")
-
-            def fill(fd: int) -> _Record:
+            def fill(fd: int) -> str:
                 digests: list[bytes] = []
-                copied: list[int] = []
-                for part in parts:
-                    opened = _open_regular(os.path.join(upload_dir, str(part.part_number)))
-                    if opened is None:
-                        raise refuse(f"part {part.part_number} is gone", "InvalidPart")
-                    part_fd, _ = opened
-                    try:
-                        # The bytes are hashed as they are copied, so the given ETag is checked
-                        # against what is published, not against a record of it.
-                        digest, done = hashlib.md5(), 0
-                        while True:
-                            chunk = os.pread(part_fd, _COPY_CHUNK, done)
-                            if not chunk:
-                                break
-                            digest.update(chunk)
-                            _write_all(fd, chunk)
-                            done += len(chunk)
-                    finally:
-                        os.close(part_fd)
-                    if digest.hexdigest() != _bare_etag(part.etag):
-                        raise refuse(
-                            f"part {part.part_number}: ETag {part.etag} does not match the "
-                            "stored part", "InvalidPart",
-                        )
-                    digests.append(digest.digest())
-                    copied.append(done)
-                return _Record(
-                    _multipart_etag(digests), sum(copied), 0, 0, meta.get("metadata") or {},
-                    _optional_str(meta.get("content_encoding")),
-                    _optional_str(meta.get("content_type")), tuple(copied),
-                )
+                for part, path in zip(parts, paths, strict=True):
+                    with open(path, "rb") as handle:
+                        digests.append(_append(fd, handle))
+                    # Checked against the bytes being published, not against a record of them.
+                    if digests[-1].hex() != part.etag.strip('"').lower():
+                        raise refuse(f"part {part.part_number}: ETag does not match", "InvalidPart")
+                return f'"{hashlib.md5(b"".join(digests)).hexdigest()}-{len(digests)}"'
 
-            etag = self._write_object(key, fill, op)
-        except OSError as exc:
-            self._gone_if_missing(op, key, upload_dir, exc)
-            raise
-        # The object is published: failing now would make the caller abort and retry an
-        # upload that succeeded. A staging directory left behind costs only disk space.
-        with contextlib.suppress(OSError):
-            self._discard_upload(upload_dir)
-        return etag
+            etag = self._write_object(op, key, fill, meta.get("attributes") or {})
+            # Published: failing now would redo the upload; leftovers only cost disk space.
+            shutil.rmtree(upload_dir, ignore_errors=True)
+            return etag
 
-    def _discard_upload(self, upload_dir: str) -> None:
-        """Retire a staging directory: one rename makes the upload gone at once; the removal
-        after it is best effort (what it leaves is never listed or used)."""
-        trash = os.path.join(self._uploads, f".trash-{uuid.uuid4().hex}")
-        try:
-            os.rename(upload_dir, trash)
-        except FileNotFoundError:
-            return  # another abort or complete got there first
-        shutil.rmtree(trash, ignore_errors=True)
+        return await self._call(op, key, complete)
 
     async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
         op = "AbortMultipartUpload"
-        self._segments(op, key)
-        await self._call(op, key, partial(self._abort, op, key, upload_id))
 
-    def _abort(self, op: str, key: str, upload_id: str) -> None:
-        try:
-            upload_dir, _ = self._load_upload(op, key, upload_id)
-        except NoSuchUpload:
-            return  # already gone, or not an upload of this key: S3 does nothing either
-        self._discard_upload(upload_dir)
+        def abort() -> None:
+            # Already gone, or not an upload of this key: S3 does nothing either.
+            with contextlib.suppress(NoSuchUpload):
+                upload_dir, _ = self._upload(op, key, upload_id)
+                # meta.json first: the upload is gone at once, however far rmtree gets.
+                os.unlink(os.path.join(upload_dir, "meta.json"))
+                shutil.rmtree(upload_dir)
+
+        await self._call(op, key, abort)
 
 
 async def open_file_store(root: str, *, on_retry: RetryObserver | None = None) -> FileStore:

@@ -90,12 +90,19 @@ class StoreSession:
 
 
 def open_store(config: PushConfig, on_retry: Callable[..., None]) -> Callable[[], object]:
-    async def opener() -> ObjectStore:
+    """The store implementation for the destination's scheme, opened on first use."""
+
+    async def open_s3() -> ObjectStore:
         from .s3 import open_s3_store
 
         return await open_s3_store(config.destination.bucket, config.store, on_retry=on_retry)
 
-    return opener
+    async def open_directory() -> ObjectStore:
+        from .localstore import open_file_store
+
+        return await open_file_store(config.destination.bucket, on_retry=on_retry)
+
+    return open_directory if config.destination.scheme == "file" else open_s3
 
 
 async def run_push(config: PushConfig, reporter: Reporter) -> None:
