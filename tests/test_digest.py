@@ -252,3 +252,32 @@ def test_gzip_to_temp_missing_source_leaves_no_temp(tmp_path: Path) -> None:
     with pytest.raises(SourceVanished):
         gzip_to_temp(str(tmp_path / "missing"), str(temp_dir))
     assert os.listdir(temp_dir) == []
+
+
+def _zip_bytes() -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", os.urandom(200_000))
+        archive.writestr("archive/version", b"3")
+    return buffer.getvalue()
+
+
+def test_complete_zip_archives_pass_and_torn_ones_are_refused(tmp_path: Path) -> None:
+    """torch.save writes zip archives; one caught mid-write has no central directory yet."""
+    whole = _zip_bytes()
+    path = tmp_path / "last.pt"
+    path.write_bytes(whole)
+    assert read_small(str(path), 1 << 30, False).body == whole
+    assert hash_file(str(path))[0] == xxhash.xxh3_128_hexdigest(whole)
+    for torn in (whole[: len(whole) // 2], whole[:-10], whole[:4] + b"\0" * 100):
+        path.write_bytes(torn)
+        with pytest.raises(SourceChanged, match="incomplete zip archive"):
+            read_small(str(path), 1 << 30, False)
+        with pytest.raises(SourceChanged, match="incomplete zip archive"):
+            hash_file(str(path))
+    # Files that merely contain the signature later on are not held to it.
+    path.write_bytes(b"x" + whole[: len(whole) // 2])
+    assert read_small(str(path), 1 << 30, False).body.startswith(b"xPK")

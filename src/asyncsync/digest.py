@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import io
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -58,6 +60,22 @@ def _open(path: str) -> int:
         return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
         raise SourceVanished(f"{path}: vanished before upload") from exc
+
+
+ZIP_SIGNATURE = b"PK\x03\x04"
+
+
+def check_zip_complete(path: str, source: BinaryIO | bytes) -> None:
+    """A file that starts like a zip archive (torch.save writes them) must have a central
+    directory that parses; one still being written does not, and must not be published.
+
+    Only the directory at the end is read, not the members: cheap even for gigabytes.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source):
+            pass
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise SourceChanged(f"{path}: incomplete zip archive (still being written?)") from exc
 
 
 def _check_unchanged(path: str, before: FileIdentity, fd: int) -> None:
@@ -105,6 +123,8 @@ def read_small(path: str, max_size: int, compress: bool) -> SmallSnapshot:
         os.close(fd)
     if len(data) != before.size:
         raise SourceChanged(f"{path}: size changed while it was read")
+    if data.startswith(ZIP_SIGNATURE):
+        check_zip_complete(path, data)
     digest = xxhash.xxh3_128_hexdigest(data)
     encoding = None
     if compress:
@@ -122,11 +142,17 @@ def hash_file(path: str) -> tuple[str, FileIdentity]:
         hasher = new_digest()
         buffer = bytearray(HASH_CHUNK)
         view = memoryview(buffer)
+        first = b""
         while True:
             n = os.readv(fd, [buffer])
             if not n:
                 break
+            if not first:
+                first = bytes(view[:4])
             hasher.update(view[:n])
+        if first == ZIP_SIGNATURE:
+            with open(fd, "rb", closefd=False) as archive:
+                check_zip_complete(path, archive)
         _check_unchanged(path, before, fd)
     finally:
         os.close(fd)

@@ -78,6 +78,9 @@ class FileOutcome:
     parts: int = 0
     resumed_parts: int = 0
     error: str | None = None
+    # Why a failed file failed: "store" (worth retrying later), "read" (local I/O),
+    # "changed" (still being written: wait for it to settle). None when not failed.
+    failure: str | None = None
 
 
 class Uploader:
@@ -94,6 +97,7 @@ class Uploader:
         temp_dir: Path,
         dry_run: bool = False,
         on_bytes: Callable[[int], None] = lambda n: None,
+        pace: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._manifest = manifest
@@ -103,6 +107,8 @@ class Uploader:
         self._temp_dir = temp_dir
         self._dry_run = dry_run
         self._on_bytes = on_bytes
+        # --max-bandwidth: waits before each body goes out (a shared token bucket).
+        self._pace = pace
         # A pool of our own for file reads and hashing: submitting to it directly costs a
         # fraction of a generic to_thread call, which matters at thousands of files a second.
         self._io = ThreadPoolExecutor(
@@ -127,7 +133,9 @@ class Uploader:
                 return await self._sync_once(scanned, key, decision)
             except SourceChanged as exc:
                 if attempt == self._config.changed_retries:
-                    return self._failed(scanned, key, decision, f"{exc}; not published")
+                    return self._failed(
+                        scanned, key, decision, f"{exc}; not published", failure="changed"
+                    )
                 log.info("%s: changed while uploading, reading it again", scanned.relative)
                 await asyncio.sleep(min(0.2 * (attempt + 1), 2.0))
                 try:
@@ -142,16 +150,21 @@ class Uploader:
             except (FatalStoreError, ManifestError):
                 raise
             except StoreError as exc:
-                return self._failed(scanned, key, decision, str(exc))
+                return self._failed(scanned, key, decision, str(exc), failure="store")
             except OSError as exc:
                 reason = exc.strerror or type(exc).__name__
-                return self._failed(scanned, key, decision, f"cannot read: {reason}")
+                return self._failed(
+                    scanned, key, decision, f"cannot read: {reason}", failure="read"
+                )
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
-    def _failed(scanned: ScannedFile, key: str, decision: Decision, error: str) -> FileOutcome:
+    def _failed(
+        scanned: ScannedFile, key: str, decision: Decision, error: str, *, failure: str
+    ) -> FileOutcome:
         return FileOutcome(
-            scanned.relative, key, "failed", decision.reason, scanned.size, error=error
+            scanned.relative, key, "failed", decision.reason, scanned.size, error=error,
+            failure=failure,
         )
 
     async def _sync_once(self, scanned: ScannedFile, key: str, decision: Decision) -> FileOutcome:
@@ -211,6 +224,8 @@ class Uploader:
                 return FileOutcome(scanned.relative, key, "would-upload", decision.reason,
                                    snap.identity.size)
             store = await self._store()
+            if self._pace is not None:
+                await self._pace(len(snap.body))
             etag = await store.put_object(
                 key, snap.body, md5_b64=snap.body_md5_b64,
                 attributes=_attributes(snap.digest, snap.identity.size, snap.content_encoding),
@@ -446,6 +461,8 @@ class _LargeUpload:
         grant: int, window: asyncio.Semaphore, finished: dict[int, UploadedPart],
     ) -> None:
         try:
+            if self.up._pace is not None:
+                await self.up._pace(len(data))
             etag = await store.upload_part(self.key, upload_id, number, data, md5_b64=md5)
         finally:
             self.up._budget.release(grant)
