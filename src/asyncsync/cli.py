@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,11 @@ from .config import (
     DEFAULT_RETRIES,
     DEFAULT_WORKERS,
     MIN_PART_SIZE,
+    CleanupSettings,
     PushConfig,
     StoreConfig,
     TransferConfig,
+    WatchConfig,
     default_state_dir,
     parse_destination,
     parse_size,
@@ -80,7 +83,79 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true",
                       help="show what would be uploaded; send nothing")
     add_output_options(push)
+
+    watch = commands.add_parser(
+        "watch",
+        help="keep a directory mirrored while training writes it (a daemon)",
+        description="Keep SRC mirrored to s3://BUCKET/PREFIX: files are uploaded once they "
+        "have been still for --settle seconds, never torn; runs until SIGTERM/SIGINT, then "
+        "sends what changed and exits 0.",
+    )
+    watch.add_argument("source", metavar="SRC", help="directory to keep mirrored (may not "
+                       "exist yet)")
+    watch.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
+    add_transfer_options(watch)
+    add_watch_options(watch)
+    watch.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    watch.add_argument("-v", "--verbose", action="count", default=1,
+                       help="more detail (-vv: debug); upload decisions are logged by default")
     return parser
+
+
+def add_watch_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the daemon (watch, and later run)."""
+    when = parser.add_argument_group("when to upload")
+    when.add_argument("--interval", type=_seconds, default=10.0, metavar="SECONDS",
+                      help="full stat scan period (default 10; with inotify events, "
+                      "--rescan-interval applies instead)")
+    when.add_argument("--rescan-interval", type=_seconds, default=120.0, metavar="SECONDS",
+                      help="safety-net full scan period while inotify events are used "
+                      "(default 120)")
+    when.add_argument("--no-events", dest="events", action="store_false",
+                      help="do not use inotify; rely on the periodic scan alone")
+    when.add_argument("--settle", type=_seconds, default=5.0, metavar="SECONDS",
+                      help="upload a file once its size and mtime held still this long "
+                      "(default 5)")
+    when.add_argument("--checkpoint-interval", type=_seconds, default=300.0, metavar="SECONDS",
+                      help="upload checkpoints at most this often; 0 = every settled version "
+                      "(default 300)")
+    when.add_argument("--checkpoint-glob", action="append", metavar="GLOB",
+                      help="what counts as a checkpoint (repeatable; default *.pt)")
+    when.add_argument("--history-glob", action="append", metavar="GLOB",
+                      help="append-only files whose previous object is kept when they shrink "
+                      "or are recreated (repeatable; default *.csv)")
+    when.add_argument("--grace", type=_seconds, default=30.0, metavar="SECONDS",
+                      help="on SIGTERM/SIGINT, wait this long for uploads (default 30)")
+    daemon = parser.add_argument_group("daemon")
+    daemon.add_argument("--metrics-addr", metavar="HOST:PORT",
+                        help="serve /healthz, /readyz and /metrics here (e.g. :9100)")
+    daemon.add_argument("--max-bandwidth", metavar="RATE",
+                        help="cap on upload bandwidth over all transfers (e.g. 50MB/s)")
+    daemon.add_argument("--low-priority", action="store_true",
+                        help="run at low CPU and idle I/O priority, so training comes first")
+    daemon.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per log line (for Kubernetes)")
+    cleanup = parser.add_argument_group("local cleanup (off by default)")
+    cleanup.add_argument("--delete-after", metavar="DURATION",
+                         help="delete a run's local files once the run has been quiet this "
+                         "long (e.g. 2h, 7d) and each file is verified in the bucket")
+    cleanup.add_argument("--keep", action="append", default=[], metavar="GLOB",
+                         help="never delete these (repeatable; e.g. weights/best.pt)")
+    cleanup.add_argument("--delete-dry-run", action="store_true",
+                         help="log what cleanup would delete; delete nothing")
+    cleanup.add_argument("--run-depth", type=_positive_int, default=1, metavar="N",
+                         help="runs are directories N levels below SRC (default 1; "
+                         "runs/detect/train is 2)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
 
 
 def add_transfer_options(parser: argparse.ArgumentParser) -> None:
@@ -139,10 +214,13 @@ def _size(text: str | None, what: str) -> int | None:
     return None if text is None else parse_size(text, what=what)
 
 
-def push_config(args: argparse.Namespace) -> PushConfig:
+def push_config(args: argparse.Namespace, *, source_may_be_missing: bool = False) -> PushConfig:
     """Validate the arguments once; everything downstream reads the frozen result."""
     destination = parse_destination(args.destination)
-    source = validate_source(Path(args.source))
+    if source_may_be_missing and not Path(args.source).exists():
+        source = Path(args.source).absolute()
+    else:
+        source = validate_source(Path(args.source))
     max_memory = _size(args.max_memory, "--max-memory") or 0
     threshold = _size(args.multipart_threshold, "--multipart-threshold") or 0
     part_size = _size(args.part_size, "--part-size")
@@ -174,7 +252,8 @@ def push_config(args: argparse.Namespace) -> PushConfig:
     return PushConfig(
         source=source, destination=destination, state_dir=state_dir.absolute(), store=store,
         transfer=transfer, include=tuple(args.include), exclude=tuple(args.exclude),
-        follow_symlinks=args.follow_symlinks, reconcile=args.reconcile, dry_run=args.dry_run,
+        follow_symlinks=args.follow_symlinks, reconcile=getattr(args, "reconcile", False),
+        dry_run=getattr(args, "dry_run", False),
     )
 
 
@@ -186,12 +265,35 @@ class _LowercaseLevelFormatter(logging.Formatter):
         return super().format(record)
 
 
-def configure_logging(verbose: int, quiet: bool) -> None:
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log collectors on Kubernetes parse without rules."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.converter = time.gmtime  # the "Z" in the timestamps means UTC
+
+
+def configure_logging(verbose: int, quiet: bool, log_format: str = "text") -> None:
     level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(
         verbose, logging.DEBUG
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LowercaseLevelFormatter("asyncsync: %(levelname)s: %(message)s"))
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_LowercaseLevelFormatter("asyncsync: %(levelname)s: %(message)s"))
     root = logging.getLogger("asyncsync")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -226,8 +328,68 @@ def run_push_command(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
 
-def _run_with_signals(main: Any) -> int:
-    """Run ``main``; SIGINT/SIGTERM cancel it cleanly. Return the signal number, or 0."""
+def watch_config(args: argparse.Namespace) -> WatchConfig:
+    from .health import parse_listen_address
+    from .ratelimit import parse_rate
+
+    cleanup = None
+    if args.delete_after is not None:
+        from .cleanup import parse_duration
+
+        cleanup = CleanupSettings(
+            delete_after=parse_duration(args.delete_after), keep=tuple(args.keep),
+            dry_run=args.delete_dry_run, run_depth=args.run_depth,
+        )
+    elif args.keep or args.delete_dry_run:
+        raise ConfigError("--keep and --delete-dry-run need --delete-after")
+    return WatchConfig(
+        push=push_config(args, source_may_be_missing=True),
+        interval=max(args.interval, 0.1), rescan_interval=max(args.rescan_interval, 0.1),
+        events=args.events, settle=args.settle, checkpoint_interval=args.checkpoint_interval,
+        checkpoint_globs=tuple(args.checkpoint_glob or ("*.pt",)),
+        history_globs=tuple(args.history_glob or ("*.csv",)),
+        grace=args.grace,
+        metrics_addr=parse_listen_address(args.metrics_addr) if args.metrics_addr else None,
+        max_bandwidth=parse_rate(args.max_bandwidth) if args.max_bandwidth else None,
+        low_priority=args.low_priority, cleanup=cleanup,
+    )
+
+
+def run_watch_command(args: argparse.Namespace) -> int:
+    from .budget import release_large_buffers_promptly
+    from .watch import Watcher
+
+    config = watch_config(args)
+    release_large_buffers_promptly()
+    if config.low_priority:
+        lower_priority()
+    holder: list[Watcher] = []
+
+    async def main() -> None:
+        watcher = Watcher(config)
+        holder.append(watcher)
+        await watcher.run()
+
+    _run_with_signals(main, on_first=lambda: holder[0].request_stop() if holder else None)
+    return EXIT_OK
+
+
+def lower_priority() -> None:
+    """Nice 10 for CPU, and the idle I/O class where Linux allows it (ioprio_set)."""
+    os.nice(10)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        ioprio_set, who_process, idle_class = 251, 1, 3  # x86_64 syscall number
+        libc.syscall(ioprio_set, who_process, 0, idle_class << 13)
+    except (OSError, AttributeError):  # not Linux/x86_64: CPU niceness alone
+        pass
+
+
+def _run_with_signals(main: Any, on_first: Any = None) -> int:
+    """Run ``main``. The first SIGINT/SIGTERM calls ``on_first`` (default: cancel ``main``);
+    a second one exits at once. Return the first signal's number, or 0."""
     received: list[int] = []
     with asyncio.Runner() as runner:
         loop = runner.get_loop()
@@ -239,7 +401,9 @@ def _run_with_signals(main: Any) -> int:
                 os._exit(128 + signum)
             received.append(signum)
             log.warning("%s received: stopping (again to force)", signal.Signals(signum).name)
-            if task_holder:
+            if on_first is not None:
+                on_first()
+            elif task_holder:
                 task_holder[0].cancel()
 
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -260,10 +424,13 @@ def _run_with_signals(main: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
+    configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False),
+                      getattr(args, "log_format", "text"))
     try:
         if args.command == "push":
             return run_push_command(args)
+        if args.command == "watch":
+            return run_watch_command(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE

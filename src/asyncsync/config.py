@@ -186,3 +186,33 @@ def validate_endpoint(url: str | None) -> str | None:
     except ValueError as exc:
         raise ConfigError(f"endpoint URL {url!r}: {exc}") from exc
     return url
+
+
+@dataclass(frozen=True)
+class CleanupSettings:
+    """Local cleanup after upload (off unless ``delete_after`` is set)."""
+
+    delete_after: float
+    keep: tuple[str, ...] = ()
+    dry_run: bool = False
+    run_depth: int = 1
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """The daemon: the push pipeline's settings plus when and how often to act."""
+
+    push: PushConfig
+    interval: float = 10.0  # full stat scan period without the event path
+    rescan_interval: float = 120.0  # safety-net full scan period with the event path
+    events: bool = True  # inotify (watchfiles) wakes the daemon early
+    settle: float = 5.0
+    checkpoint_interval: float = 300.0
+    checkpoint_globs: tuple[str, ...] = ("*.pt",)
+    history_globs: tuple[str, ...] = ("*.csv",)
+    grace: float = 30.0
+    metrics_addr: tuple[str, int] | None = None
+    max_bandwidth: float | None = None
+    low_priority: bool = False
+    cleanup: CleanupSettings | None = None
+    cleanup_interval: float = 300.0

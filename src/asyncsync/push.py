@@ -51,9 +51,11 @@ class StoreSession:
     the same error at once instead of retrying the whole backoff schedule again.
     """
 
-    def __init__(self, opener: Callable[[], object], attempts: int) -> None:
+    def __init__(self, opener: Callable[[], object], attempts: int, *, sticky: bool = True) -> None:
         self._opener = opener
         self._attempts = attempts
+        # push gives up on an unreachable store; the watch daemon tries again later.
+        self._sticky = sticky
         self._store: ObjectStore | None = None
         self._error: BaseException | None = None
         self._lock = asyncio.Lock()
@@ -73,12 +75,15 @@ class StoreSession:
                         await store.close()
                         raise
                 except TransientStoreError as exc:
-                    self._error = EndpointUnreachable(
+                    error = EndpointUnreachable(
                         f"store unreachable: {exc} (gave up after {self._attempts} attempts)"
                     )
-                    raise self._error from exc
+                    if self._sticky:
+                        self._error = error
+                    raise error from exc
                 except FatalStoreError as exc:
-                    self._error = exc
+                    if self._sticky:
+                        self._error = exc
                     raise
                 self._store = store
         return self._store
@@ -150,7 +155,7 @@ async def _push_with(
     options = ScanOptions(
         follow_symlinks=config.follow_symlinks,
         path_filter=PathFilter(config.include, config.exclude),
-        skip_paths=_state_dir_inside(config.source, config.state_dir),
+        skip_paths=state_dir_inside(config.source, config.state_dir),
     )
     large_keys: set[str] = set()
     slots = asyncio.Semaphore(transfer.workers)
@@ -246,7 +251,7 @@ async def _abort_orphans(
         log.info("%s: aborted stale upload of a file that is gone", pending.key)
 
 
-def _state_dir_inside(source: Path, state_dir: Path) -> frozenset[str]:
+def state_dir_inside(source: Path, state_dir: Path) -> frozenset[str]:
     """The state directory's path relative to the source, if it lives inside it."""
     try:
         relative = state_dir.resolve().relative_to(source.resolve())

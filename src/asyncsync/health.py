@@ -1,0 +1,190 @@
+"""The daemon's HTTP face for Kubernetes and Prometheus: /healthz, /readyz and /metrics.
+
+`HealthServer` is a small aiohttp server started and stopped inside the daemon's own event loop
+(no thread), so /healthz answering at all is the proof that the loop is alive; /readyz asks a
+readiness callback (store reachable, manifest open, ...) and answers 503 with its reason, which
+makes Kubernetes stop routing to the pod without restarting it; /metrics serves the process's
+`Metrics`. `parse_listen_address` turns the CLI's ``--metrics-addr HOST:PORT`` into the pair the
+server binds. Problems an operator must fix (a malformed address, a port already taken) are
+raised as `ConfigError`, one line naming the address and the cause.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Callable
+from types import TracebackType
+
+from aiohttp import web
+
+from .errors import ConfigError
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], tuple[bool, str]]
+"""Returns (True, anything) when the daemon can do its work, else (False, the reason why)."""
+
+# A DNS name (RFC 1123 labels); digits-and-dots strings are checked as IPv4 addresses instead,
+# so that 999.1.1.1 is refused here rather than sent to the resolver.
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+_PORT = re.compile(r"[0-9]{1,5}")
+_EXAMPLES = "expected HOST:PORT, e.g. 127.0.0.1:9100, 0.0.0.0:9100, :9100 or [::1]:9100"
+
+# In-flight probes and scrapes take milliseconds; a scraper that keeps a slow request open
+# must not hold up the daemon's shutdown for aiohttp's default minute.
+_SHUTDOWN_TIMEOUT = 2.0
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` → (host, port). An empty host (``:9100``) means every interface.
+
+    IPv6 addresses go in brackets (``[::1]:9100``) and come back without them. Port 0 asks the
+    system for a free port.
+    """
+    bad = f"listen address {text!r}"
+    host, sep, port_text = text.rpartition(":")
+    if not sep or (text.startswith("[") and "]:" not in text):
+        raise ConfigError(f"{bad}: no port; {_EXAMPLES}")
+    if not _PORT.fullmatch(port_text):
+        raise ConfigError(f"{bad}: port {port_text!r} is not a number; {_EXAMPLES}")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(f"{bad}: port {port} is outside 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{bad}: {host!r} in brackets is not an IPv6 address") from None
+        return host, port
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{bad}: {_EXAMPLES}") from None
+        raise ConfigError(f"{bad}: put an IPv6 address in brackets, e.g. [::1]:9100")
+    if host == "":
+        return host, port
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(f"{bad}: {host!r} is not an IPv4 address") from None
+        return host, port
+    if not _HOSTNAME.fullmatch(host):
+        raise ConfigError(f"{bad}: {host!r} is not a host name or IP address; {_EXAMPLES}")
+    return host, port
+
+
+def format_listen_address(host: str, port: int) -> str:
+    """The inverse of `parse_listen_address`, for messages."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class HealthServer:
+    """/healthz, /readyz and /metrics on ``host:port``, inside the running event loop.
+
+    Use as ``async with HealthServer(...) as server:`` or call `start` and `stop`.
+    """
+
+    def __init__(self, host: str, port: int, metrics: Metrics, ready: ReadinessCheck) -> None:
+        self._host = host
+        self._requested_port = port
+        self._metrics = metrics
+        self._ready = ready
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+
+    @property
+    def address(self) -> str:
+        """The address as asked for, e.g. ``127.0.0.1:9100``, ``:0`` or ``[::1]:9100``."""
+        return format_listen_address(self._host, self._requested_port)
+
+    @property
+    def port(self) -> int:
+        """The port actually bound: the one asked for, or the one the system chose for 0."""
+        if self._port is None:
+            raise RuntimeError("HealthServer is not started")
+        return self._port
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("HealthServer is already started")
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics_page)
+        # access_log=None: an access line per probe, every few seconds forever, would bury
+        # the daemon's own log lines in Kubernetes' log store.
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT
+        )
+        await runner.setup()
+        # An empty host would reach asyncio as "all interfaces" too, but None says so plainly
+        # and binds IPv4 and IPv6 alike.
+        site = web.TCPSite(runner, self._host or None, self._requested_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            cause = exc.strerror or str(exc) or type(exc).__name__
+            raise ConfigError(f"cannot listen on {self.address}: {cause}") from exc
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        # With host "" and port 0 each interface family gets its own free port; the first
+        # one is as good as any for a caller that asked for "some port".
+        self._port = int(runner.addresses[0][1])
+        log.info("serving /healthz, /readyz and /metrics on %s", self._bound_address())
+
+    async def stop(self) -> None:
+        """Close the listening socket and any open connections. Safe to call twice."""
+        runner, self._runner = self._runner, None
+        self._port = None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> HealthServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _bound_address(self) -> str:
+        return format_listen_address(self._host, self.port)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        # Answering at all is the check: a wedged event loop never gets here, and the
+        # liveness probe times out and restarts the pod.
+        return web.Response(text="ok")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        try:
+            ready, reason = self._ready()
+        except Exception as exc:
+            # A broken check must read as "not ready" rather than a 500. The traceback goes to
+            # the log, where an operator looks; only the exception's type goes out on the wire,
+            # since its text may carry paths or endpoints.
+            log.warning("readiness check raised", exc_info=True)
+            return web.Response(status=503, text=f"readiness check failed: {type(exc).__name__}")
+        if ready:
+            return web.Response(text="ready")
+        return web.Response(status=503, text=reason or "not ready")
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        # The content type carries a charset, which aiohttp's content_type= refuses; set the
+        # header whole instead.
+        return web.Response(
+            body=self._metrics.exposition(),
+            headers={"Content-Type": self._metrics.content_type},
+        )
