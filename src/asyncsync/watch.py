@@ -68,6 +68,7 @@ class Watcher:
         self._session: StoreSession | None = None
         self._uploader: Uploader | None = None
         self._fatal: BaseException | None = None
+        self._scan_requested = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -179,7 +180,8 @@ class Watcher:
         try:
             while not self._stopping.is_set():
                 now = time.time()
-                if now >= next_scan:
+                if now >= next_scan or self._scan_requested:
+                    self._scan_requested = False
                     await self._full_scan()
                     next_scan = time.time() + period
                 self._start_due(time.time())
@@ -397,7 +399,9 @@ class Watcher:
                 self._observe(ScannedFile(path, relative, st.st_size, st.st_mtime_ns, st.st_ino),
                               now)
             elif stat.S_ISDIR(st.st_mode):
-                self._wake.set()  # a new directory: its files arrive through their own events
+                # A new directory may hold files written before its watch was in place
+                # (mkdir, then write at once): scan instead of trusting events for it.
+                self._scan_requested = True
         self._wake.set()
 
     async def _clean(self) -> None:

@@ -1,0 +1,364 @@
+"""`asyncsync watch` end to end: real processes, real signals, real SeaweedFS.
+
+Each test runs the installed command as a daemon against a directory that a "training"
+(this test, or a writer process) keeps changing, and checks what is in the bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+
+from .conftest import (
+    ASYNCSYNC,
+    S3Server,
+    bucket_keys,
+    open_uploads,
+    read_object,
+    recorded_parts,
+)
+
+pytestmark = pytest.mark.s3
+
+MiB = 1024 * 1024
+FAST = ["--interval", "0.2", "--settle", "0.5", "--checkpoint-interval", "0"]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+class Daemon:
+    """`asyncsync watch` as a child process, with its log in a file."""
+
+    def __init__(self, server: S3Server, src: Path, dest: str, state: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.log_path = state.parent / f"watch-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [ASYNCSYNC, "watch", str(src), dest, "--state-dir", str(state), *extra],
+            env=env or server.env(), stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.kill()
+
+
+def object_or_none(client: Any, bucket: str, key: str) -> bytes | None:
+    try:
+        return read_object(client, bucket, key)
+    except client.exceptions.NoSuchKey:
+        return None
+
+
+def versioned_checkpoint(version: int, size: int) -> bytes:
+    """A body that proves its own completeness: the last 16 bytes hash the rest."""
+    payload = version.to_bytes(4, "little") + os.urandom(size - 20)
+    return payload + xxhash.xxh3_128_digest(payload)
+
+
+def is_complete(body: bytes) -> bool:
+    return len(body) > 16 and xxhash.xxh3_128_digest(body[:-16]) == body[-16:]
+
+
+WRITER = r"""
+import os, sys, time
+import xxhash
+path, versions, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for version in range(1, versions + 1):
+    payload = version.to_bytes(4, "little") + os.urandom(size - 20)
+    body = payload + xxhash.xxh3_128_digest(payload)
+    with open(path, "r+b" if os.path.exists(path) else "wb") as f:
+        f.truncate(0)  # in place, like torch.save over last.pt: no temp file, no rename
+        for start in range(0, size, 1 << 20):
+            f.write(body[start:start + (1 << 20)])
+            f.flush()
+            time.sleep(0.03)
+    time.sleep(1.2 if version % 2 else 0.2)  # some versions settle, some do not
+print("done", flush=True)
+"""
+
+
+def test_checkpoint_rewritten_in_place_is_never_seen_torn(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    src = tmp_path / "runs"
+    (src / "exp" / "weights").mkdir(parents=True)
+    path = src / "exp" / "weights" / "last.pt"
+    key = "w/exp/weights/last.pt"
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/w", tmp_path / "state", *FAST,
+                    "--multipart-threshold", "8MiB")
+    daemons.append(daemon)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), "8", str(30 * MiB)],
+                              stdout=subprocess.DEVNULL)
+    client = s3_server.client()
+    seen: set[bytes] = set()
+    while writer.poll() is None:
+        body = object_or_none(client, bucket, key)
+        if body is not None:
+            assert is_complete(body), "a torn checkpoint reached the bucket"
+            seen.add(body[:4])
+        time.sleep(0.1)
+    assert writer.returncode == 0
+    final = path.read_bytes()
+    wait_for(lambda: object_or_none(client, bucket, key) == final, 60, "the final version")
+    assert daemon.stop() == 0, daemon.log
+    assert len(seen) >= 2, "the poller should have seen several versions"
+    assert open_uploads(client, bucket) == []
+    assert "changed while uploading" in daemon.log or len(seen) < 8
+
+
+def test_results_csv_appended_per_epoch_is_mirrored(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    src = tmp_path / "runs"
+    run = src / "train"
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/r", tmp_path / "state", *FAST)
+    daemons.append(daemon)
+    time.sleep(0.5)  # the run directory appears after the daemon started
+    run.mkdir(parents=True)
+    (run / "args.yaml").write_text("epochs: 5\n")
+    client = s3_server.client()
+    with open(run / "results.csv", "w") as csv:
+        csv.write("epoch,loss\n")
+    for epoch in range(1, 6):
+        with open(run / "results.csv", "a") as csv:
+            csv.write(f"{epoch},{1 / epoch:.4f}\n")  # one write() per epoch, as ultralytics
+        time.sleep(0.9)
+    expected = (run / "results.csv").read_bytes()
+    wait_for(lambda: object_or_none(client, bucket, "r/train/results.csv") == expected, 30,
+             "results.csv")
+    assert read_object(client, bucket, "r/train/args.yaml") == b"epochs: 5\n"
+    assert daemon.stop() == 0
+    assert "uploaded train/results.csv" in daemon.log
+
+
+def test_sigterm_right_after_the_last_write_flushes_it(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    src = tmp_path / "runs"
+    (src / "exp").mkdir(parents=True)
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/t", tmp_path / "state", "--interval", "0.2",
+                    "--settle", "60", "--checkpoint-interval", "600")
+    daemons.append(daemon)
+    time.sleep(1.0)
+    final = os.urandom(12 * MiB)
+    (src / "exp" / "best.pt").write_bytes(final)
+    (src / "exp" / "results.csv").write_text("epoch\n1\n2\n")
+    code = daemon.stop(signal.SIGTERM)  # settle (60 s) never elapsed: only the flush sends
+    assert code == 0, daemon.log
+    client = s3_server.client()
+    assert read_object(client, bucket, "t/exp/best.pt") == final
+    assert read_object(client, bucket, "t/exp/results.csv") == b"epoch\n1\n2\n"
+    assert "Traceback" not in daemon.log
+
+
+def test_sigkill_mid_multipart_then_restart_resumes(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "runs"
+    (src / "exp").mkdir(parents=True)
+    content = os.urandom(48 * MiB)
+    (src / "exp" / "epoch5.pt").write_bytes(content)
+    state = tmp_path / "state"
+    client = s3_server.client()
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.set_bandwidth(16 * MiB)
+        env = s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint)
+        args = [*FAST, "--multipart-threshold", "8MiB", "--part-size", "8MiB",
+                "--part-concurrency", "1"]
+        first = Daemon(s3_server, src, f"s3://{bucket}/k", state, *args, env=env)
+        daemons.append(first)
+        wait_for(lambda: recorded_parts(state) >= 2, 60, "parts to be recorded")
+        first.kill()
+        assert len(open_uploads(client, bucket)) == 1
+        proxy.set_bandwidth(None)
+        second = Daemon(s3_server, src, f"s3://{bucket}/k", state, *args, env=env)
+        daemons.append(second)
+        wait_for(lambda: object_or_none(client, bucket, "k/exp/epoch5.pt") == content, 60,
+                 "the resumed upload")
+        assert second.stop() == 0
+    assert "resuming upload" in second.log
+    assert open_uploads(client, bucket) == []
+
+
+def test_store_outage_is_ridden_out(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """SeaweedFS stopped for ~20 s in the middle of a training: the daemon keeps running,
+    /readyz says so, and everything arrives once the store is back."""
+    import json
+
+    from asyncsync.embedded_s3 import SeaweedFS
+
+    from .conftest import S3Server
+
+    with SeaweedFS(data_dir=tmp_path / "seaweedfs") as weed:
+        server = S3Server(weed.endpoint, weed.access_key, weed.secret_key)
+        client = server.client()
+        client.create_bucket(Bucket="outage")
+        src = tmp_path / "runs"
+        (src / "exp").mkdir(parents=True)
+        daemon = Daemon(server, src, "s3://outage/o", tmp_path / "state", *FAST,
+                        "--metrics-addr", "127.0.0.1:0", "--retries", "2",
+                        "--log-format", "json")
+        daemons.append(daemon)
+        (src / "exp" / "before.txt").write_text("before")
+        wait_for(lambda: object_or_none(client, "outage", "o/exp/before.txt"), 30)
+        weed.pause()
+        written = {}
+        for i in range(5):
+            name = f"exp/during-{i}.bin"
+            written[name] = os.urandom(100_000 + i)
+            (src / name).write_bytes(written[name])
+            time.sleep(4)
+        assert daemon.process.poll() is None, daemon.log
+        weed.resume()
+        for name, data in written.items():
+            wait_for(lambda n=name, d=data: object_or_none(client, "outage", f"o/{n}") == d,
+                     90, name)
+        assert daemon.stop() == 0
+        lines = [json.loads(line) for line in daemon.log.splitlines() if line.startswith("{")]
+        assert lines and all({"time", "level", "message"} <= set(entry) for entry in lines)
+        assert any("will retry" in entry["message"] for entry in lines)
+
+
+def test_run_directories_appearing_and_recreated(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """DDP deletes and recreates the run directory; new runs appear next to old ones.
+    results.csv, recreated shorter, keeps its previous object under _asyncsync/history."""
+    import shutil
+
+    src = tmp_path / "runs"
+    src.mkdir()
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/d", tmp_path / "state", *FAST)
+    daemons.append(daemon)
+    client = s3_server.client()
+    first = src / "train"
+    first.mkdir()
+    long_csv = b"epoch,loss\n1,0.9\n2,0.8\n3,0.7\n"
+    (first / "results.csv").write_bytes(long_csv)
+    wait_for(lambda: object_or_none(client, bucket, "d/train/results.csv") == long_csv, 30)
+    shutil.rmtree(first)  # the launcher's fresh start
+    first.mkdir()
+    short_csv = b"epoch,loss\n1,0.95\n"
+    (first / "results.csv").write_bytes(short_csv)
+    second = src / "train2"
+    second.mkdir()
+    (second / "args.yaml").write_text("name: train2\n")
+    wait_for(lambda: object_or_none(client, bucket, "d/train/results.csv") == short_csv, 30)
+    wait_for(lambda: object_or_none(client, bucket, "d/train2/args.yaml") == b"name: train2\n",
+             30)
+    history = [k for k in bucket_keys(client, bucket) if "_asyncsync/history/" in k]
+    assert len(history) == 1 and history[0].startswith("d/_asyncsync/history/train/results.csv/")
+    assert read_object(client, bucket, history[0]) == long_csv
+    assert daemon.stop() == 0
+
+
+def test_checkpoints_are_paced(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """With --checkpoint-interval, a checkpoint rewritten every 'epoch' goes up at most once
+    per interval, and the newest version goes up at the latest at shutdown."""
+    src = tmp_path / "runs"
+    (src / "exp").mkdir(parents=True)
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/p", tmp_path / "state", "--interval", "0.2",
+                    "--settle", "0.3", "--checkpoint-interval", "30", "-v")
+    daemons.append(daemon)
+    client = s3_server.client()
+    versions = []
+    for _ in range(4):
+        versions.append(os.urandom(200_000))
+        (src / "exp" / "last.pt").write_bytes(versions[-1])
+        time.sleep(1.0)
+    assert object_or_none(client, bucket, "p/exp/last.pt") == versions[0]
+    assert daemon.log.count("uploaded exp/last.pt") == 1
+    assert daemon.stop() == 0
+    assert read_object(client, bucket, "p/exp/last.pt") == versions[-1]
+
+
+def test_torn_zip_checkpoint_is_held_back_until_complete(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A torch checkpoint (a zip archive) caught mid-write, then left alone long enough to
+    'settle', is still not published until its central directory is there."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", os.urandom(300_000))
+    whole = buffer.getvalue()
+    src = tmp_path / "runs"
+    (src / "exp").mkdir(parents=True)
+    path = src / "exp" / "best.pt"
+    path.write_bytes(whole[: len(whole) // 2])  # the writer stalls half-way
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/z", tmp_path / "state", *FAST)
+    daemons.append(daemon)
+    time.sleep(3)
+    client = s3_server.client()
+    assert object_or_none(client, bucket, "z/exp/best.pt") is None
+    with open(path, "ab") as f:
+        f.write(whole[len(whole) // 2:])
+    wait_for(lambda: object_or_none(client, bucket, "z/exp/best.pt") == whole, 30)
+    assert daemon.stop() == 0
+
+
+def test_bad_configuration_exits_2_at_startup(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    from .conftest import run_cli
+
+    src = tmp_path / "runs"
+    src.mkdir()
+    for args, needle in [
+        (["s3://no-such-bucket-w/x"], "does not exist"),
+        (["s3://Bad_Bucket/x"], "invalid bucket name"),
+        (["s3://bucket-a/x", "--metrics-addr", "nonsense"], "nonsense"),
+        (["s3://bucket-a/x", "--max-bandwidth", "fast"], "--max-bandwidth"),
+        (["s3://bucket-a/x", "--keep", "best.pt"], "--delete-after"),
+    ]:
+        result = run_cli("watch", src, *args, "--state-dir", tmp_path / "state",
+                         env=s3_server.env(), timeout=60)
+        assert result.returncode == 2, (args, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1 and needle in errors[0], (args, result.stderr)
