@@ -89,10 +89,24 @@ def object_or_none(client: Any, bucket: str, key: str) -> bytes | None:
         return None
 
 
-def versioned_checkpoint(version: int, size: int) -> bytes:
-    """A body that proves its own completeness: the last 16 bytes hash the rest."""
-    payload = version.to_bytes(4, "little") + os.urandom(size - 20)
-    return payload + xxhash.xxh3_128_digest(payload)
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
 
 
 def is_complete(body: bytes) -> bool:
@@ -237,12 +251,14 @@ def test_store_outage_is_ridden_out(tmp_path: Path, daemons: list[Daemon]) -> No
         client.create_bucket(Bucket="outage")
         src = tmp_path / "runs"
         (src / "exp").mkdir(parents=True)
+        port = free_port()
         daemon = Daemon(server, src, "s3://outage/o", tmp_path / "state", *FAST,
-                        "--metrics-addr", "127.0.0.1:0", "--retries", "2",
+                        "--metrics-addr", f"127.0.0.1:{port}", "--retries", "2",
                         "--log-format", "json")
         daemons.append(daemon)
         (src / "exp" / "before.txt").write_text("before")
         wait_for(lambda: object_or_none(client, "outage", "o/exp/before.txt"), 30)
+        assert http_get(port, "/readyz") == (200, "ready")
         weed.pause()
         written = {}
         for i in range(5):
@@ -251,6 +267,10 @@ def test_store_outage_is_ridden_out(tmp_path: Path, daemons: list[Daemon]) -> No
             (src / name).write_bytes(written[name])
             time.sleep(4)
         assert daemon.process.poll() is None, daemon.log
+        assert http_get(port, "/healthz")[0] == 200
+        status, reason = http_get(port, "/readyz")
+        assert status == 503 and "store" in reason
+        assert "asyncsync_store_up 0.0" in http_get(port, "/metrics")[1]
         weed.resume()
         for name, data in written.items():
             wait_for(lambda n=name, d=data: object_or_none(client, "outage", f"o/{n}") == d,

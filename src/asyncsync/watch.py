@@ -80,7 +80,7 @@ class Watcher:
         if self._manifest is None:
             return False, "manifest not open"
         if self._store_ok is False:
-            return False, self._store_problem
+            return False, f"store unreachable: {self._store_problem}"
         return True, "ready"
 
     async def run(self) -> None:
