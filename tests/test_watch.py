@@ -382,3 +382,81 @@ def test_bad_configuration_exits_2_at_startup(
         assert result.returncode == 2, (args, result.stderr)
         errors = [line for line in result.stderr.splitlines() if "error" in line]
         assert len(errors) == 1 and needle in errors[0], (args, result.stderr)
+
+
+def test_cleanup_deletes_only_verified_files(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    src = tmp_path / "runs"
+    run = src / "exp"
+    files = {"results.csv": b"epoch\n1\n", "weights/best.pt": os.urandom(50_000),
+             "weights/last.pt": os.urandom(60_000), "plots/val_batch0_pred.jpg": os.urandom(9000)}
+    for name, data in files.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(data)
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/c", tmp_path / "state", "--interval", "0.2",
+                    "--settle", "0.3", "--checkpoint-interval", "600", "--delete-after", "3",
+                    "--keep", "best.pt")
+    daemons.append(daemon)
+    client = s3_server.client()
+    for name, data in files.items():
+        wait_for(lambda n=name, d=data: object_or_none(client, bucket, f"c/exp/{n}") == d, 30)
+    newer = os.urandom(61_000)
+    (run / "weights" / "last.pt").write_bytes(newer)  # paced: not uploaded for 10 minutes
+    wait_for(lambda: not (run / "results.csv").exists(), 30, "cleanup of results.csv")
+    wait_for(lambda: not (run / "plots").exists(), 10, "cleanup of the emptied plots/")
+    assert (run / "weights" / "best.pt").read_bytes() == files["weights/best.pt"]  # --keep
+    assert (run / "weights" / "last.pt").read_bytes() == newer  # modified after its upload
+    for name, data in files.items():  # the bucket is never touched by cleanup
+        assert read_object(client, bucket, f"c/exp/{name}") == data
+    assert daemon.stop() == 0
+    assert read_object(client, bucket, "c/exp/weights/last.pt") == newer  # shutdown flush
+
+
+def test_bandwidth_cap_and_low_priority(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    import json
+    import re
+
+    src = tmp_path / "runs"
+    (src / "exp").mkdir(parents=True)
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/b", tmp_path / "state", *FAST,
+                    "--max-bandwidth", "4MB/s", "--low-priority", "--log-format", "json")
+    daemons.append(daemon)
+    stat_file = Path(f"/proc/{daemon.process.pid}/stat")
+    wait_for(lambda: int(stat_file.read_text().rsplit(")", 1)[1].split()[16]) == 10, 10,
+             "nice 10")
+    content = os.urandom(12_000_000)
+    (src / "exp" / "last.pt").write_bytes(content)
+    client = s3_server.client()
+    wait_for(lambda: object_or_none(client, bucket, "b/exp/last.pt") == content, 60)
+    assert daemon.stop() == 0
+    messages = [json.loads(line)["message"] for line in daemon.log.splitlines()
+                if line.startswith("{")]
+    (took,) = [float(m) for line in messages if "uploaded exp/last.pt" in line
+               for m in re.findall(r"([\d.]+)s\)$", line)]
+    assert took >= 2.0  # 12 MB at 4 MB/s, less the first burst
+
+
+def test_second_sigint_exits_at_once(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "runs"
+    (src / "exp").mkdir(parents=True)
+    (src / "exp" / "big.pt").write_bytes(os.urandom(24 * MiB))
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.set_bandwidth(1 * MiB)
+        daemon = Daemon(s3_server, src, f"s3://{bucket}/s", tmp_path / "state", *FAST,
+                        "--multipart-threshold", "8MiB",
+                        env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint))
+        daemons.append(daemon)
+        wait_for(lambda: open_uploads(s3_server.client(), bucket), 30, "the upload to start")
+        daemon.process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        started = time.monotonic()
+        code = daemon.stop(signal.SIGINT, timeout=10)
+        assert time.monotonic() - started < 5
+    assert code == 128 + signal.SIGINT

@@ -129,8 +129,6 @@ def add_watch_options(parser: argparse.ArgumentParser) -> None:
     daemon = parser.add_argument_group("daemon")
     daemon.add_argument("--metrics-addr", metavar="HOST:PORT",
                         help="serve /healthz, /readyz and /metrics here (e.g. :9100)")
-    daemon.add_argument("--max-bandwidth", metavar="RATE",
-                        help="cap on upload bandwidth over all transfers (e.g. 50MB/s)")
     daemon.add_argument("--low-priority", action="store_true",
                         help="run at low CPU and idle I/O priority, so training comes first")
     daemon.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -192,6 +190,8 @@ def add_transfer_options(parser: argparse.ArgumentParser) -> None:
                           help="only files matching GLOB (repeatable)")
     transfer.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                           help="skip files matching GLOB (repeatable; wins over --include)")
+    transfer.add_argument("--max-bandwidth", metavar="RATE",
+                          help="cap on upload bandwidth over all transfers (e.g. 50MB/s)")
     transfer.add_argument("--gzip", action="store_true",
                           help="gzip csv/yaml/json/txt/log files (Content-Encoding: gzip)")
     transfer.add_argument("--follow-symlinks", action="store_true",
@@ -216,6 +216,8 @@ def _size(text: str | None, what: str) -> int | None:
 
 def push_config(args: argparse.Namespace, *, source_may_be_missing: bool = False) -> PushConfig:
     """Validate the arguments once; everything downstream reads the frozen result."""
+    from .ratelimit import parse_rate
+
     destination = parse_destination(args.destination)
     if source_may_be_missing and not Path(args.source).exists():
         source = Path(args.source).absolute()
@@ -247,6 +249,7 @@ def push_config(args: argparse.Namespace, *, source_may_be_missing: bool = False
     transfer = TransferConfig(
         workers=args.workers, max_memory=max_memory, multipart_threshold=threshold,
         part_size=part_size, part_concurrency=args.part_concurrency, gzip=args.gzip,
+        max_bandwidth=parse_rate(args.max_bandwidth) if args.max_bandwidth else None,
     )
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     return PushConfig(
@@ -330,7 +333,6 @@ def run_push_command(args: argparse.Namespace) -> int:
 
 def watch_config(args: argparse.Namespace) -> WatchConfig:
     from .health import parse_listen_address
-    from .ratelimit import parse_rate
 
     cleanup = None
     if args.delete_after is not None:
@@ -350,7 +352,6 @@ def watch_config(args: argparse.Namespace) -> WatchConfig:
         history_globs=tuple(args.history_glob or ("*.csv",)),
         grace=args.grace,
         metrics_addr=parse_listen_address(args.metrics_addr) if args.metrics_addr else None,
-        max_bandwidth=parse_rate(args.max_bandwidth) if args.max_bandwidth else None,
         low_priority=args.low_priority, cleanup=cleanup,
     )
 

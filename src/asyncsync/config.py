@@ -151,6 +151,7 @@ class TransferConfig:
     gzip_suffixes: tuple[str, ...] = DEFAULT_GZIP_SUFFIXES
     # How often one file is re-read when it keeps changing under the upload.
     changed_retries: int = 3
+    max_bandwidth: float | None = None  # bytes/s over all transfers; None: unlimited
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,6 @@ class WatchConfig:
     history_globs: tuple[str, ...] = ("*.csv",)
     grace: float = 30.0
     metrics_addr: tuple[str, int] | None = None
-    max_bandwidth: float | None = None
     low_priority: bool = False
     cleanup: CleanupSettings | None = None
     cleanup_interval: float = 300.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .budget import ByteBudget
@@ -95,12 +95,20 @@ class StoreSession:
 
 
 def open_store(config: PushConfig, on_retry: Callable[..., None]) -> Callable[[], object]:
-    """The store implementation for the destination's scheme, opened on first use."""
+    """The store implementation for the destination's scheme, opened on first use.
+    --max-bandwidth paces S3 bodies; a local directory is not paced."""
+    pace: Callable[[int], Awaitable[None]] | None = None
+    if config.transfer.max_bandwidth:
+        from .ratelimit import RateLimiter
+
+        pace = RateLimiter(config.transfer.max_bandwidth).take
 
     async def open_s3() -> ObjectStore:
         from .s3 import open_s3_store
 
-        return await open_s3_store(config.destination.bucket, config.store, on_retry=on_retry)
+        return await open_s3_store(
+            config.destination.bucket, config.store, on_retry=on_retry, pace=pace
+        )
 
     async def open_directory() -> ObjectStore:
         from .localstore import open_file_store

@@ -31,7 +31,7 @@ from .errors import (
     TransientStoreError,
 )
 from .retry import Backoff, retry_transient
-from .s3direct import DirectUploads, open_direct_uploads
+from .s3direct import DirectUploads, Pace, open_direct_uploads
 from .s3errors import translate_error
 from .store import ObjectAttributes, ObjectInfo, UploadedPart
 
@@ -51,9 +51,11 @@ class S3Store:
         config: StoreConfig,
         on_retry: RetryObserver | None,
         direct: DirectUploads | None = None,
+        pace: Pace | None = None,
     ) -> None:
         self._client = client
         self._direct = direct
+        self._pace = pace
         self._exit_stack = exit_stack
         self._bucket = bucket
         self._config = config
@@ -117,6 +119,8 @@ class S3Store:
             return await self._retried(
                 lambda: direct.put_object(key, body, md5_b64=md5_b64, attributes=attributes)
             )
+        if self._pace is not None:
+            await self._pace(len(body))  # whole bodies only: botocore sends them in one go
         extra = self._attribute_args(attributes)
         response = await self._call(
             "PutObject", key,
@@ -142,6 +146,8 @@ class S3Store:
             return await self._retried(
                 lambda: direct.upload_part(key, upload_id, part_number, body, md5_b64=md5_b64)
             )
+        if self._pace is not None:
+            await self._pace(len(body))
         response = await self._call(
             "UploadPart", key,
             lambda: self._client.upload_part(
@@ -263,7 +269,8 @@ class S3Store:
 
 
 async def open_s3_store(
-    bucket: str, config: StoreConfig, *, on_retry: RetryObserver | None = None
+    bucket: str, config: StoreConfig, *, on_retry: RetryObserver | None = None,
+    pace: Pace | None = None,
 ) -> S3Store:
     """Create the client (credentials from the standard chain) for one bucket."""
     from aiobotocore.config import AioConfig
@@ -298,11 +305,11 @@ async def open_s3_store(
     direct = None
     if config.direct_uploads:
         try:
-            direct = await open_direct_uploads(client, session, bucket, config)
+            direct = await open_direct_uploads(client, session, bucket, config, pace)
         except BaseException as exc:
             await stack.aclose()
             if isinstance(exc, bce.BotoCoreError):
                 raise translate_error(exc, op="configure", key="", location=f"s3://{bucket}") \
                     from exc
             raise
-    return S3Store(client, stack, bucket, config, on_retry, direct)
+    return S3Store(client, stack, bucket, config, on_retry, direct, pace)

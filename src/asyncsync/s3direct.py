@@ -20,7 +20,7 @@ import os
 import re
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,6 +34,7 @@ from .sigv4 import SigV4Signer, canonical_query, quote_path
 from .store import ObjectAttributes
 
 PROBE_KEY = "asyncsync-probe"
+Pace = Callable[[int], Awaitable[None]]
 # Slices of a body handed to the transport at a time; it waits for the socket in between.
 STREAM_SLICE = 256 * 1024
 
@@ -53,10 +54,13 @@ class DirectUploads:
         bucket: str,
         endpoint: str,
         proxy: str | None = None,
+        pace: Pace | None = None,
     ) -> None:
         parts = urlsplit(base)
         self._http = http
         self._proxy = proxy
+        # --max-bandwidth: each slice of a body waits for its share of the rate.
+        self._pace = pace
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._host = parts.netloc
         self._path_prefix = parts.path  # "/" (virtual hosted) or "/bucket/" (path style)
@@ -98,7 +102,8 @@ class DirectUploads:
         url = URL(f"{self._origin}{path}" + (f"?{query_string}" if query_string else ""),
                   encoded=True)
         data: bytes | AsyncIterator[memoryview] = (
-            body if len(body) <= STREAM_SLICE else _slices(body)
+            body if len(body) <= STREAM_SLICE and self._pace is None
+            else _slices(body, self._pace)
         )
         try:
             async with self._http.put(
@@ -141,10 +146,13 @@ _NO_CREDENTIALS = (
 )
 
 
-async def _slices(body: bytes) -> AsyncIterator[memoryview]:
+async def _slices(body: bytes, pace: Pace | None) -> AsyncIterator[memoryview]:
     view = memoryview(body)
     for start in range(0, len(view), STREAM_SLICE):
-        yield view[start:start + STREAM_SLICE]
+        piece = view[start:start + STREAM_SLICE]
+        if pace is not None:
+            await pace(len(piece))
+        yield piece
 
 
 def _error_fields(payload: bytes) -> tuple[str, str]:
@@ -154,7 +162,7 @@ def _error_fields(payload: bytes) -> tuple[str, str]:
 
 
 async def open_direct_uploads(
-    client: Any, session: Any, bucket: str, config: StoreConfig
+    client: Any, session: Any, bucket: str, config: StoreConfig, pace: Pace | None = None
 ) -> DirectUploads:
     """Build the lean path from an open aiobotocore client and its session."""
     credentials = await session.get_credentials()
@@ -185,7 +193,7 @@ async def open_direct_uploads(
     )
     return DirectUploads(
         http, base=base, signer=SigV4Signer(region), credentials=credentials, bucket=bucket,
-        endpoint=str(client.meta.endpoint_url or ""), proxy=proxy_for(base),
+        endpoint=str(client.meta.endpoint_url or ""), proxy=proxy_for(base), pace=pace,
     )
 
 

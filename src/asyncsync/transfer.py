@@ -97,7 +97,6 @@ class Uploader:
         temp_dir: Path,
         dry_run: bool = False,
         on_bytes: Callable[[int], None] = lambda n: None,
-        pace: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._manifest = manifest
@@ -107,8 +106,6 @@ class Uploader:
         self._temp_dir = temp_dir
         self._dry_run = dry_run
         self._on_bytes = on_bytes
-        # --max-bandwidth: waits before each body goes out (a shared token bucket).
-        self._pace = pace
         # A pool of our own for file reads and hashing: submitting to it directly costs a
         # fraction of a generic to_thread call, which matters at thousands of files a second.
         self._io = ThreadPoolExecutor(
@@ -224,8 +221,6 @@ class Uploader:
                 return FileOutcome(scanned.relative, key, "would-upload", decision.reason,
                                    snap.identity.size)
             store = await self._store()
-            if self._pace is not None:
-                await self._pace(len(snap.body))
             etag = await store.put_object(
                 key, snap.body, md5_b64=snap.body_md5_b64,
                 attributes=_attributes(snap.digest, snap.identity.size, snap.content_encoding),
@@ -461,8 +456,6 @@ class _LargeUpload:
         grant: int, window: asyncio.Semaphore, finished: dict[int, UploadedPart],
     ) -> None:
         try:
-            if self.up._pace is not None:
-                await self.up._pace(len(data))
             etag = await store.upload_part(self.key, upload_id, number, data, md5_b64=md5)
         finally:
             self.up._budget.release(grant)

@@ -102,20 +102,16 @@ class Watcher:
         if not await self._wait_for_source():
             return
         self._manifest = Manifest.open(self.push.state_dir)
-        pace = None
-        if self.config.max_bandwidth:
-            from .ratelimit import RateLimiter
-
-            pace = RateLimiter(self.config.max_bandwidth).take
         self._session = StoreSession(
-            open_store(self.push, self._retried), self.push.store.max_attempts, sticky=False
+            open_store(self.push, self._retried), self.push.store.max_attempts,
+            sticky=False,
         )
         # Changes under the upload are the settle logic's business, not the uploader's.
         transfer = replace(self.push.transfer, changed_retries=0)
         self._uploader = Uploader(
             store=self._store, manifest=self._manifest, scope=self.scope, config=transfer,
             budget=ByteBudget(transfer.max_memory), temp_dir=self.push.state_dir / "tmp",
-            on_bytes=lambda n: None, pace=pace,
+            on_bytes=lambda n: None,
         )
         try:
             await self._check_store_at_start()
@@ -176,7 +172,11 @@ class Watcher:
             events = asyncio.create_task(self._follow_events())
         period = self.config.rescan_interval if events else self.config.interval
         next_scan = 0.0
-        next_cleanup = time.time() + self.config.cleanup_interval
+        cleanup_every = self.config.cleanup_interval
+        if self.config.cleanup is not None:
+            # Look often enough that a run is cleaned soon after it has been quiet long enough.
+            cleanup_every = min(cleanup_every, max(1.0, self.config.cleanup.delete_after / 4))
+        next_cleanup = time.time() + cleanup_every
         try:
             while not self._stopping.is_set():
                 now = time.time()
@@ -189,9 +189,11 @@ class Watcher:
                 self._manifest.commit()
                 if self.config.cleanup and time.time() >= next_cleanup:
                     await self._clean()
-                    next_cleanup = time.time() + self.config.cleanup_interval
+                    next_cleanup = time.time() + cleanup_every
                 self._publish_gauges()
-                wake_at = min(t for t in (next_scan, self.tracker.next_ready()) if t is not None)
+                wake_times = (next_scan, self.tracker.next_ready(),
+                              next_cleanup if self.config.cleanup else None)
+                wake_at = min(t for t in wake_times if t is not None)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), max(0.05, wake_at - time.time()))
