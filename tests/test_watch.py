@@ -376,9 +376,14 @@ def test_bad_configuration_exits_2_at_startup(
         (["s3://bucket-a/x", "--metrics-addr", "nonsense"], "nonsense"),
         (["s3://bucket-a/x", "--max-bandwidth", "fast"], "--max-bandwidth"),
         (["s3://bucket-a/x", "--keep", "best.pt"], "--delete-after"),
+        (["s3://bucket-a/x", "--secret=wrong-secret"], "secret key does not match"),
     ]:
+        env = s3_server.env()
+        if "--secret=wrong-secret" in args:
+            args = args[:-1]
+            env["AWS_SECRET_ACCESS_KEY"] = "wrong-secret"
         result = run_cli("watch", src, *args, "--state-dir", tmp_path / "state",
-                         env=s3_server.env(), timeout=60)
+                         env=env, timeout=60)
         assert result.returncode == 2, (args, result.stderr)
         errors = [line for line in result.stderr.splitlines() if "error" in line]
         assert len(errors) == 1 and needle in errors[0], (args, result.stderr)

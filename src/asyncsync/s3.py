@@ -97,10 +97,19 @@ class S3Store:
                 f"bucket s3://{self._bucket} does not exist", op="HeadBucket", code="NoSuchBucket"
             ) from exc
         except FatalStoreError as exc:
-            # HEAD responses carry no error body, so 403 cannot tell bad keys from a policy
-            # that allows PutObject but not HeadBucket. Let the first upload decide.
             if exc.code not in ("403", "AccessDenied"):
                 raise
+            # HEAD responses carry no error body, so a 403 cannot tell bad keys from a
+            # policy that allows PutObject but not HeadBucket. A listing's error body can:
+            # bad keys are fatal now; AccessDenied leaves it to the first upload.
+            try:
+                await self._call(
+                    "ListObjectsV2", "",
+                    lambda: self._client.list_objects_v2(Bucket=self._bucket, MaxKeys=0),
+                )
+            except FatalStoreError as listing:
+                if listing.code not in ("403", "AccessDenied"):
+                    raise
 
     @staticmethod
     def _attribute_args(attributes: ObjectAttributes) -> dict[str, Any]:
