@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP_DEV := $(VENV)/.installed-dev
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: demo test lint unit bench clean
+.PHONY: demo test lint unit bench clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,17 @@ lint: $(STAMP_DEV)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+# System packages the tests use: promtool (Debian's prometheus) lints the /metrics
+# exposition. Installed here when missing, so a fresh machine needs nothing by hand.
+system-deps:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else \
+	    echo "promtool not found: install Debian's prometheus package (the lint test will skip)"; \
+	  fi; }
+
+test: lint system-deps
 	$(BIN)/python -m pytest
 
 unit: $(STAMP_DEV)
