@@ -275,6 +275,7 @@ def test_store_outage_is_ridden_out(tmp_path: Path, daemons: list[Daemon]) -> No
         for name, data in written.items():
             wait_for(lambda n=name, d=data: object_or_none(client, "outage", f"o/{n}") == d,
                      90, name)
+        wait_for(lambda: http_get(port, "/readyz") == (200, "ready"), 30, "ready again")
         assert daemon.stop() == 0
         lines = [json.loads(line) for line in daemon.log.splitlines() if line.startswith("{")]
         assert lines and all({"time", "level", "message"} <= set(entry) for entry in lines)

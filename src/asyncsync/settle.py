@@ -10,7 +10,7 @@ a clock passed in by the caller: unit-tested without sleeping.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 
 from .keys import PathFilter
@@ -114,5 +114,10 @@ class SettleTracker:
             return list(self._candidates.items())
         return [(k, c) for k, c in self._candidates.items() if self.ready_at(k, c) <= now]
 
-    def next_ready(self) -> float | None:
-        return min((self.ready_at(k, c) for k, c in self._candidates.items()), default=None)
+    def next_ready(self, busy: Container[str] = ()) -> float | None:
+        """When the next candidate becomes due, ignoring keys in ``busy`` (uploading now:
+        their end wakes the daemon anyway)."""
+        return min(
+            (self.ready_at(k, c) for k, c in self._candidates.items() if k not in busy),
+            default=None,
+        )

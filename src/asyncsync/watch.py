@@ -69,6 +69,7 @@ class Watcher:
         self._uploader: Uploader | None = None
         self._fatal: BaseException | None = None
         self._scan_requested = False
+        self._probe: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -160,6 +161,23 @@ class Watcher:
             self._store_problem = problem
         self.metrics.store_reachable(ok)
 
+    async def _probe_store(self) -> None:
+        """After a failure, ask the store now and then whether it is back, so /readyz
+        recovers even when nothing is waiting to be uploaded."""
+        try:
+            while self._store_ok is False and not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=5.0)
+                try:
+                    store = await self._store()
+                    await store.check_bucket()
+                except (StoreError, EndpointUnreachable):
+                    continue
+                self._store_reachable(True)
+                self._wake.set()
+        finally:
+            self._probe = None
+
     def _retried(self, exc: Exception, attempt: int, pause: float) -> None:
         self.metrics.retried()
         log.debug("retry %d in %.2fs: %s", attempt, pause, exc)
@@ -191,17 +209,22 @@ class Watcher:
                     await self._clean()
                     next_cleanup = time.time() + cleanup_every
                 self._publish_gauges()
-                wake_times = (next_scan, self.tracker.next_ready(),
-                              next_cleanup if self.config.cleanup else None)
+                # With every worker busy, the next finishing upload is what wakes the loop.
+                workers_free = len(self._in_flight) < self.push.transfer.workers
+                ready = self.tracker.next_ready(self._in_flight) if workers_free else None
+                if self._store_ok is False and self._probe is None:
+                    self._probe = asyncio.create_task(self._probe_store())
+                wake_times = (next_scan, ready, next_cleanup if self.config.cleanup else None)
                 wake_at = min(t for t in wake_times if t is not None)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), max(0.05, wake_at - time.time()))
         finally:
-            if events is not None:
-                events.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await events
+            for task in (events, self._probe):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     async def _full_scan(self) -> None:
         started = time.monotonic()
