@@ -183,6 +183,7 @@ def test_results_csv_appended_per_epoch_is_mirrored(
     assert read_object(client, bucket, "r/train/args.yaml") == b"epochs: 5\n"
     assert daemon.stop() == 0
     assert "uploaded train/results.csv" in daemon.log
+    assert f"waiting for {src} to appear" in daemon.log
 
 
 def test_sigterm_right_after_the_last_write_flushes_it(
