@@ -42,7 +42,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from asyncsync.embedded_s3 import SeaweedFS, find_weed
+from asyncsync.embedded_s3 import SeaweedFS, find_program, find_weed
 from corpus import CORPORA, DEFAULT_WORK_DIR, Corpus, ensure
 
 HERE = Path(__file__).resolve().parent
@@ -223,13 +223,7 @@ def s5cmd_binary() -> str:
 
 
 def asyncsync_binary() -> str:
-    beside = Path(sys.executable).parent / "asyncsync"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("asyncsync")
-    if found:
-        return found
-    raise FileNotFoundError("the asyncsync entry point was not found: pip install -e .")
+    return find_program("asyncsync", "pip install -e .")
 
 
 @dataclass(frozen=True)

