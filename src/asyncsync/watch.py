@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 
 from .budget import ByteBudget
@@ -32,6 +32,7 @@ from .config import WatchConfig
 from .errors import FatalStoreError, ManifestError, StoreError
 from .keys import InvalidKey, PathFilter, object_key
 from .manifest import Manifest, ObjectRecord
+from .metrics import Metrics
 from .plan import plan_file
 from .push import EndpointUnreachable, StoreSession, open_store, scope_for, state_dir_inside
 from .scan import ScanIssue, ScannedFile, ScanOptions, scan_tree
@@ -45,12 +46,10 @@ HISTORY_DIR = "_asyncsync/history"
 
 
 class Watcher:
-    def __init__(self, config: WatchConfig, metrics: object | None = None) -> None:
-        from .metrics import Metrics
-
+    def __init__(self, config: WatchConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         self.push = config.push
-        self.metrics = metrics if isinstance(metrics, Metrics) else Metrics()
+        self.metrics = metrics or Metrics()
         self.scope = scope_for(self.push)
         self.tracker = SettleTracker(
             settle=config.settle,
@@ -112,7 +111,6 @@ class Watcher:
         self._uploader = Uploader(
             store=self._store, manifest=self._manifest, scope=self.scope, config=transfer,
             budget=ByteBudget(transfer.max_memory), temp_dir=self.push.state_dir / "tmp",
-            on_bytes=lambda n: None,
         )
         try:
             await self._check_store_at_start()
@@ -461,10 +459,3 @@ def _run_of(relative: str) -> str:
     """The run label of a file: its top-level directory under the source."""
     head, _, rest = relative.partition("/")
     return head if rest else "."
-
-
-async def run_watch(config: WatchConfig, stop: Callable[[Watcher], None]) -> None:
-    """Run a Watcher; ``stop`` receives it so that signal handlers can ask it to stop."""
-    watcher = Watcher(config)
-    stop(watcher)
-    await watcher.run()
