@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep ML training run directories mirrored in S3-compatible storage.",
     )
     parser.add_argument("--version", action="version", version=f"asyncsync {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+    commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True,
                                      parser_class=_ArgumentParser)
     push = commands.add_parser(
         "push",
@@ -99,6 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("-q", "--quiet", action="store_true", help="errors only")
     watch.add_argument("-v", "--verbose", action="count", default=1,
                        help="more detail (-vv: debug); upload decisions are logged by default")
+
+    run = commands.add_parser(
+        "run",
+        help="run a training command and keep its output directory mirrored",
+        description="Start COMMAND, keep DIR mirrored to s3://BUCKET/PREFIX while it runs "
+        "(as watch does), forward SIGTERM/SIGINT to it, flush when it ends however it ends, "
+        "and exit with its exit code (128+N if it died of signal N).",
+        usage="asyncsync run [options] DIR DEST -- COMMAND [ARGS...]",
+    )
+    run.add_argument("source", metavar="DIR", help="where the training writes (may not exist "
+                     "yet)")
+    run.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
+    add_transfer_options(run)
+    add_watch_options(run)
+    run.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    run.add_argument("-v", "--verbose", action="count", default=1,
+                     help="more detail (-vv: debug)")
     return parser
 
 
@@ -375,6 +392,23 @@ def run_watch_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_run_command(args: argparse.Namespace) -> int:
+    from .budget import release_large_buffers_promptly
+    from .runner import run_training
+
+    command = args.training_command
+    if not command:
+        raise ConfigError("no command to run: asyncsync run DIR DEST -- COMMAND [ARGS...]")
+    config = watch_config(args)
+    if config.cleanup is not None:
+        raise ConfigError("--delete-after is for watch, not run")
+    release_large_buffers_promptly()
+    if config.low_priority:
+        lower_priority()
+    with asyncio.Runner() as runner:
+        return runner.run(run_training(config, command))
+
+
 def lower_priority() -> None:
     """Nice 10 for CPU, and the idle I/O class where Linux allows it (ioprio_set)."""
     os.nice(10)
@@ -424,14 +458,23 @@ def _run_with_signals(main: Any, on_first: Any = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `run`'s training command comes after "--" and is never parsed as our options.
+    training_command: list[str] = []
+    if argv[:1] == ["run"] and "--" in argv:
+        split = argv.index("--")
+        argv, training_command = argv[:split], argv[split + 1:]
     args = parser.parse_args(argv)
+    args.training_command = training_command
     configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False),
                       getattr(args, "log_format", "text"))
     try:
-        if args.command == "push":
+        if args.subcommand == "push":
             return run_push_command(args)
-        if args.command == "watch":
+        if args.subcommand == "watch":
             return run_watch_command(args)
+        if args.subcommand == "run":
+            return run_run_command(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
@@ -442,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("internal error: %s: %s (please report this)", type(exc).__name__, exc,
                   exc_info=True)
         return EXIT_SOME_FAILED
-    parser.error(f"unknown command {args.command!r}")
+    parser.error(f"unknown command {args.subcommand!r}")
     return EXIT_USAGE
 
 

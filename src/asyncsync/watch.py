@@ -43,6 +43,8 @@ from .transfer import FileOutcome, Uploader
 log = logging.getLogger("asyncsync")
 
 HISTORY_DIR = "_asyncsync/history"
+# Attempts per file in the shutdown flush (a file that keeps failing must not hold it up).
+FINAL_TRIES = 3
 
 
 class Watcher:
@@ -69,6 +71,8 @@ class Watcher:
         self._fatal: BaseException | None = None
         self._scan_requested = False
         self._probe: asyncio.Task[None] | None = None
+        # Files still out of sync when the daemon stopped (known after run() returns).
+        self.unsent = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -275,12 +279,19 @@ class Watcher:
         self._reported.add(marker)
         (log.error if failed else log.warning)("%s: %s", relative, message)
 
-    def _start_due(self, now: float, *, final: bool = False) -> None:
+    def _start_due(self, now: float, *, tries: dict[str, int] | None = None) -> None:
+        """Start uploads of due candidates; with ``tries`` (the shutdown flush), every
+        candidate is due, but each key gets at most FINAL_TRIES attempts."""
+        final = tries is not None
         for key, candidate in self.tracker.due(now, final=final):
             if key in self._in_flight:
                 continue  # one upload per key; the newer version goes when this one ends
             if len(self._in_flight) >= self.push.transfer.workers:
                 break
+            if tries is not None:
+                if tries.get(key, 0) >= FINAL_TRIES:
+                    continue
+                tries[key] = tries.get(key, 0) + 1
             task = asyncio.create_task(self._upload(key, candidate.scanned))
             self._in_flight[key] = task
 
@@ -366,8 +377,9 @@ class Watcher:
         log.info("stopping: final scan, then up to %.0fs for uploads", self.config.grace)
         with contextlib.suppress(OSError):
             await self._full_scan()
+        tries: dict[str, int] = {}
         while time.monotonic() < deadline:
-            self._start_due(time.time(), final=True)
+            self._start_due(time.time(), tries=tries)
             if not self._in_flight:
                 break
             await asyncio.wait(
@@ -380,9 +392,10 @@ class Watcher:
             for task in self._in_flight.values():
                 task.cancel()
             await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
-        if len(self.tracker):
+        self.unsent = len(self.tracker)
+        if self.unsent:
             log.warning("%d file(s) not uploaded before exit; they go up on the next start",
-                        len(self.tracker))
+                        self.unsent)
 
     # -- events, cleanup, metrics -------------------------------------------------------------
 
