@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from asyncsync.keys import PathFilter
-from asyncsync.scan import ScanIssue, ScanItem, ScannedFile, ScanOptions, scan_tree
+from asyncsync.scan import (
+    ScanIssue,
+    ScanItem,
+    ScannedFile,
+    ScanOptions,
+    StatCache,
+    scan_directories,
+    scan_tree,
+)
 
 
 def scan(root: Path | str, options: ScanOptions | None = None) -> list[ScanItem]:
@@ -330,3 +338,30 @@ def test_directory_vanishing_during_scan_is_a_warning(
         "c": ScanIssue("c", "directory vanished during the scan", failed=False)
     }
     assert relatives(items) == ["b.txt", "empty.txt", "a/x.txt", "a/sub/y.bin"]
+
+
+def test_stat_cache_reports_only_what_changed_since_the_last_scan(tmp_path: Path) -> None:
+    for name in ("a/1.txt", "a/2.txt", "b/3.txt"):
+        write(tmp_path / name, name.encode())
+    cache = StatCache()
+
+    def rescan() -> tuple[list[str], list[str]]:
+        async def collect() -> list[str]:
+            found = []
+            async for batch in scan_directories(str(tmp_path), ScanOptions(), cache):
+                found.extend(i.relative for i in batch if isinstance(i, ScannedFile))
+            return found
+
+        cache.begin()
+        found = asyncio.run(collect())
+        return found, sorted(cache.end())
+
+    assert rescan() == (["a/1.txt", "a/2.txt", "b/3.txt"], [])
+    assert rescan() == ([], [])
+    write(tmp_path / "a/2.txt", b"longer content")
+    os.utime(tmp_path / "b/3.txt", ns=(1, 1))
+    write(tmp_path / "c/new.txt", b"new")
+    (tmp_path / "a/1.txt").unlink()
+    assert rescan() == (["a/2.txt", "b/3.txt", "c/new.txt"], ["a/1.txt"])
+    cache.forget("b/3.txt")
+    assert rescan() == (["b/3.txt"], [])

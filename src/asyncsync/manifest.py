@@ -130,6 +130,8 @@ class Manifest:
     # Small-file rows are committed after this many changes or this many seconds.
     BATCH_ROWS = 512
     BATCH_SECONDS = 1.0
+    # Keys per lookup_many query (SQLite allows at least 999 parameters).
+    LOOKUP_BATCH = 500
 
     def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
         self.path = path
@@ -191,6 +193,22 @@ class Manifest:
             (scope.store, scope.bucket, key),
         )
         return ObjectRecord(*row) if row else None
+
+    def lookup_many(self, scope: Scope, keys: list[str]) -> dict[str, ObjectRecord]:
+        """Rows for many keys at once (one query per few hundred keys): a scan of one
+        directory costs a query, not one per file."""
+        found: dict[str, ObjectRecord] = {}
+        for start in range(0, len(keys), self.LOOKUP_BATCH):
+            batch = keys[start:start + self.LOOKUP_BATCH]
+            rows = self._query(
+                "SELECT key, source, size, mtime_ns, inode, digest, etag, object_size,"
+                " content_encoding, uploaded_at FROM objects WHERE store=? AND bucket=?"
+                f" AND key IN ({','.join('?' * len(batch))})",
+                (scope.store, scope.bucket, *batch),
+            )
+            for row in rows:
+                found[row[0]] = ObjectRecord(*row)
+        return found
 
     def record_object(self, scope: Scope, record: ObjectRecord) -> None:
         self._execute(

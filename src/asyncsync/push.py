@@ -18,10 +18,10 @@ from .budget import ByteBudget
 from .config import PushConfig
 from .errors import AsyncsyncError, FatalStoreError, TransientStoreError, first_error
 from .keys import InvalidKey, PathFilter, object_key
-from .manifest import Manifest, Scope
+from .manifest import Manifest, ObjectRecord, Scope
 from .plan import Action, Decision, plan_file, uses_multipart
 from .report import Reporter
-from .scan import ScanIssue, ScanOptions, scan_tree
+from .scan import ScanIssue, ScanItem, ScannedFile, ScanOptions, scan_directories
 from .store import ObjectInfo, ObjectStore
 from .transfer import FileOutcome, Uploader
 
@@ -177,37 +177,49 @@ async def _push_with(
 
     try:
         async with asyncio.TaskGroup() as tasks:
-            async for item in scan_tree(str(config.source), options):
-                if isinstance(item, ScanIssue):
-                    reporter.issue(item)
-                    continue
-                try:
-                    key = object_key(config.destination.prefix, item.relative)
-                except InvalidKey as exc:
-                    reporter.outcome(
-                        FileOutcome(item.relative, "", "failed", "new", item.size, error=str(exc))
-                    )
-                    continue
-                reporter.scanned(item.size)
-                if uses_multipart(item.size, transfer):
-                    large_keys.add(key)
-                decision = plan_file(item, manifest.lookup(scope, key))
-                if listing is not None:
-                    decision = _reconcile(decision, listing.get(key))
-                if decision.action is Action.SKIP:
-                    reporter.outcome(
-                        FileOutcome(item.relative, key, "unchanged", decision.reason, item.size)
-                    )
-                    continue
-                # A slot first, then the task: the walk waits for the uploads.
-                await slots.acquire()
-                tasks.create_task(work(item, key, decision))
+            async for batch in scan_directories(str(config.source), options):
+                for key, item, record in _keyed(batch, config, manifest, scope, reporter):
+                    reporter.scanned(item.size)
+                    if uses_multipart(item.size, transfer):
+                        large_keys.add(key)
+                    decision = plan_file(item, record)
+                    if listing is not None:
+                        decision = _reconcile(decision, listing.get(key))
+                    if decision.action is Action.SKIP:
+                        reporter.outcome(FileOutcome(
+                            item.relative, key, "unchanged", decision.reason, item.size
+                        ))
+                        continue
+                    # A slot first, then the task: the walk waits for the uploads.
+                    await slots.acquire()
+                    tasks.create_task(work(item, key, decision))
             reporter.scan_done = True
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     manifest.commit()
     if not config.dry_run:
         await _abort_orphans(config, manifest, scope, session, large_keys)
+
+
+def _keyed(
+    batch: list[ScanItem], config: PushConfig, manifest: Manifest, scope: Scope,
+    reporter: Reporter,
+) -> list[tuple[str, ScannedFile, ObjectRecord | None]]:
+    """One directory's files with their keys and manifest rows (one query for all);
+    issues and unusable names are reported on the way."""
+    keyed: list[tuple[str, ScannedFile]] = []
+    for item in batch:
+        if isinstance(item, ScanIssue):
+            reporter.issue(item)
+            continue
+        try:
+            keyed.append((object_key(config.destination.prefix, item.relative), item))
+        except InvalidKey as exc:
+            reporter.outcome(
+                FileOutcome(item.relative, "", "failed", "new", item.size, error=str(exc))
+            )
+    records = manifest.lookup_many(scope, [key for key, _ in keyed])
+    return [(key, item, records.get(key)) for key, item in keyed]
 
 
 def _reconcile(decision: Decision, listed: ObjectInfo | None) -> Decision:

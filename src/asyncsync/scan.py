@@ -12,13 +12,14 @@ import os
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import anyio.to_thread
 
 from .keys import PathFilter
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ScannedFile:
     path: str  # absolute local path
     relative: str  # POSIX path relative to the source root
@@ -35,6 +36,7 @@ class ScanIssue:
 
 
 ScanItem = ScannedFile | ScanIssue
+_FILE_TYPE, _REGULAR = stat.S_IFMT(0o170000), stat.S_IFREG
 DirIdentity = tuple[int, int]  # (st_dev, st_ino)
 
 
@@ -57,45 +59,91 @@ def _describe_special(mode: int) -> str:
     return "not a regular file"
 
 
+class StatCache:
+    """What the previous scan saw, so that a repeated scan reports only what changed.
+
+    The watch daemon rescans the same tree every few seconds; comparing each unchanged file
+    with the manifest again would cost more CPU than the stat itself. With a cache, the
+    walk (in its worker thread) drops files whose size, mtime and inode are what the last
+    scan saw, and each scan ends with the paths that disappeared since.
+    """
+
+    def __init__(self) -> None:
+        # rel -> [(size, mtime_ns, inode), number of the last scan that saw it]
+        self._entries: dict[str, list[Any]] = {}
+        self._generation = 0
+
+    def begin(self) -> None:
+        self._generation += 1
+
+    def view(self) -> tuple[dict[str, list[Any]], int]:
+        """The table and this scan's number; `_Walker.list_directory` reads and updates them
+        inline (a file unchanged since the last scan costs one lookup, no new objects)."""
+        return self._entries, self._generation
+
+    def forget(self, rel: str) -> None:
+        """Report ``rel`` again on the next scan even if it does not change."""
+        self._entries.pop(rel, None)
+
+    def end(self) -> list[str]:
+        """The paths seen before but not in this scan (removed since), now forgotten."""
+        gone = [rel for rel, entry in self._entries.items() if entry[1] != self._generation]
+        for rel in gone:
+            del self._entries[rel]
+        return gone
+
+
 class _Walker:
-    def __init__(self, root: str, options: ScanOptions) -> None:
+    def __init__(self, root: str, options: ScanOptions, cache: StatCache | None = None) -> None:
         self.root = root
         self.options = options
+        self.cache = cache
         self.real_root = os.path.realpath(root)
-
-    def _relative(self, path: str) -> str:
-        return os.path.relpath(path, self.root).replace(os.sep, "/")
+        # Hot path: tens of thousands of entries per second go through list_directory.
+        self.filtering = bool(options.path_filter.include or options.path_filter.exclude)
 
     def _inside_root(self, path: str) -> bool:
         real = os.path.realpath(path)
         return real == self.real_root or real.startswith(self.real_root + os.sep)
 
+    def _accepts(self, rel: str) -> bool:
+        return not self.filtering or self.options.path_filter.accepts(rel)
+
     def list_directory(
-        self, directory: str, ancestors: frozenset[DirIdentity]
-    ) -> tuple[list[ScanItem], list[tuple[str, frozenset[DirIdentity]]]]:
-        """One directory: its files and issues, and the subdirectories to visit later, each
-        with the identities of the directories above it (for loop detection)."""
+        self, directory: str, prefix: str, ancestors: frozenset[DirIdentity]
+    ) -> tuple[list[ScanItem], list[tuple[str, str, frozenset[DirIdentity]]]]:
+        """One directory (``prefix``: its relative path plus '/', or '' for the root): its
+        files and issues, and the subdirectories to visit later, each with the identities
+        of the directories above it (for symlink loop detection)."""
         items: list[ScanItem] = []
-        subdirs: list[tuple[str, frozenset[DirIdentity]]] = []
+        subdirs: list[tuple[str, str, frozenset[DirIdentity]]] = []
         try:
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except FileNotFoundError:
-            rel = self._relative(directory)
-            return [ScanIssue(rel, "directory vanished during the scan")], []
+            return [ScanIssue(prefix.rstrip("/") or ".", "directory vanished during the scan")], []
         except OSError as exc:
-            rel = self._relative(directory)
-            return [ScanIssue(rel, f"cannot list directory: {exc.strerror}", failed=True)], []
+            message = f"cannot list directory: {exc.strerror}"
+            return [ScanIssue(prefix.rstrip("/") or ".", message, failed=True)], []
+        follow = self.options.follow_symlinks
+        skip = self.options.skip_paths
+        # `StatCache.unchanged`, inlined: this loop runs for every file of every rescan.
+        seen, generation = self.cache.view() if self.cache is not None else (None, 0)
         for entry in entries:
-            rel = self._relative(entry.path)
-            if rel in self.options.skip_paths:
+            rel = prefix + entry.name
+            if skip and rel in skip:
                 continue
             try:
+                # d_type answers "directory?" without a stat; only files and links need one
+                # (and directories too when following links, for loop detection).
+                if not follow and entry.is_dir(follow_symlinks=False):
+                    subdirs.append((entry.path, rel + "/", ancestors))
+                    continue
                 st = entry.stat(follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
-                    if not self.options.path_filter.accepts(rel) and not entry.is_dir():
+                    if not self._accepts(rel) and not entry.is_dir():
                         continue
-                    if not self.options.follow_symlinks:
+                    if not follow:
                         items.append(ScanIssue(rel, "skipped symlink (see --follow-symlinks)"))
                         continue
                     if not self._inside_root(entry.path):
@@ -108,36 +156,53 @@ class _Walker:
             except OSError as exc:
                 items.append(ScanIssue(rel, f"cannot stat: {exc.strerror}", failed=True))
                 continue
-            if stat.S_ISDIR(st.st_mode):
+            if st.st_mode & _FILE_TYPE == _REGULAR:
+                if self.filtering and not self.options.path_filter.accepts(rel):
+                    continue
+                if seen is not None:
+                    file_identity = (st.st_size, st.st_mtime_ns, st.st_ino)
+                    known = seen.get(rel)
+                    if known is not None and known[0] == file_identity:
+                        known[1] = generation
+                        continue
+                    seen[rel] = [file_identity, generation]
+                items.append(ScannedFile(entry.path, rel, st.st_size, st.st_mtime_ns, st.st_ino))
+            elif stat.S_ISDIR(st.st_mode):
                 # Only a followed symlink can lead back to a directory above it (hard links
                 # to directories do not exist); aliases elsewhere are simply followed.
                 identity = (st.st_dev, st.st_ino)
                 if identity in ancestors:
                     items.append(ScanIssue(rel, "skipped symlink loop"))
                     continue
-                subdirs.append((entry.path, ancestors | {identity}))
-            elif stat.S_ISREG(st.st_mode):
-                if self.options.path_filter.accepts(rel):
-                    items.append(
-                        ScannedFile(entry.path, rel, st.st_size, st.st_mtime_ns, st.st_ino)
-                    )
-            elif self.options.path_filter.accepts(rel):
+                subdirs.append((entry.path, rel + "/", ancestors | {identity}))
+            elif self._accepts(rel):
                 items.append(ScanIssue(rel, f"skipped: {_describe_special(st.st_mode)}"))
         return items, subdirs
 
 
 async def scan_tree(root: str, options: ScanOptions | None = None) -> AsyncIterator[ScanItem]:
     """Yield every regular file under ``root`` (and issues), depth first, names sorted."""
-    walker = _Walker(root, options or ScanOptions())
-    root_stat = os.stat(root)
-    stack = [(root, frozenset({(root_stat.st_dev, root_stat.st_ino)}))]
-    while stack:
-        directory, ancestors = stack.pop()
-        items, subdirs = await anyio.to_thread.run_sync(
-            walker.list_directory, directory, ancestors
-        )
-        for item in items:
+    async for batch in scan_directories(root, options):
+        for item in batch:
             yield item
+
+
+async def scan_directories(
+    root: str, options: ScanOptions | None = None, cache: StatCache | None = None
+) -> AsyncIterator[list[ScanItem]]:
+    """The same walk, one directory's files and issues at a time (for batched lookups).
+    With ``cache``, files unchanged since the cache's previous scan are left out; the
+    caller brackets the walk with `StatCache.begin` and `StatCache.end`."""
+    walker = _Walker(root, options or ScanOptions(), cache)
+    root_stat = os.stat(root)
+    stack = [(root, "", frozenset({(root_stat.st_dev, root_stat.st_ino)}))]
+    while stack:
+        directory, prefix, ancestors = stack.pop()
+        items, subdirs = await anyio.to_thread.run_sync(
+            walker.list_directory, directory, prefix, ancestors
+        )
+        if items:
+            yield items
         # Reversed so that the pop() order visits subdirectories alphabetically.
         stack.extend(reversed(subdirs))
 

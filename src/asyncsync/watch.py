@@ -35,7 +35,7 @@ from .manifest import Manifest, ObjectRecord
 from .metrics import Metrics
 from .plan import plan_file
 from .push import EndpointUnreachable, StoreSession, open_store, scope_for, state_dir_inside
-from .scan import ScanIssue, ScannedFile, ScanOptions, scan_tree
+from .scan import ScanIssue, ScannedFile, ScanOptions, StatCache, scan_directories
 from .settle import SettleTracker
 from .store import ObjectStore
 from .transfer import FileOutcome, Uploader
@@ -63,6 +63,7 @@ class Watcher:
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._reported: set[str] = set()
+        self._stat_cache = StatCache()
         self._store_ok: bool | None = None
         self._store_problem = "store not contacted yet"
         self._manifest: Manifest | None = None
@@ -235,41 +236,49 @@ class Watcher:
             path_filter=PathFilter(self.push.include, self.push.exclude),
             skip_paths=state_dir_inside(self.push.source, self.push.state_dir),
         )
-        seen: set[str] = set()
         now = time.time()
+        self._stat_cache.begin()
         try:
-            async for item in scan_tree(str(self.push.source), options):
-                if isinstance(item, ScanIssue):
-                    self._report_once(item.relative, item.message, item.failed)
-                    continue
-                key = self._observe(item, now)
-                if key:
-                    seen.add(key)
+            async for batch in scan_directories(str(self.push.source), options,
+                                                self._stat_cache):
+                files: list[tuple[str, ScannedFile]] = []
+                for item in batch:
+                    if isinstance(item, ScanIssue):
+                        self._report_once(item.relative, item.message, item.failed)
+                    elif (key := self._key(item)) is not None:
+                        files.append((key, item))
+                assert self._manifest is not None
+                records = self._manifest.lookup_many(self.scope, [key for key, _ in files])
+                for key, item in files:
+                    self._observe(key, item, records.get(key), now)
         except FileNotFoundError:
             log.info("%s is gone; waiting for it to come back", self.push.source)
         # Files gone since (a run directory deleted under DDP, say) leave the queue.
-        for key in self.tracker.keys():
-            if key not in seen and key not in self._in_flight:
-                self.tracker.forget(key)
+        for relative in self._stat_cache.end():
+            with contextlib.suppress(InvalidKey):
+                key = object_key(self.push.destination.prefix, relative)
+                if key not in self._in_flight:
+                    self.tracker.forget(key)
         self.metrics.scanned(time.monotonic() - started)
 
-    def _observe(self, item: ScannedFile, now: float) -> str | None:
-        """Compare one file with the manifest; queue it if it is out of sync."""
+    def _key(self, item: ScannedFile) -> str | None:
         try:
-            key = object_key(self.push.destination.prefix, item.relative)
+            return object_key(self.push.destination.prefix, item.relative)
         except InvalidKey as exc:
             self._report_once(item.relative, str(exc), True)
             return None
-        assert self._manifest is not None
-        record = self._manifest.lookup(self.scope, key)
+
+    def _observe(
+        self, key: str, item: ScannedFile, record: ObjectRecord | None, now: float
+    ) -> None:
+        """Compare one file with its manifest row; queue it if it is out of sync."""
         if record is not None and record.same_stat(item.path, item.size, item.mtime_ns,
                                                      item.inode):
             self.tracker.forget(key)
-            return key
+            return
         if record is not None and key not in self.tracker:
             self.tracker.remember_sent(key, record.uploaded_at)
         self.tracker.observe(key, item, now)
-        return key
 
     def _report_once(self, relative: str, message: str, failed: bool) -> None:
         """Scans repeat every few seconds: say each problem once, not every time."""
@@ -432,8 +441,10 @@ class Watcher:
                     self.tracker.forget(object_key(self.push.destination.prefix, relative))
                 continue
             if stat.S_ISREG(st.st_mode):
-                self._observe(ScannedFile(path, relative, st.st_size, st.st_mtime_ns, st.st_ino),
-                              now)
+                item = ScannedFile(path, relative, st.st_size, st.st_mtime_ns, st.st_ino)
+                if (key := self._key(item)) is not None:
+                    assert self._manifest is not None
+                    self._observe(key, item, self._manifest.lookup(self.scope, key), now)
             elif stat.S_ISDIR(st.st_mode):
                 # A new directory may hold files written before its watch was in place
                 # (mkdir, then write at once): scan instead of trusting events for it.
