@@ -45,6 +45,7 @@ unit: $(STAMP_DEV)
 
 bench: $(STAMP_BENCH)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/watch.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
