@@ -36,7 +36,14 @@ class ScanIssue:
 
 
 ScanItem = ScannedFile | ScanIssue
-_FILE_TYPE, _REGULAR = stat.S_IFMT(0o170000), stat.S_IFREG
+_FILE_TYPE, _REGULAR, _DIRECTORY = stat.S_IFMT(0o170000), stat.S_IFREG, stat.S_IFDIR
+# Directories listed per worker-thread call: one hop per directory would cost more than
+# the stat calls of a small directory.
+_DIRECTORIES_PER_CALL = 64
+
+
+def _name(entry: os.DirEntry[str]) -> str:
+    return entry.name
 DirIdentity = tuple[int, int]  # (st_dev, st_ino)
 
 
@@ -119,7 +126,9 @@ class _Walker:
         subdirs: list[tuple[str, str, frozenset[DirIdentity]]] = []
         try:
             with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                # Sorted for a stable order (push's output, tests); a cached rescan only
+                # looks for changes, in any order.
+                entries = list(it) if self.cache is not None else sorted(it, key=_name)
         except FileNotFoundError:
             return [ScanIssue(prefix.rstrip("/") or ".", "directory vanished during the scan")], []
         except OSError as exc:
@@ -134,12 +143,10 @@ class _Walker:
             if skip and rel in skip:
                 continue
             try:
-                # d_type answers "directory?" without a stat; only files and links need one
-                # (and directories too when following links, for loop detection).
-                if not follow and entry.is_dir(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+                if not follow and st.st_mode & _FILE_TYPE == _DIRECTORY:
                     subdirs.append((entry.path, rel + "/", ancestors))
                     continue
-                st = entry.stat(follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
                     if not self._accepts(rel) and not entry.is_dir():
                         continue
@@ -197,12 +204,24 @@ async def scan_directories(
     root_stat = os.stat(root)
     stack = [(root, "", frozenset({(root_stat.st_dev, root_stat.st_ino)}))]
     while stack:
-        directory, prefix, ancestors = stack.pop()
-        items, subdirs = await anyio.to_thread.run_sync(
-            walker.list_directory, directory, prefix, ancestors
-        )
-        if items:
+        for items in await anyio.to_thread.run_sync(_walk_some, walker, stack):
             yield items
+
+
+def _walk_some(walker: _Walker, stack: list[tuple[str, str, frozenset[DirIdentity]]]
+               ) -> list[list[ScanItem]]:
+    """List directories off the stack (in the worker thread; the event loop waits for this
+    call, so the stack is never touched by both) until enough files are found."""
+    batches: list[list[ScanItem]] = []
+    found = 0
+    for _ in range(_DIRECTORIES_PER_CALL):
+        if not stack or found >= 1000:
+            break
+        items, subdirs = walker.list_directory(*stack.pop())
+        if items:
+            batches.append(items)
+            found += len(items)
         # Reversed so that the pop() order visits subdirectories alphabetically.
         stack.extend(reversed(subdirs))
+    return batches
 
