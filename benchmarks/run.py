@@ -460,7 +460,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _first_line(argv: list[str]) -> str:
+def first_line(argv: list[str]) -> str:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     except OSError as exc:
@@ -469,7 +469,8 @@ def _first_line(argv: list[str]) -> str:
     return lines[0].strip() if lines else "unknown"
 
 
-def machine_info(bench: Bench) -> dict[str, Any]:
+def machine_info(source_digest: str, **tools: str) -> dict[str, Any]:
+    """The machine, the code measured and the tools' versions, for the results' header."""
     mem_kib = 0
     cpu_model = platform.processor() or "unknown"
     try:
@@ -490,10 +491,10 @@ def machine_info(bench: Bench) -> dict[str, Any]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "asyncsync": metadata.version("asyncsync"),
-        "asyncsync_source": bench.frozen.digest,
+        "asyncsync_source": source_digest,
         "asyncsync_git": git_state(HERE.parent / "src"),
-        "s5cmd": _first_line([bench.s5cmd, "version"]),
-        "seaweedfs": _first_line([find_weed(), "version"]),
+        **tools,
+        "seaweedfs": first_line([find_weed(), "version"]),
         # Other work on a shared machine shows up here: read it next to the spreads.
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
@@ -758,7 +759,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         check_frozen(bench)
         print(f"SeaweedFS at {server.endpoint}; s5cmd {bench.s5cmd}; asyncsync source "
               f"{bench.frozen.digest} frozen in {bench.frozen.root}", flush=True)
-        machine = machine_info(bench)
+        machine = machine_info(bench.frozen.digest, s5cmd=first_line([bench.s5cmd, "version"]))
         warm_up(bench)
         try:
             for c in sets:

@@ -34,10 +34,8 @@ Results go to watch-results.json (every raw figure) and WATCH.md (tables, target
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -57,8 +55,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from asyncsync.embedded_s3 import SeaweedFS, find_weed
-from run import asyncsync_binary, child_env, freeze_source, git_state
+from asyncsync.embedded_s3 import SeaweedFS
+from run import asyncsync_binary, child_env, freeze_source, machine_info
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORK_DIR = HERE / "work"
@@ -703,45 +701,6 @@ def run_idle(bench: Bench, tree: Tree, state: Path, prefix: str, case: str,
 # -- the machine ------------------------------------------------------------------------------
 
 
-def _version_line(argv: list[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    except OSError as exc:
-        return f"unavailable ({exc})"
-    lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
-    return lines[0] if lines else "unknown"
-
-
-def machine_info(source_digest: str) -> dict[str, Any]:
-    mem_kib = 0
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu_model,
-        "memory_gib": round(mem_kib / 1024 / 1024, 1),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "asyncsync": metadata.version("asyncsync"),
-        "asyncsync_git": git_state(HERE.parent / "src"),
-        "asyncsync_source": source_digest,
-        "watchfiles": metadata.version("watchfiles"),
-        "seaweedfs": _version_line([find_weed(), "version"]),
-        # Other work on a shared machine shows up here: read it next to the figures.
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -929,7 +888,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         bench = Bench(server=server, client=s3_client(server), env=env,
                       asyncsync=asyncsync_binary(), work=scratch)
         bench.client.create_bucket(Bucket=BUCKET)
-        machine = machine_info(frozen.digest)
+        machine = machine_info(frozen.digest, watchfiles=metadata.version("watchfiles"))
         print(f"SeaweedFS at {server.endpoint}; asyncsync source {frozen.digest}", flush=True)
         ttd = []
         idle = []
