@@ -121,11 +121,19 @@ def open_store(config: PushConfig, on_retry: Callable[..., None]) -> Callable[[]
 async def run_push(config: PushConfig, reporter: Reporter) -> None:
     """Mirror config.source into config.destination once. Outcomes go to ``reporter``."""
     manifest = Manifest.open(config.state_dir)
-    temp_dir = config.state_dir / "tmp"
     session = StoreSession(open_store(config, reporter.retried), config.store.max_attempts)
+    temp_dir = config.state_dir / "tmp"
+    if config.transfer.gzip:
+        temp_dir.mkdir(parents=True, exist_ok=True)
+    uploader = Uploader(
+        store=session.get, manifest=manifest, scope=scope_for(config), config=config.transfer,
+        budget=ByteBudget(config.transfer.max_memory), temp_dir=temp_dir,
+        dry_run=config.dry_run, on_bytes=reporter.sent,
+    )
     try:
-        await _push(config, reporter, manifest, session, temp_dir)
+        await _push(config, reporter, manifest, session, uploader)
     finally:
+        uploader.close()
         try:
             await session.close()
         finally:
@@ -133,25 +141,6 @@ async def run_push(config: PushConfig, reporter: Reporter) -> None:
 
 
 async def _push(
-    config: PushConfig, reporter: Reporter, manifest: Manifest, session: StoreSession,
-    temp_dir: Path,
-) -> None:
-    scope = scope_for(config)
-    transfer = config.transfer
-    if transfer.gzip:
-        temp_dir.mkdir(parents=True, exist_ok=True)
-    uploader = Uploader(
-        store=session.get, manifest=manifest, scope=scope, config=transfer,
-        budget=ByteBudget(transfer.max_memory), temp_dir=temp_dir, dry_run=config.dry_run,
-        on_bytes=reporter.sent,
-    )
-    try:
-        await _push_with(config, reporter, manifest, session, uploader)
-    finally:
-        uploader.close()
-
-
-async def _push_with(
     config: PushConfig, reporter: Reporter, manifest: Manifest, session: StoreSession,
     uploader: Uploader,
 ) -> None:
@@ -168,9 +157,9 @@ async def _push_with(
     large_keys: set[str] = set()
     slots = asyncio.Semaphore(transfer.workers)
 
-    async def work(scanned: object, key: str, decision: Decision) -> None:
+    async def work(scanned: ScannedFile, key: str, decision: Decision) -> None:
         try:
-            outcome = await uploader.sync(scanned, key, decision)  # type: ignore[arg-type]
+            outcome = await uploader.sync(scanned, key, decision)
             reporter.outcome(outcome)
         finally:
             slots.release()
