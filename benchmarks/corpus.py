@@ -23,6 +23,7 @@ import json
 import random
 import shutil
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from pathlib import Path
 DEFAULT_WORK_DIR = Path(__file__).resolve().parent / "work"
 CORPORA = ("runs", "small", "large")
 # Bumped whenever a generator changes, so stale trees are regenerated rather than reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # checkpoints are real zip archives
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -64,8 +65,6 @@ def _write_random(path: Path, size: int, rng: random.Random, magic: bytes = b"")
 
 _JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00"
 _PNG = b"\x89PNG\r\n\x1a\n"
-# The zip local-file signature: torch.save writes a zip container.
-_PT = b"PK\x03\x04"
 
 # (name, signature, size in KiB at scale 1): the plots and mosaics of a YOLOv8 detect run.
 _RUN_IMAGES: tuple[tuple[str, bytes, int], ...] = (
@@ -158,7 +157,23 @@ def _gen_runs(root: Path, scale: float) -> None:
             size = int(kib * KiB * rng.uniform(0.9, 1.1))
             _write_random(run / filename, _scaled(size, scale), rng, magic)
         for filename, size in _RUN_WEIGHTS:
-            _write_random(run / filename, _scaled(size, scale), rng, _PT)
+            _write_checkpoint(run / filename, _scaled(size, scale), rng)
+
+
+def _write_checkpoint(path: Path, size: int, rng: random.Random) -> None:
+    """A zip archive shaped like torch.save's (a small pickle, one large tensor storage,
+    stored uncompressed), about `size` bytes: the uploader checks its central directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.stem
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{stem}/data.pkl", rng.randbytes(4 * KiB))
+        archive.writestr(f"{stem}/version", b"3\n")
+        with archive.open(f"{stem}/data/0", "w", force_zip64=True) as storage:
+            left = max(0, size - 8 * KiB)
+            while left > 0:
+                n = min(left, _CHUNK)
+                storage.write(rng.randbytes(n))
+                left -= n
 
 
 SMALL_FILES = 10_000
