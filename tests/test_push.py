@@ -304,10 +304,7 @@ def test_sigkill_mid_multipart_resumes_without_resending(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
     import signal
-    import subprocess
-    import time
 
-    from .conftest import ASYNCSYNC
     from .faultproxy import FaultProxy
 
     src = tmp_path / "runs"
@@ -317,22 +314,9 @@ def test_sigkill_mid_multipart_resumes_without_resending(
     part = 8 * MiB
     with FaultProxy(s3_server.endpoint) as proxy:
         env = s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint)
-        proxy.set_bandwidth(24 * MiB)
-        process = subprocess.Popen(
-            [ASYNCSYNC, "push", str(src), f"s3://{bucket}/k", "--state-dir", str(state),
-             "--multipart-threshold", "8MiB", "--part-size", "8MiB", "--part-concurrency", "1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            recorded = 0
-            while time.monotonic() < deadline and recorded < 3:
-                time.sleep(0.02)
-                recorded = recorded_parts(state)
-            assert recorded >= 3, "the upload never got going"
-            process.send_signal(signal.SIGKILL)
-        finally:
-            process.wait(timeout=30)
+        process = _start_slow_multipart(s3_server, proxy, src, f"s3://{bucket}/k", state, 3)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
         assert process.returncode == -signal.SIGKILL
         client = s3_server.client()
         assert len(open_uploads(client, bucket)) == 1  # kept on purpose, owned by the manifest
@@ -361,34 +345,21 @@ def test_changed_file_is_not_resumed_and_old_upload_is_aborted(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
     """A kept upload whose file changed since is aborted and the new content sent whole."""
-    from .conftest import ASYNCSYNC
+    import signal
+
+    from .faultproxy import FaultProxy
 
     src = tmp_path / "runs"
     path = src / "w.pt"
     write(path, os.urandom(24 * MiB))
     state = tmp_path / "state"
     client = s3_server.client()
-    # Leave a kept upload behind, the way an interrupted run would.
-    import signal
-    import subprocess
-    import time
-
-    from .faultproxy import FaultProxy
-
     with FaultProxy(s3_server.endpoint) as proxy:
-        proxy.set_bandwidth(12 * MiB)
         env = s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint)
-        process = subprocess.Popen(
-            [ASYNCSYNC, "push", str(src), f"s3://{bucket}/c", "--state-dir", str(state),
-             "--multipart-threshold", "8MiB", "--part-concurrency", "1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not open_uploads(client, bucket):
-            time.sleep(0.02)
-        time.sleep(0.3)
+        # Leave a kept upload behind, the way an interrupted run would.
+        process = _start_slow_multipart(s3_server, proxy, src, f"s3://{bucket}/c", state, 1)
         process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
+        process.communicate(timeout=30)
         assert len(open_uploads(client, bucket)) == 1
         new = write(path, os.urandom(24 * MiB))
         proxy.set_bandwidth(None)
@@ -401,9 +372,10 @@ def test_changed_file_is_not_resumed_and_old_upload_is_aborted(
 
 
 def _start_slow_multipart(
-    s3_server: S3Server, proxy: Any, src: Path, dest: str, state: Path
+    s3_server: S3Server, proxy: Any, src: Path, dest: str, state: Path, parts: int = 2
 ) -> Any:
-    """Start push of a large file through a throttled proxy; return once parts are landing."""
+    """Start push of a large file through a throttled proxy (8 MiB parts, one at a time);
+    return the process once ``parts`` parts are recorded in the manifest."""
     import subprocess
     import time
 
@@ -419,7 +391,7 @@ def _start_slow_multipart(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         time.sleep(0.02)
-        if recorded_parts(state) >= 2:
+        if recorded_parts(state) >= parts:
             return process
     process.kill()
     raise AssertionError("the upload never got going")
