@@ -100,6 +100,8 @@ class Reporter:
         else:
             self.failed += 1
             log.error("%s: %s", outcome.relative, outcome.error)
+        if not self.json_lines:
+            return  # a no-op run passes here once per file: build nothing it will not print
         record: dict[str, Any] = {
             "type": "file", "path": outcome.relative, "key": outcome.key, "status": status,
             "reason": outcome.reason, "size": outcome.size, "bytes": outcome.bytes_sent,
