@@ -152,23 +152,6 @@ def make_sample(
 # -- the store ------------------------------------------------------------------------------
 
 
-def s3_client(server: SeaweedFS) -> Any:
-    """A synchronous botocore client, independent of both tools, to check their work."""
-    import botocore.session
-    from botocore.config import Config
-
-    return botocore.session.Session().create_client(
-        "s3", endpoint_url=server.endpoint, region_name="us-east-1",
-        aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
-        config=Config(
-            s3={"addressing_style": "path"}, retries={"total_max_attempts": 5},
-            # SeaweedFS does not need the newer default checksums; keep requests plain.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
-    )
-
-
 def list_prefix(client: Any, prefix: str) -> tuple[int, int]:
     count = total = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
@@ -752,7 +735,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(work / "logs", ignore_errors=True)
     samples: list[Sample] = []
     with seaweedfs(work / "seaweedfs") as server:
-        client = s3_client(server)
+        client = server.client(retries={"total_max_attempts": 5})
         client.create_bucket(Bucket=BUCKET)
         bench = Bench(server=server, client=client, env=child_env(server),
                       frozen=freeze_source(work), work=work, workers=args.workers)

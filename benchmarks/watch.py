@@ -262,23 +262,6 @@ class Bench:
                 raise BenchFailure(f"watch exited {code} after SIGTERM: see {daemon.log_path}")
 
 
-def s3_client(server: SeaweedFS) -> Any:
-    """A botocore client of our own, pooled for the pollers' threads (thread-safe)."""
-    import botocore.session
-    from botocore.config import Config
-
-    return botocore.session.Session().create_client(
-        "s3", endpoint_url=server.endpoint, region_name="us-east-1",
-        aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
-        config=Config(
-            s3={"addressing_style": "path"}, retries={"total_max_attempts": 3},
-            max_pool_connections=POLL_THREADS,
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
-    )
-
-
 def empty_bucket(client: Any) -> None:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
         keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
@@ -885,8 +868,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with seaweedfs(work / "watch-seaweedfs") as server:
         env = child_env(server) | {"PYTHONPATH": str(frozen.root)}
         check_frozen(env, frozen.root)
-        bench = Bench(server=server, client=s3_client(server), env=env,
-                      asyncsync=asyncsync_binary(), work=scratch)
+        client = server.client(max_pool_connections=POLL_THREADS)
+        bench = Bench(server=server, client=client, env=env, asyncsync=asyncsync_binary(),
+                      work=scratch)
         bench.client.create_bucket(Bucket=BUCKET)
         machine = machine_info(frozen.digest, watchfiles=metadata.version("watchfiles"))
         print(f"SeaweedFS at {server.endpoint}; asyncsync source {frozen.digest}", flush=True)

@@ -79,7 +79,7 @@ def main() -> int:
             env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
             env.update(s3.env())
             env["ASYNCSYNC_STATE_DIR"] = str(root / "state")
-            client = _client(s3)
+            client = s3.client()
             client.create_bucket(Bucket=BUCKET)
             destination = f"s3://{BUCKET}/experiments"
             print("\n1. First push: everything goes up (last.pt as a multipart upload).")
@@ -94,17 +94,6 @@ def main() -> int:
             print(f"\nManifest: {root / 'state' / 'manifest.db'}")
             print("Stopping SeaweedFS and removing the demo directory.")
     return 0
-
-
-def _client(s3: SeaweedFS) -> Any:
-    import botocore.session
-    from botocore.config import Config
-
-    return botocore.session.Session().create_client(
-        "s3", endpoint_url=s3.endpoint, region_name="us-east-1",
-        aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key,
-        config=Config(s3={"addressing_style": "path"}),
-    )
 
 
 if __name__ == "__main__":

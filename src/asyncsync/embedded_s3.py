@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ACCESS_KEY = "asyncsync-local"
 SECRET_KEY = "asyncsync-local-secret"  # a loopback-only throwaway server, not a credential
@@ -90,6 +91,25 @@ class SeaweedFS:
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
+
+    def client(self, **config: Any) -> Any:
+        """A plain synchronous botocore client of this server, to check what others wrote
+        (``config``: extra botocore Config settings, e.g. max_pool_connections)."""
+        import botocore.session
+        from botocore.config import Config
+
+        settings: dict[str, Any] = {
+            "s3": {"addressing_style": "path"}, "retries": {"total_max_attempts": 3},
+            # SeaweedFS does not need botocore's newer default checksums: keep requests plain.
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+        }
+        settings.update(config)
+        return botocore.session.Session().create_client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            config=Config(**settings),
+        )
 
     def start(self, timeout: float = 30.0) -> SeaweedFS:
         if self.data_dir is None:
