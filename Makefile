@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 # Install stamps: re-install only when the project's metadata changes.
 STAMP_DEV := $(VENV)/.installed-dev
 STAMP_BENCH := $(VENV)/.installed-bench
+STAMP_TRAIN := $(VENV)/.installed-train
+# The Ultralytics tests train YOLOv8n for real, on CPU. These torch builds install from the
+# machine's local wheel files (CUDA builds that also run on CPU); the image brings its own.
+TRAIN_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test lint unit bench clean system-deps
 
@@ -18,6 +22,10 @@ $(STAMP_DEV): pyproject.toml | $(BIN)/python
 
 $(STAMP_BENCH): pyproject.toml $(STAMP_DEV)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+$(STAMP_TRAIN): pyproject.toml $(STAMP_DEV)
+	$(BIN)/python -m pip install --quiet $(TRAIN_PACKAGES) -e '.[dev,ultralytics]'
 	touch $@
 
 demo: $(STAMP_DEV)
@@ -37,7 +45,7 @@ system-deps:
 	    echo "promtool not found: install Debian's prometheus package (the lint test will skip)"; \
 	  fi; }
 
-test: lint system-deps
+test: lint system-deps $(STAMP_TRAIN)
 	$(BIN)/python -m pytest
 
 unit: $(STAMP_DEV)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from .conftest import (
     recorded_parts,
     run_cli,
 )
+from .faultproxy import FaultProxy
 
 pytestmark = pytest.mark.s3
 
@@ -300,12 +302,22 @@ def test_file_rewritten_during_upload_never_publishes_a_torn_object(
     assert open_uploads(client, bucket) == []
 
 
+def wait_for_quiet_upstream(proxy: FaultProxy, quiet: float = 0.5, timeout: float = 15) -> None:
+    """Until no request body byte has gone upstream for ``quiet`` seconds."""
+    last, since, deadline = -1, time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sent = proxy.stats.body_bytes_upstream
+        if sent != last:
+            last, since = sent, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
+
+
 def test_sigkill_mid_multipart_resumes_without_resending(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
     import signal
-
-    from .faultproxy import FaultProxy
 
     src = tmp_path / "runs"
     size = 48 * MiB
@@ -323,6 +335,9 @@ def test_sigkill_mid_multipart_resumes_without_resending(
         assert bucket_keys(client, bucket) == []
 
         proxy.set_bandwidth(None)
+        # The dead client's socket buffers still hold part of a body that the proxy
+        # relays after the kill: let it drain before counting what the resume sends.
+        wait_for_quiet_upstream(proxy)
         proxy.reset_stats()
         resumed = run_cli("push", src, f"s3://{bucket}/k", "--state-dir", state, "--json",
                           "--multipart-threshold", "8MiB", "--part-size", "8MiB", env=env)

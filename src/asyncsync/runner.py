@@ -11,31 +11,20 @@ crashed, with the host, the times, and the epochs and final metrics found in res
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import csv
-import hashlib
-import io
-import json
 import logging
 import os
 import signal
-import socket
-import time
-from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .config import WatchConfig
-from .errors import EXIT_SOME_FAILED, AsyncsyncError, StoreError
+from .errors import EXIT_SOME_FAILED, AsyncsyncError
 from .keys import object_key
-from .push import EndpointUnreachable, StoreSession, open_store
-from .store import ObjectAttributes
+from .push import StoreSession, open_store
+from .record import RECORD_PATH, RunRecord, now_iso, training_progress
 from .watch import Watcher
 
 log = logging.getLogger("asyncsync")
-
-RECORD_PATH = "_asyncsync/run.json"
 
 
 def exit_code_of(returncode: int) -> int:
@@ -43,51 +32,21 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def training_progress(directory: Path) -> list[dict[str, Any]]:
-    """Epochs done and the last row of metrics of every results.csv under ``directory``."""
-    runs = []
-    for results in sorted(directory.rglob("results.csv")):
-        try:
-            rows = list(csv.DictReader(io.StringIO(results.read_text(errors="replace"))))
-        except OSError:
-            continue
-        last = {k.strip(): v.strip() for k, v in rows[-1].items() if k} if rows else {}
-        runs.append({
-            "path": results.parent.relative_to(directory).as_posix(),
-            "epochs": len(rows),
-            "metrics": last,
-        })
-    return runs
-
-
-class RunRecord:
-    """The run's record object in the bucket; failures to write it are logged, not fatal."""
+class DirectoryRecord(RunRecord):
+    """The record of the directory `run` watches, ``PREFIX/_asyncsync/run.json``."""
 
     def __init__(self, config: WatchConfig, command: list[str]) -> None:
-        self._config = config
-        self._key = object_key(config.push.destination.prefix, RECORD_PATH)
-        self._session = StoreSession(open_store(config.push, lambda *a: None),
-                                     config.push.store.max_attempts, sticky=False)
+        self._directory = config.push.source
+        session = StoreSession(open_store(config.push, lambda *a: None),
+                               config.push.store.max_attempts, sticky=False)
         # Only the program's name: arguments may carry tokens or paths nobody meant to publish.
-        self._fields: dict[str, Any] = {
-            "status": "running", "host": socket.gethostname(),
-            "program": os.path.basename(command[0]), "started": _now_iso(),
-            "asyncsync": __version__,
-        }
+        super().__init__(session, object_key(config.push.destination.prefix, RECORD_PATH),
+                         program=os.path.basename(command[0]))
 
-    async def write(self, **fields: Any) -> None:
-        self._fields.update(fields)
-        directory = self._config.push.source
-        if directory.is_dir():
-            self._fields["runs"] = training_progress(directory)
-        body = json.dumps(self._fields, indent=2, sort_keys=True).encode()
-        md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
-        try:
-            store = await self._session.get()
-            await store.put_object(self._key, body, md5_b64=md5, attributes=ObjectAttributes(
-                metadata={}, content_type="application/json"))
-        except (StoreError, EndpointUnreachable) as exc:
-            log.warning("run record %s not written: %s", self._key, exc)
+    async def write(self, **fields: Any) -> bool:
+        if self._directory.is_dir():
+            fields["runs"] = training_progress(self._directory)
+        return await super().write(**fields)
 
     async def close(self) -> None:
         await self._session.close()
@@ -96,7 +55,7 @@ class RunRecord:
 async def run_training(config: WatchConfig, command: list[str]) -> int:
     """Run ``command`` under the watch daemon; return the exit code for `asyncsync run`."""
     watcher = Watcher(config)
-    record = RunRecord(config, command)
+    record = DirectoryRecord(config, command)
     try:
         child = await asyncio.create_subprocess_exec(*command, start_new_session=True)
     except OSError as exc:
@@ -125,7 +84,7 @@ async def run_training(config: WatchConfig, command: list[str]) -> int:
             await watching
         finally:
             code = exit_code_of(child.returncode if child.returncode is not None else -9)
-            await record.write(status="finished" if code == 0 else "crashed", ended=_now_iso(),
+            await record.write(status="finished" if code == 0 else "crashed", ended=now_iso(),
                                exit_code=code, unsent=watcher.unsent)
             await record.close()
     log.info("training exited with %d", exit_code_of(returncode))
@@ -135,6 +94,3 @@ async def run_training(config: WatchConfig, command: list[str]) -> int:
         return EXIT_SOME_FAILED
     return exit_code_of(returncode)
 
-
-def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,1 @@
+"""In-process integrations with training frameworks (they import nothing until used)."""

@@ -1,0 +1,613 @@
+"""Mirror an Ultralytics training's run directory from inside the training process.
+
+    from ultralytics import YOLO
+    from asyncsync.integrations.ultralytics import attach
+
+    model = YOLO("yolov8n.pt")
+    attach(model, "s3://bucket/experiments")  # keys: experiments/<run name>/<path in the run>
+    model.train(data="coco8.yaml", epochs=100)
+
+Ultralytics writes every file of the run in place, checkpoints included, so the callbacks
+never upload a file the trainer may be writing:
+
+- ``on_model_save``: the trainer is blocked in the callback right after writing its
+  checkpoints, so the weights that changed are copied (a real copy, never a link: the next
+  epoch truncates the file in place) to a staging directory outside the run, and uploaded
+  from there in the background. Only the newest snapshot of a file waits for its turn; an
+  older one that has not started yet is dropped.
+- ``on_fit_epoch_end``: results.csv, args.yaml and the plots are synced in the background,
+  after the plotting threads that ultralytics starts have finished their images.
+- ``on_train_end`` and ``teardown``: the final flush. The plotting threads are waited for,
+  snapshot uploads in flight are allowed to finish (so an older checkpoint never lands on top
+  of the final one), and then the whole run directory, now final, is synced, all within
+  ``flush_timeout`` seconds. ``teardown`` runs however ``train()`` ends, an exception
+  included, so a crashed training still leaves its last epoch in the bucket.
+
+Uploads run in a thread of their own with its own event loop: the training waits for the
+network only in the final flush. A run record, ``PREFIX/<run>/_asyncsync/run.json``, says
+running, finished or crashed, with the epochs done and the latest metrics.
+
+Only rank 0 uploads (``RANK`` -1 or 0). Under DDP, ultralytics pickles the callbacks into
+worker processes it starts later, and recreates the run directory there: so nothing here
+holds a thread, loop, file or client until the first callback runs in rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..budget import ByteBudget
+from ..config import PushConfig
+from ..digest import FileIdentity
+from ..errors import AsyncsyncError, ConfigError, first_error
+from ..keys import InvalidKey, PathFilter, object_key
+from ..manifest import Manifest
+from ..plan import Action, plan_file
+from ..push import StoreSession, open_store, scope_for, state_dir_inside
+from ..record import RECORD_PATH, RunRecord, now_iso, read_results
+from ..scan import ScanIssue, ScannedFile, ScanOptions, scan_directories
+from ..transfer import FileOutcome, Uploader
+
+log = logging.getLogger("asyncsync.ultralytics")
+
+T = TypeVar("T")
+
+EVENTS = ("on_pretrain_routine_start", "on_model_save", "on_fit_epoch_end", "on_train_end",
+          "teardown")
+DEFAULT_FLUSH_TIMEOUT = 600.0
+# Fewer workers than the CLI's default: a run directory holds a few dozen files, and the
+# training owns the machine.
+DEFAULT_WORKERS = 8
+# Passes of the final flush over files that failed (a plot still being written, a store
+# that hiccupped): each pass retries only what is still out of sync.
+FINAL_PASSES = 3
+# ultralytics' plot_images runs in a non-daemon thread; Python names it after its target.
+_PLOTTING_THREAD = "(plot_images)"
+
+
+def attach(model: Any, destination: str, **options: Any) -> UltralyticsSync:
+    """Register callbacks on an ultralytics model that mirror each training's run directory
+    to ``destination`` (``s3://BUCKET/PREFIX`` or ``file:///PATH``).
+
+    Options are the CLI's transfer options with underscores (``workers=8``,
+    ``max_bandwidth="50MB/s"``, ``endpoint_url=...``, ``exclude=["*.jpg"]``,
+    ``state_dir=...``), plus ``flush_timeout`` (seconds the final flush may take, default 600).
+    Credentials come from the standard AWS chain. A bad option raises `ConfigError` here,
+    before the training starts; problems while training are logged and never stop it.
+    """
+    sync = UltralyticsSync(destination, **options)
+    for event in EVENTS:
+        model.add_callback(event, getattr(sync, event))
+    return sync
+
+
+def settings_from(destination: str, options: dict[str, Any]) -> tuple[PushConfig, float]:
+    """Validate the options exactly as the CLI validates its flags."""
+    from ..cli import add_transfer_options, push_config
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_transfer_options(parser)
+    args = parser.parse_args([])
+    args.workers = DEFAULT_WORKERS
+    flush_timeout = float(options.pop("flush_timeout", DEFAULT_FLUSH_TIMEOUT))
+    if flush_timeout <= 0:
+        raise ConfigError(f"flush_timeout {flush_timeout}: must be more than 0 seconds")
+    for name, value in options.items():
+        if name in ("source", "destination") or not hasattr(args, name):
+            raise ConfigError(f"attach(): unknown option {name!r}")
+        if name in ("include", "exclude"):
+            value = [value] if isinstance(value, str) else list(value)
+        elif name in ("max_memory", "multipart_threshold", "part_size", "max_bandwidth",
+                      "state_dir", "endpoint_url") and value is not None:
+            value = str(value)
+        setattr(args, name, value)
+    for name in ("workers", "part_concurrency", "retries"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"attach(): {name}={value!r} must be a whole number of at least 1")
+    args.source, args.destination = ".", destination
+    config = push_config(args, source_may_be_missing=True)
+    # The state directory is resolved now: a DDP worker may start in another directory.
+    return replace(config, state_dir=config.state_dir.resolve()), flush_timeout
+
+
+class UltralyticsSync:
+    """The callbacks `attach` registers. Picklable: it holds only settings until rank 0's
+    first callback starts the uploader for the run that trainer writes."""
+
+    def __init__(self, destination: str, **options: Any) -> None:
+        self._template, self.flush_timeout = settings_from(destination, dict(options))
+        self._run: _RunSync | None = None
+        self._disabled_for: Path | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_run"] = None
+        return state
+
+    @property
+    def run(self) -> _RunSync | None:
+        """The uploader of the current (or last) run in this process, if any."""
+        return self._run
+
+    # The callbacks. Each is guarded: a problem with the upload is logged, never raised into
+    # the training.
+
+    def on_pretrain_routine_start(self, trainer: Any) -> None:
+        self._guarded("start", trainer, lambda run: None)
+
+    def on_model_save(self, trainer: Any) -> None:
+        self._guarded("checkpoint snapshot", trainer, lambda run: run.snapshot_weights())
+
+    def on_fit_epoch_end(self, trainer: Any) -> None:
+        self._guarded("epoch sync", trainer, lambda run: run.epoch_done())
+
+    def on_train_end(self, trainer: Any) -> None:
+        self._guarded("final flush", trainer, lambda run: run.flush(finished=True))
+
+    def teardown(self, trainer: Any) -> None:
+        error = sys.exc_info()[1]  # teardown runs in train()'s `finally`
+        try:
+            self._guarded("final flush", trainer, lambda run: run.close(error))
+        finally:
+            self._run = None
+
+    def _guarded(self, what: str, trainer: Any, action: Callable[[_RunSync], None]) -> None:
+        if _rank() not in (-1, 0):
+            return
+        try:
+            run = self._run_for(trainer)
+            if run is not None:
+                action(run)
+        except Exception as exc:  # noqa: BLE001 - the training must go on
+            log.warning("%s failed: %s", what, _describe(exc))
+
+    def _run_for(self, trainer: Any) -> _RunSync | None:
+        run_dir = Path(trainer.save_dir).resolve()
+        if self._run is not None and self._run.run_dir != run_dir:
+            # A new training with the same model: the previous one's teardown closed it.
+            self._run.close(None)
+            self._run = None
+        if self._run is None and self._disabled_for != run_dir:
+            try:
+                self._run = _RunSync(self._template, trainer, self.flush_timeout)
+            except Exception:
+                self._disabled_for = run_dir  # one warning per run, not one per callback
+                raise
+        return self._run
+
+
+def _rank() -> int:
+    """The process's global rank as ultralytics reads it (-1 outside DDP)."""
+    try:
+        return int(os.environ.get("RANK", "-1"))
+    except ValueError:
+        return -1
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and not isinstance(exc, AsyncsyncError):
+        text += f" ({cause})"
+    return text
+
+
+def plotting_threads() -> list[threading.Thread]:
+    """ultralytics' background plotting threads still running (they write images in place)."""
+    return [t for t in threading.enumerate() if t.name.endswith(_PLOTTING_THREAD)]
+
+
+def _join(threads: list[threading.Thread], deadline: float) -> None:
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _ensure_visible_logging() -> None:
+    """The summary and warnings must reach the training's console even when the script
+    configured no logging (Python would drop INFO and format WARNING bare)."""
+    root_logger = logging.getLogger("asyncsync")
+    if root_logger.hasHandlers():
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("asyncsync: %(message)s"))
+    root_logger.addHandler(handler)
+    if root_logger.level == logging.NOTSET:
+        root_logger.setLevel(logging.INFO)
+
+
+class _EventLoopThread:
+    """An asyncio event loop in a daemon thread: uploads never run on the training's thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            # Whatever a timed-out flush left running is cancelled, not destroyed pending.
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout: float) -> None:
+        if self.loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+
+
+@dataclass
+class _Tally:
+    files: int = 0
+    bytes: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # relative path -> error
+
+    def add(self, outcome: FileOutcome) -> None:
+        if outcome.status == "uploaded":
+            self.files += 1
+            self.bytes += outcome.bytes_sent
+            self.failed.pop(outcome.relative, None)
+        elif outcome.status == "failed":
+            self.failed[outcome.relative] = outcome.error or "failed"
+        else:
+            self.failed.pop(outcome.relative, None)
+
+
+class _RunSync:
+    """One training run's uploader: the staging area, the event loop thread and the
+    pipeline stages (manifest, store, uploader) it drives. Created in rank 0 only."""
+
+    def __init__(self, template: PushConfig, trainer: Any, flush_timeout: float) -> None:
+        _ensure_visible_logging()
+        self.run_dir = Path(trainer.save_dir).resolve()
+        self.weights_dir = Path(getattr(trainer, "wdir", self.run_dir / "weights")).resolve()
+        destination = template.destination
+        prefix = object_key(destination.prefix, self.run_dir.name) if destination.prefix \
+            else self.run_dir.name
+        self.config = replace(template, source=self.run_dir,
+                              destination=replace(destination, prefix=prefix))
+        self.flush_timeout = flush_timeout
+        self.staging = self._make_staging()
+        self._snapshotted: dict[str, FileIdentity] = {}
+        self._snapshot_count = 0
+        self._finished = False
+        self._closed = False
+        self._deadline: float | None = None
+        self._flush_started = 0.0
+        self.tally = _Tally()
+        self._warned: set[str] = set()
+        # Why the last pass stopped short (no bucket, store away), until one goes through.
+        self.problem: str | None = None
+        self._thread = _EventLoopThread(f"asyncsync-{self.run_dir.name}")
+        try:
+            self._thread.submit(self._open(trainer)).result(timeout=60)
+        except BaseException:
+            self._thread.stop(5)
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise
+        log.info("mirroring %s to %s", self.run_dir, self.config.destination.url)
+
+    # --- the training's thread ---
+
+    def snapshot_weights(self) -> None:
+        """Copy each checkpoint the trainer just wrote, and queue the copies."""
+        started = time.perf_counter()
+        copied = 0
+        try:
+            entries = list(os.scandir(self.weights_dir))
+        except FileNotFoundError:
+            return
+        for entry in sorted(entries, key=lambda e: e.name):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            relative = Path(entry.path).relative_to(self.run_dir).as_posix()
+            before = FileIdentity.of(entry.stat(follow_symlinks=False))
+            if self._snapshotted.get(relative) == before:
+                continue
+            self._snapshot_count += 1
+            staged = self.staging / f"{self._snapshot_count:06d}-{entry.name}"
+            shutil.copyfile(entry.path, staged)
+            if FileIdentity.of(os.stat(entry.path)) != before:
+                # Written while copying (not by the trainer, which is waiting for us):
+                # not a consistent copy, so leave it to the next snapshot or the flush.
+                staged.unlink(missing_ok=True)
+                continue
+            self._snapshotted[relative] = before
+            copied += before.size
+            self._submit(self._queue_snapshot(relative, staged), "checkpoint upload")
+        if copied:
+            log.debug("snapshot of %d bytes of weights in %.3f s", copied,
+                      time.perf_counter() - started)
+
+    def epoch_done(self) -> None:
+        """Sync results.csv, args.yaml and the plots once the plotting threads are done."""
+        self._submit(self._sync_epoch(plotting_threads()), "epoch sync")
+
+    def flush(self, *, finished: bool = False) -> None:
+        """The final flush: returns when the bucket holds the run directory as it is now,
+        or when the flush timeout has passed (what was left is then logged)."""
+        if finished:
+            self._finished = True
+        if self._deadline is None:
+            self._flush_started = time.monotonic()
+            self._deadline = self._flush_started + self.flush_timeout
+        elif time.monotonic() >= self._deadline:
+            return  # on_train_end's flush used the whole timeout (and said so)
+        _join(plotting_threads(), self._deadline)
+        future = self._thread.submit(self._final_sync())
+        try:
+            future.result(timeout=max(0.0, self._deadline - time.monotonic()))
+        except FutureTimeout:
+            future.cancel()
+            self.problem = f"the final flush took longer than {self.flush_timeout:.0f} s"
+            self._warn_once(f"final flush stopped: {self.problem}")
+        except Exception as exc:  # noqa: BLE001 - said once; the training goes on
+            self._failed("final flush", exc)
+
+    def close(self, error: BaseException | None) -> None:
+        """teardown: flush (again: cheap when on_train_end already did), write the final
+        run record, print the summary, and stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush()
+        finally:
+            # on_train_end runs only when the training loop completed.
+            status = "finished" if self._finished else "crashed"
+            fields: dict[str, Any] = {"status": status, "ended": now_iso(),
+                                      "unsent": len(self.tally.failed)}
+            if error is not None and not self._finished:
+                fields["error"] = f"{type(error).__name__}: {error}"[:500]
+            try:
+                self._thread.submit(self._finish(fields)).result(timeout=30)
+            except Exception as exc:  # noqa: BLE001 - the summary below says what matters
+                log.warning("could not close the uploader cleanly: %s", _describe(exc))
+            self._thread.stop(10)
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self._summary(status, time.monotonic() - self._flush_started)
+
+    def _submit(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        def done(future: Future[None]) -> None:
+            if future.cancelled():
+                return
+            exc = future.exception()
+            if exc is not None:
+                self._failed(what, exc)
+
+        self._thread.submit(coro).add_done_callback(done)
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        problem = _describe(exc)
+        if problem != self.problem:  # one warning per cause, not one per callback
+            log.warning("%s failed: %s", what, problem)
+        self.problem = problem
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
+
+    def _summary(self, status: str, flush_seconds: float) -> None:
+        where = self.config.destination.url
+        sent = f"{self.tally.files} upload(s), {self.tally.bytes / 1e6:.1f} MB"
+        if self.problem:
+            log.warning("%s -> %s: NOT in sync: %s; %s; run %s",
+                        self.run_dir.name, where, self.problem, sent, status)
+        elif self.tally.failed:
+            first = next(iter(self.tally.failed.items()))
+            log.warning("%s -> %s: %d file(s) NOT uploaded (%s: %s); %s; run %s",
+                        self.run_dir.name, where, len(self.tally.failed), *first, sent, status)
+        else:
+            log.info("%s -> %s: in sync; %s; final flush %.1f s; run %s",
+                     self.run_dir.name, where, sent, flush_seconds, status)
+
+    def _make_staging(self) -> Path:
+        """A directory for checkpoint snapshots, outside the run directory."""
+        parent = self.config.state_dir / "staging"
+        if parent.resolve().is_relative_to(self.run_dir):
+            parent = Path(tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(parent)
+        return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{self.run_dir.name}-", dir=parent))
+
+    # --- the event loop's thread ---
+
+    async def _open(self, trainer: Any) -> None:
+        config = self.config
+        self.manifest = Manifest.open(config.state_dir)
+        self.scope = scope_for(config)
+        # Not sticky: a store that is away for an epoch is tried again at the next one.
+        self.session = StoreSession(open_store(config, lambda *a: None),
+                                    config.store.max_attempts, sticky=False)
+        temp_dir = config.state_dir / "tmp"
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        self.uploader = Uploader(
+            store=self.session.get, manifest=self.manifest, scope=self.scope,
+            config=config.transfer, budget=ByteBudget(config.transfer.max_memory),
+            temp_dir=temp_dir,
+        )
+        self.path_filter = PathFilter(config.include, config.exclude)
+        self.lock = asyncio.Lock()  # one tree sync (and record write) at a time
+        self.uploading: dict[str, asyncio.Task[None]] = {}
+        self.waiting: dict[str, Path] = {}
+        self.record = RunRecord(
+            self.session, object_key(config.destination.prefix, RECORD_PATH),
+            run=self.run_dir.name, epochs_planned=getattr(trainer, "epochs", None),
+        )
+        self._background(self.record.write())
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(self._report_task)
+
+    def _report_task(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                self._failed("upload", exc)
+
+    async def _queue_snapshot(self, relative: str, staged: Path) -> None:
+        superseded = self.waiting.pop(relative, None)
+        if superseded is not None:
+            superseded.unlink(missing_ok=True)
+        if relative in self.uploading:
+            self.waiting[relative] = staged  # one upload per key: versions land in order
+        else:
+            self._start_snapshot(relative, staged)
+
+    def _start_snapshot(self, relative: str, staged: Path) -> None:
+        task = asyncio.get_running_loop().create_task(self._send_snapshot(relative, staged))
+        self.uploading[relative] = task
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self.uploading.pop(relative, None)
+            self._report_task(finished)
+            following = self.waiting.pop(relative, None)
+            if following is not None:
+                self._start_snapshot(relative, following)
+
+        task.add_done_callback(done)
+
+    async def _send_snapshot(self, relative: str, staged: Path) -> None:
+        try:
+            st = os.stat(staged)
+            item = ScannedFile(str(staged), relative, st.st_size, st.st_mtime_ns, st.st_ino)
+            await self._send(item)
+            self.manifest.commit()
+        finally:
+            staged.unlink(missing_ok=True)
+
+    async def _send(self, item: ScannedFile) -> FileOutcome | None:
+        try:
+            key = object_key(self.config.destination.prefix, item.relative)
+        except InvalidKey as exc:
+            self.tally.failed[item.relative] = str(exc)
+            return None
+        decision = plan_file(item, self.manifest.lookup(self.scope, key))
+        if decision.action is Action.SKIP:
+            self.tally.failed.pop(item.relative, None)
+            return None
+        outcome = await self.uploader.sync(item, key, decision)
+        self.tally.add(outcome)
+        if outcome.status == "failed":
+            log.debug("%s: %s", item.relative, outcome.error)
+        return outcome
+
+    async def _sync_epoch(self, plotting: list[threading.Thread]) -> None:
+        if plotting:
+            deadline = time.monotonic() + 60
+            await asyncio.get_running_loop().run_in_executor(None, _join, plotting, deadline)
+        async with self.lock:
+            await self._sync_tree(include_weights=False)
+            await self._write_record()
+
+    async def _final_sync(self) -> None:
+        # The trainer is done with its weights: from now on the run directory is the truth.
+        # Snapshots not started are dropped; those in flight finish first, so none of them
+        # can land on top of the final (stripped) checkpoint.
+        for staged in self.waiting.values():
+            staged.unlink(missing_ok=True)
+        self.waiting.clear()
+        if self.uploading:
+            await asyncio.gather(*self.uploading.values(), return_exceptions=True)
+        async with self.lock:
+            for attempt in range(FINAL_PASSES):
+                failed = await self._sync_tree(include_weights=True)
+                if not failed:
+                    break
+                if attempt + 1 < FINAL_PASSES:
+                    await asyncio.sleep(1.0 + attempt)
+            await self._write_record()
+
+    async def _sync_tree(self, *, include_weights: bool) -> int:
+        """One pass over the run directory; returns how many files are still not sent."""
+        skip = set(state_dir_inside(self.run_dir, self.config.state_dir))
+        if not include_weights and self.weights_dir.is_relative_to(self.run_dir):
+            skip.add(self.weights_dir.relative_to(self.run_dir).as_posix())
+        options = ScanOptions(path_filter=self.path_filter, skip_paths=frozenset(skip))
+        slots = asyncio.Semaphore(self.config.transfer.workers)
+        failed = 0
+
+        async def work(item: ScannedFile) -> None:
+            nonlocal failed
+            try:
+                outcome = await self._send(item)
+                if outcome is not None and outcome.status == "failed":
+                    failed += 1
+            finally:
+                slots.release()
+
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                async for batch in scan_directories(str(self.run_dir), options):
+                    for item in batch:
+                        if isinstance(item, ScanIssue):
+                            self._warn_once(f"{item.relative}: {item.message}")
+                            continue
+                        await slots.acquire()
+                        tasks.create_task(work(item))
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        self.manifest.commit()
+        self.problem = None  # a whole pass went through: the store is fine again
+        return failed
+
+    async def _write_record(self, **fields: Any) -> None:
+        results = self.run_dir / "results.csv"
+        if results.is_file():
+            fields.update(read_results(results))
+        await self.record.write(**fields)
+
+    async def _finish(self, fields: dict[str, Any]) -> None:
+        try:
+            async with self.lock:
+                await self._write_record(**fields)
+        finally:
+            self.uploader.close()
+            try:
+                await self.session.close()
+            finally:
+                self.manifest.close()
+
+
+def _remove_stale_staging(parent: Path) -> None:
+    """Staging directories left by processes that died (SIGKILL, OOM) before teardown."""
+    for entry in parent.iterdir():
+        pid_text = entry.name.partition("-")[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
