@@ -75,7 +75,7 @@ def test_attach_mirrors_the_whole_run_by_the_time_train_returns(
     project = tmp_path / "runs"
     done = subprocess.run(
         train_command(dataset, project, "--attach", f"s3://{bucket}/yolo",
-                      "--state-dir", str(tmp_path / "state")),
+                      "--state-dir", str(tmp_path / "state"), "--exit-when-train-returns"),
         env=training_env(s3_server, tmp_path), capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]

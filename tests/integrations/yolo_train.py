@@ -9,6 +9,7 @@ trains 2 epochs (--epochs) at imgsz 64, and writes ultralytics' real run directo
 start of the epoch (raise), or, once the epoch's checkpoint is saved, os._exit(3) (exit)
 or SIGKILL (kill). --hold makes the trainer wait, in a callback after the first epoch's
 on_fit_epoch_end, until the test creates DIR/release (it first creates DIR/holding).
+--exit-when-train-returns ends the process with os._exit(0) the moment train() returns.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--crash", choices=("raise", "exit", "kill"))
     parser.add_argument("--hold", type=Path)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--exit-when-train-returns", action="store_true")
     args = parser.parse_args()
 
     from ultralytics import YOLO
@@ -86,6 +88,8 @@ def main() -> None:
     model.train(data=str(data), epochs=args.epochs, imgsz=64, batch=4, device="cpu", workers=0,
                 amp=False, plots=True, project=str(args.project), name="exp", exist_ok=True,
                 verbose=False, seed=0)
+    if args.exit_when_train_returns:
+        os._exit(0)  # no atexit, no thread joins: the bucket must be complete already
 
 
 if __name__ == "__main__":
