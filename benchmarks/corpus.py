@@ -1,12 +1,15 @@
 """Deterministic benchmark corpora: the trees that `run.py` uploads.
 
-Three shapes, each generated from a fixed seed so every machine and every run measures the
+Four shapes, each generated from a fixed seed so every machine and every run measures the
 same bytes:
 
 * ``runs``  - 12 YOLOv8-shaped run directories (``train``, ``train2``, ...), ~1 GB in all:
   args.yaml, results.csv, ~11 plots and batch images, weights/best.pt and weights/last.pt.
 * ``small`` - 10,000 files of 4 KiB in 100 directories: per-request overhead dominates.
 * ``large`` - one 1 GiB file: multipart throughput dominates.
+* ``noop``  - 100,000 files of a few dozen bytes in 100 directories: the tree whose *no-op
+  re-sync* is measured (what a sync after each epoch costs when nothing changed); its upload is
+  only the setup.
 
 Binary content (images, weights, the large file) is random, hence incompressible, as real JPEG,
 PNG and float32 checkpoints nearly are; text files are text. ``scale`` shrinks every corpus for
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_WORK_DIR = Path(__file__).resolve().parent / "work"
-CORPORA = ("runs", "small", "large")
+CORPORA = ("runs", "small", "large", "noop")
 # Bumped whenever a generator changes, so stale trees are regenerated rather than reused.
 GENERATOR_VERSION = 2  # checkpoints are real zip archives
 
@@ -199,10 +202,28 @@ def _gen_large(root: Path, scale: float) -> None:
     _write_random(root / "large.bin", _scaled(LARGE_SIZE, scale, 1 * MiB), random.Random("large"))
 
 
+NOOP_FILES = 100_000
+NOOP_DIRS = 100
+
+
+def _gen_noop(root: Path, scale: float) -> None:
+    """Tiny text files (a few dozen bytes each): the tree's size is all in its file count."""
+    rng = random.Random("noop")
+    count = max(NOOP_DIRS, int(NOOP_FILES * scale))
+    per_dir = count // NOOP_DIRS
+    for d in range(NOOP_DIRS):
+        directory = root / f"d{d:03d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        for f in range(per_dir):
+            line = f"d{d:03d}/f{f:04d} step={rng.randrange(10**6)} loss={rng.random():.6f}\n"
+            (directory / f"f{f:04d}.txt").write_text(line)
+
+
 _GENERATORS: dict[str, Callable[[Path, float], None]] = {
     "runs": _gen_runs,
     "small": _gen_small,
     "large": _gen_large,
+    "noop": _gen_noop,
 }
 
 
