@@ -5,11 +5,13 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from asyncsync.errors import ConfigError, ManifestError
 from asyncsync.manifest import (
+    CLEAN_MARK,
     MANIFEST_FILE,
     SCHEMA_VERSION,
     Manifest,
@@ -381,3 +383,63 @@ def test_malformed_page_is_detected_at_open(tmp_path: Path) -> None:
     assert "--reconcile" in str(info.value)
 
 
+
+
+# -- the no-op fast path ---------------------------------------------------------------------
+
+
+def test_stat_rows_of_one_directory_by_range_and_of_a_few_keys_by_name(tmp_path: Path) -> None:
+    m = Manifest.open(tmp_path / "state")
+    try:
+        names = [f"p/run/f{i:03d}.txt" for i in range(40)]
+        for key in [*names, "p/run/sub/deeper.txt", "p/run.txt", "p/run0", "p/other/f.txt"]:
+            m.record_object(SCOPE, record(key))
+        m.record_object(OTHER_BUCKET, record("p/run/f000.txt", size=1))
+        many = m.stat_rows(SCOPE, names)  # one directory's worth: a range scan
+        assert {row[0] for row in many} == set(names)  # not sub/, run.txt, run0 or other/
+        assert ("p/run/f007.txt", "/data/p/run/f007.txt", 123, 1_700_000_000_000_000_001,
+                77) in many
+        few = m.stat_rows(SCOPE, ["p/run/f001.txt", "p/other/f.txt", "p/missing"])
+        assert {row[0] for row in few} == {"p/run/f001.txt", "p/other/f.txt"}
+        assert m.stat_rows(SCOPE, names[:1] + ["p/run.txt"]) == {
+            ("p/run/f000.txt", "/data/p/run/f000.txt", 123, 1_700_000_000_000_000_001, 77),
+            ("p/run.txt", "/data/p/run.txt", 123, 1_700_000_000_000_000_001, 77),
+        }
+    finally:
+        m.close()
+
+
+def test_integrity_check_is_skipped_only_after_a_clean_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    m = Manifest.open(state)
+    m.record_object(SCOPE, record("k"))
+    m.close()
+    mark = state / CLEAN_MARK
+    assert mark.exists()
+
+    checks: list[str] = []
+    real_connect = sqlite3.connect
+
+    class Recording:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self._db = db
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if "quick_check" in sql:
+                checks.append(sql)
+            return self._db.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._db, name)
+
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: Recording(real_connect(*a, **k)))
+    m = Manifest.open(state)
+    assert checks == [] and not mark.exists()  # taken: a crash from here leaves none
+    assert m.lookup(SCOPE, "k") == record("k")
+    m._db.close()  # the process dies without closing the manifest
+    Manifest.open(state).close()
+    assert len(checks) == 1
+    Manifest.open(state).close()
+    assert len(checks) == 1  # clean again

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -365,3 +366,29 @@ def test_stat_cache_reports_only_what_changed_since_the_last_scan(tmp_path: Path
     assert rescan() == (["a/2.txt", "b/3.txt", "c/new.txt"], ["a/1.txt"])
     cache.forget("b/3.txt")
     assert rescan() == (["b/3.txt"], [])
+
+
+def test_a_slow_chunk_sends_the_rest_of_the_walk_to_a_worker_thread(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks run on the loop's thread while they are quick; after one slow chunk the walk
+    moves to a worker thread, with the same files in the same order."""
+    import threading
+
+    from asyncsync import scan as scan_module
+
+    expected = relatives(scan(tree))
+    threads: list[str] = []
+    real_walk_some = scan_module._walk_some
+
+    def recording_walk_some(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_walk_some(*args)
+
+    monkeypatch.setattr(scan_module, "_walk_some", recording_walk_some)
+    monkeypatch.setattr(scan_module, "_DIRECTORIES_PER_CALL", 1)
+    monkeypatch.setattr(scan_module, "_INLINE_CHUNK_SECONDS", 0.0)
+    assert relatives(scan(tree)) == expected
+    main = threading.main_thread().name
+    assert threads[0] == main and len(threads) > 2
+    assert all(name != main for name in threads[1:])

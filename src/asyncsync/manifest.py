@@ -24,6 +24,10 @@ from typing import Any
 from .errors import ManifestError
 
 MANIFEST_FILE = "manifest.db"
+# Written after a clean close: the manifest file's size, mtime and inode at that moment.
+# A file still exactly like that was checked when it was last opened and closed cleanly
+# since, so its integrity check (a full read, ~50 ms per 100,000 rows) can be skipped.
+CLEAN_MARK = MANIFEST_FILE + ".clean"
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -150,6 +154,7 @@ class Manifest:
         if not os.access(state_dir, os.W_OK | os.X_OK):
             raise ManifestError(f"state directory {str(state_dir)!r} is not writable")
         path = state_dir / MANIFEST_FILE
+        closed_cleanly = _take_clean_mark(path)
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -169,7 +174,7 @@ class Manifest:
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             # quick_check reports damage as a row, not an exception.
-            verdict = db.execute("PRAGMA quick_check(1)").fetchone()
+            verdict = ("ok",) if closed_cleanly else db.execute("PRAGMA quick_check(1)").fetchone()
             if verdict is None or verdict[0] != "ok":
                 problem = verdict[0] if verdict else "no answer"
                 raise ManifestError(
@@ -208,6 +213,31 @@ class Manifest:
             )
             for row in rows:
                 found[row[0]] = ObjectRecord(*row)
+        return found
+
+    def stat_rows(self, scope: Scope, keys: list[str]) -> set[tuple[str, str, int, int, int]]:
+        """(key, source, size, mtime_ns, inode) rows for the keys (and maybe a few more):
+        all a re-run needs to see that a file is unchanged. A set, built in C straight from
+        the cursor, so that the caller tests membership without a Python object per row."""
+        found: set[tuple[str, str, int, int, int]] = set()
+        directory = keys[0].rpartition("/")[0] + "/" if len(keys) >= 32 else "/"
+        if directory != "/":
+            # The scanner hands over one directory's files at a time: a range scan of the
+            # primary key costs half of as many index lookups. Rows of other keys in that
+            # directory come along; rows of keys not there are simply missing.
+            return self._query_set(
+                "SELECT key, source, size, mtime_ns, inode FROM objects WHERE store=?"
+                " AND bucket=? AND key>=? AND key<? AND instr(substr(key, ?), '/')=0",
+                (scope.store, scope.bucket, directory, directory[:-1] + "0",
+                 len(directory) + 1),
+            )
+        for start in range(0, len(keys), self.LOOKUP_BATCH):
+            batch = keys[start:start + self.LOOKUP_BATCH]
+            found |= self._query_set(
+                "SELECT key, source, size, mtime_ns, inode FROM objects WHERE store=?"
+                f" AND bucket=? AND key IN ({','.join('?' * len(batch))})",
+                (scope.store, scope.bucket, *batch),
+            )
         return found
 
     def record_object(self, scope: Scope, record: ObjectRecord) -> None:
@@ -316,6 +346,7 @@ class Manifest:
             raise ManifestError(_describe(exc, self.path)) from exc
         finally:
             self._db.close()
+        _leave_clean_mark(self.path)
 
     def _execute(self, sql: str, args: tuple[object, ...]) -> None:
         try:
@@ -329,6 +360,12 @@ class Manifest:
         except sqlite3.Error as exc:
             raise ManifestError(_describe(exc, self.path)) from exc
         return row
+
+    def _query_set(self, sql: str, args: tuple[object, ...]) -> set[Any]:
+        try:
+            return set(self._db.execute(sql, args))
+        except sqlite3.Error as exc:
+            raise ManifestError(_describe(exc, self.path)) from exc
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple[Any, ...]]:
         try:
@@ -346,3 +383,41 @@ def _describe(exc: sqlite3.Error, path: Path) -> str:
     if "readonly" in text or "read-only" in text:
         return f"manifest {str(path)!r} cannot be written: {text} (state directory not writable)"
     return f"manifest {str(path)!r}: {text}"
+
+
+def _fingerprint(path: Path) -> str | None:
+    """The manifest file as it is on disk, or None while a write-ahead log holds changes
+    (another process has it open, or one died: the file alone says nothing then)."""
+    try:
+        wal = os.stat(f"{path}-wal")
+        if wal.st_size:
+            return None
+    except FileNotFoundError:
+        pass
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+
+
+def _take_clean_mark(path: Path) -> bool:
+    """True when the manifest is untouched since a clean close. The mark is removed, so a
+    process that dies with the manifest open leaves none, and the next open checks it."""
+    mark = path.with_name(CLEAN_MARK)
+    try:
+        recorded = mark.read_text()
+        mark.unlink()
+    except OSError:
+        return False
+    return recorded == _fingerprint(path)
+
+
+def _leave_clean_mark(path: Path) -> None:
+    fingerprint = _fingerprint(path)
+    if fingerprint is None:
+        return
+    try:
+        path.with_name(CLEAN_MARK).write_text(fingerprint)
+    except OSError:
+        pass  # only a missed shortcut: the next open checks the file

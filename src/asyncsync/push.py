@@ -18,7 +18,7 @@ from .budget import ByteBudget
 from .config import PushConfig
 from .errors import AsyncsyncError, FatalStoreError, TransientStoreError, first_error
 from .keys import InvalidKey, PathFilter, object_key
-from .manifest import Manifest, ObjectRecord, Scope
+from .manifest import Manifest, Scope
 from .plan import Action, Decision, plan_file, uses_multipart
 from .report import Reporter
 from .scan import ScanIssue, ScanItem, ScannedFile, ScanOptions, scan_directories
@@ -167,11 +167,18 @@ async def _push(
     try:
         async with asyncio.TaskGroup() as tasks:
             async for batch in scan_directories(str(config.source), options):
-                for key, item, record in _keyed(batch, config, manifest, scope, reporter):
-                    reporter.scanned(item.size)
+                keyed = _keyed(batch, config, reporter)
+                if not keyed:
+                    continue
+                for key, item in keyed:
                     if uses_multipart(item.size, transfer):
                         large_keys.add(key)
-                    decision = plan_file(item, record)
+                if listing is None:
+                    keyed = _drop_unchanged(keyed, manifest, scope, reporter)
+                records = manifest.lookup_many(scope, [key for key, _ in keyed]) if keyed else {}
+                for key, item in keyed:
+                    reporter.scanned(item.size)
+                    decision = plan_file(item, records.get(key))
                     if listing is not None:
                         decision = _reconcile(decision, listing.get(key))
                     if decision.action is Action.SKIP:
@@ -191,11 +198,9 @@ async def _push(
 
 
 def _keyed(
-    batch: list[ScanItem], config: PushConfig, manifest: Manifest, scope: Scope,
-    reporter: Reporter,
-) -> list[tuple[str, ScannedFile, ObjectRecord | None]]:
-    """One directory's files with their keys and manifest rows (one query for all);
-    issues and unusable names are reported on the way."""
+    batch: list[ScanItem], config: PushConfig, reporter: Reporter
+) -> list[tuple[str, ScannedFile]]:
+    """One directory's files with their keys; issues and unusable names are reported."""
     keyed: list[tuple[str, ScannedFile]] = []
     for item in batch:
         if isinstance(item, ScanIssue):
@@ -207,8 +212,27 @@ def _keyed(
             reporter.outcome(
                 FileOutcome(item.relative, "", "failed", "new", item.size, error=str(exc))
             )
-    records = manifest.lookup_many(scope, [key for key, _ in keyed])
-    return [(key, item, records.get(key)) for key, item in keyed]
+    return keyed
+
+
+def _drop_unchanged(
+    keyed: list[tuple[str, ScannedFile]], manifest: Manifest, scope: Scope, reporter: Reporter
+) -> list[tuple[str, ScannedFile]]:
+    """The files whose stat differs from the manifest; the others are counted as unchanged
+    in bulk. This is the whole cost of a re-run that finds nothing to do, so it compares
+    tuples from one query per directory and builds no object per unchanged file."""
+    known = manifest.stat_rows(scope, [key for key, _ in keyed])
+    changed: list[tuple[str, ScannedFile]] = []
+    unchanged: list[tuple[str, ScannedFile]] = []
+    for pair in keyed:
+        key, item = pair
+        if (key, item.path, item.size, item.mtime_ns, item.inode) in known:
+            unchanged.append(pair)
+        else:
+            changed.append(pair)
+    if unchanged:
+        reporter.unchanged_files(unchanged)
+    return changed
 
 
 def _reconcile(decision: Decision, listed: ObjectInfo | None) -> Decision:

@@ -14,7 +14,7 @@ import time
 from typing import Any, TextIO
 
 from .errors import TransientStoreError
-from .scan import ScanIssue
+from .scan import ScanIssue, ScannedFile
 from .transfer import FileOutcome
 
 log = logging.getLogger("asyncsync")
@@ -60,6 +60,19 @@ class Reporter:
     def scanned(self, size: int) -> None:
         self.scanned_files += 1
         self.scanned_bytes += size
+
+    def unchanged_files(self, files: list[tuple[str, ScannedFile]]) -> None:
+        """Files the manifest proves unchanged, counted at once (a re-run's common case)."""
+        if self.json_lines or log.isEnabledFor(logging.DEBUG):
+            for key, item in files:
+                self.scanned(item.size)
+                self.outcome(FileOutcome(item.relative, key, "unchanged", "unchanged", item.size))
+            return
+        nbytes = sum(item.size for _, item in files)
+        self.scanned_files += len(files)
+        self.scanned_bytes += nbytes
+        self.done_bytes += nbytes
+        self.unchanged += len(files)
 
     def sent(self, nbytes: int) -> None:
         self.bytes_sent += nbytes

@@ -2,19 +2,21 @@
 
 The walk yields as it goes, so uploading starts before it ends, and it holds at most one
 directory listing plus the stack of directories still to visit, whatever the tree size.
-Each directory is listed and stat()ed in a worker thread: the event loop never blocks on
-the disk. Only regular files are yielded; everything else becomes a `ScanIssue`.
+Directories are listed and stat()ed in chunks: on the event loop's thread while a chunk
+takes milliseconds, in a worker thread as soon as one does not (a slow disk never stalls the
+uploads for long). Only regular files are yielded; everything else becomes a `ScanIssue`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import operator
 import os
 import stat
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-
-import anyio.to_thread
 
 from .keys import PathFilter
 
@@ -36,14 +38,21 @@ class ScanIssue:
 
 
 ScanItem = ScannedFile | ScanIssue
-_FILE_TYPE, _REGULAR, _DIRECTORY = stat.S_IFMT(0o170000), stat.S_IFREG, stat.S_IFDIR
+_FILE_TYPE, _REGULAR, _DIRECTORY, _LINK = 0o170000, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
 # Directories listed per worker-thread call: one hop per directory would cost more than
 # the stat calls of a small directory.
 _DIRECTORIES_PER_CALL = 64
+# A chunk of the walk (up to 64 directories or ~1,000 files) runs on the event loop's own
+# thread while it takes less than this; on a fast local disk it takes a few milliseconds,
+# and handing it to a worker thread measured 15% slower on a no-op re-run (the threads'
+# GIL handoffs and cache misses cost more than the stat calls they would overlap). A chunk
+# that takes longer sends the rest of the walk to the worker thread.
+_INLINE_CHUNK_SECONDS = 0.05
 
 
-def _name(entry: os.DirEntry[str]) -> str:
-    return entry.name
+# Sort key of directory entries (attrgetter runs in C: a thousand entries per directory).
+_name = operator.attrgetter("name")
+
 DirIdentity = tuple[int, int]  # (st_dev, st_ino)
 
 
@@ -116,6 +125,20 @@ class _Walker:
     def _accepts(self, rel: str) -> bool:
         return not self.filtering or self.options.path_filter.accepts(rel)
 
+    def _through_link(
+        self, entry: os.DirEntry[str], rel: str, items: list[ScanItem]
+    ) -> os.stat_result | None:
+        """What a symlink points to, when it is followed; None (and maybe an issue) when not."""
+        if not self._accepts(rel) and not entry.is_dir():
+            return None
+        if not self.options.follow_symlinks:
+            items.append(ScanIssue(rel, "skipped symlink (see --follow-symlinks)"))
+            return None
+        if not self._inside_root(entry.path):
+            items.append(ScanIssue(rel, "skipped symlink pointing outside the source"))
+            return None
+        return os.stat(entry.path)
+
     def list_directory(
         self, directory: str, prefix: str, ancestors: frozenset[DirIdentity]
     ) -> tuple[list[ScanItem], list[tuple[str, str, frozenset[DirIdentity]]]]:
@@ -136,6 +159,7 @@ class _Walker:
             return [ScanIssue(prefix.rstrip("/") or ".", message, failed=True)], []
         follow = self.options.follow_symlinks
         skip = self.options.skip_paths
+        filtering, accepts = self.filtering, self.options.path_filter.accepts
         # `StatCache.unchanged`, inlined: this loop runs for every file of every rescan.
         seen, generation = self.cache.view() if self.cache is not None else (None, 0)
         for entry in entries:
@@ -144,27 +168,20 @@ class _Walker:
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
-                if not follow and st.st_mode & _FILE_TYPE == _DIRECTORY:
-                    subdirs.append((entry.path, rel + "/", ancestors))
-                    continue
-                if stat.S_ISLNK(st.st_mode):
-                    if not self._accepts(rel) and not entry.is_dir():
+                kind = st.st_mode & _FILE_TYPE
+                if kind == _LINK:
+                    followed = self._through_link(entry, rel, items)
+                    if followed is None:
                         continue
-                    if not follow:
-                        items.append(ScanIssue(rel, "skipped symlink (see --follow-symlinks)"))
-                        continue
-                    if not self._inside_root(entry.path):
-                        items.append(ScanIssue(rel, "skipped symlink pointing outside the source"))
-                        continue
-                    st = os.stat(entry.path)
+                    st, kind = followed, followed.st_mode & _FILE_TYPE
             except FileNotFoundError:
                 items.append(ScanIssue(rel, "vanished during the scan"))
                 continue
             except OSError as exc:
                 items.append(ScanIssue(rel, f"cannot stat: {exc.strerror}", failed=True))
                 continue
-            if st.st_mode & _FILE_TYPE == _REGULAR:
-                if self.filtering and not self.options.path_filter.accepts(rel):
+            if kind == _REGULAR:
+                if filtering and not accepts(rel):
                     continue
                 if seen is not None:
                     file_identity = (st.st_size, st.st_mtime_ns, st.st_ino)
@@ -174,7 +191,10 @@ class _Walker:
                         continue
                     seen[rel] = [file_identity, generation]
                 items.append(ScannedFile(entry.path, rel, st.st_size, st.st_mtime_ns, st.st_ino))
-            elif stat.S_ISDIR(st.st_mode):
+            elif kind == _DIRECTORY:
+                if not follow:
+                    subdirs.append((entry.path, rel + "/", ancestors))
+                    continue
                 # Only a followed symlink can lead back to a directory above it (hard links
                 # to directories do not exist); aliases elsewhere are simply followed.
                 identity = (st.st_dev, st.st_ino)
@@ -203,9 +223,20 @@ async def scan_directories(
     walker = _Walker(root, options or ScanOptions(), cache)
     root_stat = os.stat(root)
     stack = [(root, "", frozenset({(root_stat.st_dev, root_stat.st_ino)}))]
+    loop = asyncio.get_running_loop()
+    inline = True
     while stack:
-        for items in await anyio.to_thread.run_sync(_walk_some, walker, stack):
-            yield items
+        if inline:
+            started = time.perf_counter()
+            batches = _walk_some(walker, stack)
+            # A slow disk (NFS, a cold cache) must not stall the uploads on this loop.
+            inline = time.perf_counter() - started < _INLINE_CHUNK_SECONDS
+            for items in batches:
+                yield items
+            await asyncio.sleep(0)  # signals and other tasks get their turn
+        else:
+            for items in await loop.run_in_executor(None, _walk_some, walker, stack):
+                yield items
 
 
 def _walk_some(walker: _Walker, stack: list[tuple[str, str, frozenset[DirIdentity]]]
