@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from .inline import InlineGate
 from .keys import PathFilter
 
 
@@ -43,10 +44,8 @@ _FILE_TYPE, _REGULAR, _DIRECTORY, _LINK = 0o170000, stat.S_IFREG, stat.S_IFDIR, 
 # the stat calls of a small directory.
 _DIRECTORIES_PER_CALL = 64
 # A chunk of the walk (up to 64 directories or ~1,000 files) runs on the event loop's own
-# thread while it takes less than this; on a fast local disk it takes a few milliseconds,
-# and handing it to a worker thread measured 15% slower on a no-op re-run (the threads'
-# GIL handoffs and cache misses cost more than the stat calls they would overlap). A chunk
-# that takes longer sends the rest of the walk to the worker thread.
+# thread while chunks take less than this (see inline.py): a few milliseconds on a local
+# disk, where a worker thread measured 15% slower on a no-op re-run.
 _INLINE_CHUNK_SECONDS = 0.05
 
 
@@ -224,13 +223,13 @@ async def scan_directories(
     root_stat = os.stat(root)
     stack = [(root, "", frozenset({(root_stat.st_dev, root_stat.st_ino)}))]
     loop = asyncio.get_running_loop()
-    inline = True
+    # A slow disk (NFS, a cold cache) must not stall the uploads on this loop.
+    inline = InlineGate(slow_seconds=_INLINE_CHUNK_SECONDS, strikes=3)
     while stack:
-        if inline:
+        if inline.open:
             started = time.perf_counter()
             batches = _walk_some(walker, stack)
-            # A slow disk (NFS, a cold cache) must not stall the uploads on this loop.
-            inline = time.perf_counter() - started < _INLINE_CHUNK_SECONDS
+            inline.record(time.perf_counter() - started)
             for items in batches:
                 yield items
             await asyncio.sleep(0)  # signals and other tasks get their turn

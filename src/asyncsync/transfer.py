@@ -47,6 +47,7 @@ from .errors import (
     StoreError,
     first_error,
 )
+from .inline import InlineGate
 from .manifest import Manifest, ObjectRecord, PendingUpload, RecordedPart, Scope
 from .plan import (
     Action,
@@ -63,6 +64,8 @@ from .store import META_DIGEST, META_SIZE, ObjectAttributes, ObjectStore, Upload
 log = logging.getLogger("asyncsync")
 
 StoreGetter = Callable[[], Awaitable[ObjectStore]]
+# Files up to this size are read and hashed on the event loop's own thread (see inline.py).
+INLINE_READ_MAX = 256 * 1024
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -108,6 +111,7 @@ class Uploader:
         self._on_bytes = on_bytes
         # A pool of our own for file reads and hashing: submitting to it directly costs a
         # fraction of a generic to_thread call, which matters at thousands of files a second.
+        self._inline_reads = InlineGate(slow_seconds=0.01, strikes=8)
         self._io = ThreadPoolExecutor(
             max_workers=max(4, min(64, config.workers + config.part_concurrency)),
             thread_name_prefix="asyncsync-io",
@@ -211,9 +215,14 @@ class Uploader:
     ) -> FileOutcome:
         grant = await self._budget.acquire(scanned.size)
         try:
-            snap = await self.in_thread(
-                read_small, scanned.path, self._config.multipart_threshold, compress
-            )
+            if scanned.size <= INLINE_READ_MAX and not compress and self._inline_reads.open:
+                started = time.perf_counter()
+                snap = read_small(scanned.path, self._config.multipart_threshold, False)
+                self._inline_reads.record(time.perf_counter() - started)
+            else:
+                snap = await self.in_thread(
+                    read_small, scanned.path, self._config.multipart_threshold, compress
+                )
             unchanged = self._unchanged(scanned, key, decision, snap.identity, snap.digest)
             if unchanged:
                 return unchanged
