@@ -237,6 +237,7 @@ def test_other_ranks_do_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     ({"max_bandwidth": "fast"}, "fast"),
     ({"part_size": "1KiB"}, "--part-size"),
     ({"flush_timeout": 0}, "flush_timeout"),
+    ({"flush_timeout": "soon"}, "flush_timeout 'soon'"),
     ({"wrokers": 3}, "unknown option 'wrokers'"),
 ])
 def test_attach_rejects_bad_options_before_training(

@@ -104,9 +104,13 @@ def settings_from(destination: str, options: dict[str, Any]) -> tuple[PushConfig
     add_transfer_options(parser)
     args = parser.parse_args([])
     args.workers = DEFAULT_WORKERS
-    flush_timeout = float(options.pop("flush_timeout", DEFAULT_FLUSH_TIMEOUT))
-    if flush_timeout <= 0:
-        raise ConfigError(f"flush_timeout {flush_timeout}: must be more than 0 seconds")
+    raw_timeout = options.pop("flush_timeout", DEFAULT_FLUSH_TIMEOUT)
+    try:
+        flush_timeout = float(raw_timeout)
+    except (TypeError, ValueError):
+        flush_timeout = -1.0
+    if not flush_timeout > 0:
+        raise ConfigError(f"flush_timeout {raw_timeout!r}: must be a number of seconds above 0")
     for name, value in options.items():
         if name in ("source", "destination") or not hasattr(args, name):
             raise ConfigError(f"attach(): unknown option {name!r}")
