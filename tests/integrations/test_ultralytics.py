@@ -357,3 +357,26 @@ def test_a_missing_bucket_is_reported_once_and_never_stops_the_training(
     # The upload path and the run record say it once each, and the summary says it again.
     assert len(missing) == 3, warnings
     assert "exp -> s3://no-such-bucket-here/x/exp: NOT in sync" in warnings[-1]
+
+
+def test_unpickled_callbacks_start_their_uploader_in_rank_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a DDP worker gets: the callbacks after a pickle round trip, run with RANK=0."""
+    model = FakeModel()
+    attach(model, f"file://{tmp_path / 'bucket'}", state_dir=tmp_path / "state")
+    (tmp_path / "bucket").mkdir()
+    worker = FakeModel()
+    worker.callbacks = pickle.loads(pickle.dumps(model.callbacks))
+    monkeypatch.setenv("RANK", "0")
+    trainer = FakeTrainer(worker, tmp_path / "runs" / "train2", epochs=1)
+    trainer.callback("on_pretrain_routine_start")
+    trainer.save_epoch(os.urandom(100_000))
+    trainer.callback("on_train_end")
+    trainer.callback("teardown")
+    for path in trainer.run.rglob("*"):
+        if path.is_file():
+            relative = path.relative_to(trainer.run.parent)
+            assert (tmp_path / "bucket" / relative).read_bytes() == path.read_bytes()
+    record = json.loads((tmp_path / "bucket" / "train2/_asyncsync/run.json").read_text())
+    assert record["status"] == "finished" and record["epochs"] == 1
