@@ -131,7 +131,7 @@ async def run_push(config: PushConfig, reporter: Reporter) -> None:
         dry_run=config.dry_run, on_bytes=reporter.sent,
     )
     try:
-        await _push(config, reporter, manifest, session, uploader)
+        await mirror(config, reporter, manifest, session, uploader)
     finally:
         uploader.close()
         try:
@@ -140,10 +140,12 @@ async def run_push(config: PushConfig, reporter: Reporter) -> None:
             manifest.close()
 
 
-async def _push(
+async def mirror(
     config: PushConfig, reporter: Reporter, manifest: Manifest, session: StoreSession,
     uploader: Uploader,
 ) -> None:
+    """One pass over config.source with stages already open: push runs it once; the
+    Ultralytics integration runs it after each epoch and at the end of a training."""
     scope = scope_for(config)
     transfer = config.transfer
     listing: dict[str, ObjectInfo] | None = None

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -47,20 +48,21 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..budget import ByteBudget
 from ..config import PushConfig
 from ..digest import FileIdentity
-from ..errors import AsyncsyncError, ConfigError, first_error
-from ..keys import InvalidKey, PathFilter, object_key
+from ..errors import AsyncsyncError, ConfigError
+from ..keys import InvalidKey, object_key
 from ..manifest import Manifest
 from ..plan import Action, plan_file
-from ..push import StoreSession, open_store, scope_for, state_dir_inside
+from ..push import StoreSession, mirror, open_store, scope_for
 from ..record import RECORD_PATH, RunRecord, now_iso, read_results
-from ..scan import ScanIssue, ScannedFile, ScanOptions, scan_directories
+from ..report import Reporter
+from ..scan import ScanIssue, ScannedFile
 from ..transfer import FileOutcome, Uploader
 
 log = logging.getLogger("asyncsync.ultralytics")
@@ -268,21 +270,35 @@ class _EventLoopThread:
         self._thread.join(timeout)
 
 
-@dataclass
-class _Tally:
-    files: int = 0
-    bytes: int = 0
-    failed: dict[str, str] = field(default_factory=dict)  # relative path -> error
+class _RunTally(Reporter):
+    """The run's outcomes over every pass and snapshot: what was sent, and which files are
+    still not (a later pass that sends the file, or finds it unchanged, takes it off). It
+    prints nothing per file: the training's console gets warnings and one summary line."""
 
-    def add(self, outcome: FileOutcome) -> None:
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        super().__init__()
+        self.files = 0
+        self.bytes = 0
+        self.unsent: dict[str, str] = {}  # relative path -> why
+        self._warn = warn
+
+    def outcome(self, outcome: FileOutcome) -> None:
         if outcome.status == "uploaded":
             self.files += 1
             self.bytes += outcome.bytes_sent
-            self.failed.pop(outcome.relative, None)
-        elif outcome.status == "failed":
-            self.failed[outcome.relative] = outcome.error or "failed"
+        if outcome.status == "failed":
+            self.unsent[outcome.relative] = outcome.error or "failed"
+            log.debug("%s: %s", outcome.relative, outcome.error)
         else:
-            self.failed.pop(outcome.relative, None)
+            self.unsent.pop(outcome.relative, None)
+
+    def unchanged_files(self, files: list[tuple[str, ScannedFile]]) -> None:
+        if self.unsent:
+            for _, item in files:
+                self.unsent.pop(item.relative, None)
+
+    def issue(self, issue: ScanIssue) -> None:
+        self._warn(f"{issue.relative}: {issue.message}")
 
 
 class _RunSync:
@@ -298,6 +314,12 @@ class _RunSync:
             else self.run_dir.name
         self.config = replace(template, source=self.run_dir,
                               destination=replace(destination, prefix=prefix))
+        # During training the weights go up as snapshots only: the per-epoch pass skips them.
+        self.epoch_config = self.config
+        if self.weights_dir.is_relative_to(self.run_dir) and self.weights_dir != self.run_dir:
+            weights = glob.escape(self.weights_dir.relative_to(self.run_dir).as_posix())
+            self.epoch_config = replace(self.config, exclude=(*self.config.exclude,
+                                                              f"{weights}/*"))
         self.flush_timeout = flush_timeout
         self.staging = self._make_staging()
         self._snapshotted: dict[str, FileIdentity] = {}
@@ -306,7 +328,7 @@ class _RunSync:
         self._closed = False
         self._deadline: float | None = None
         self._flush_started = 0.0
-        self.tally = _Tally()
+        self.tally = _RunTally(self._warn_once)
         self._warned: set[str] = set()
         # Why the last pass stopped short (no bucket, store away), until one goes through.
         self.problem: str | None = None
@@ -388,7 +410,7 @@ class _RunSync:
             # on_train_end runs only when the training loop completed.
             status = "finished" if self._finished else "crashed"
             fields: dict[str, Any] = {"status": status, "ended": now_iso(),
-                                      "unsent": len(self.tally.failed)}
+                                      "unsent": len(self.tally.unsent)}
             if error is not None and not self._finished:
                 fields["error"] = f"{type(error).__name__}: {error}"[:500]
             try:
@@ -426,10 +448,10 @@ class _RunSync:
         if self.problem:
             log.warning("%s -> %s: NOT in sync: %s; %s; run %s",
                         self.run_dir.name, where, self.problem, sent, status)
-        elif self.tally.failed:
-            first = next(iter(self.tally.failed.items()))
+        elif self.tally.unsent:
+            first = next(iter(self.tally.unsent.items()))
             log.warning("%s -> %s: %d file(s) NOT uploaded (%s: %s); %s; run %s",
-                        self.run_dir.name, where, len(self.tally.failed), *first, sent, status)
+                        self.run_dir.name, where, len(self.tally.unsent), *first, sent, status)
         else:
             log.info("%s -> %s: in sync; %s; final flush %.1f s; run %s",
                      self.run_dir.name, where, sent, flush_seconds, status)
@@ -459,7 +481,6 @@ class _RunSync:
             config=config.transfer, budget=ByteBudget(config.transfer.max_memory),
             temp_dir=temp_dir,
         )
-        self.path_filter = PathFilter(config.include, config.exclude)
         self.lock = asyncio.Lock()  # one tree sync (and record write) at a time
         self.uploading: dict[str, asyncio.Task[None]] = {}
         self.waiting: dict[str, Path] = {}
@@ -467,7 +488,7 @@ class _RunSync:
             self.session, object_key(config.destination.prefix, RECORD_PATH),
             run=self.run_dir.name, epochs_planned=getattr(trainer, "epochs", None),
         )
-        self._background(self.record.write())
+        self._background(self._first_record())
 
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -514,16 +535,14 @@ class _RunSync:
         try:
             key = object_key(self.config.destination.prefix, item.relative)
         except InvalidKey as exc:
-            self.tally.failed[item.relative] = str(exc)
+            self.tally.unsent[item.relative] = str(exc)
             return None
         decision = plan_file(item, self.manifest.lookup(self.scope, key))
         if decision.action is Action.SKIP:
-            self.tally.failed.pop(item.relative, None)
+            self.tally.unsent.pop(item.relative, None)
             return None
         outcome = await self.uploader.sync(item, key, decision)
-        self.tally.add(outcome)
-        if outcome.status == "failed":
-            log.debug("%s: %s", item.relative, outcome.error)
+        self.tally.outcome(outcome)
         return outcome
 
     async def _sync_epoch(self, plotting: list[threading.Thread]) -> None:
@@ -531,7 +550,7 @@ class _RunSync:
             deadline = time.monotonic() + 60
             await asyncio.get_running_loop().run_in_executor(None, _join, plotting, deadline)
         async with self.lock:
-            await self._sync_tree(include_weights=False)
+            await self._mirror(self.epoch_config)
             await self._write_record()
 
     async def _final_sync(self) -> None:
@@ -545,45 +564,23 @@ class _RunSync:
             await asyncio.gather(*self.uploading.values(), return_exceptions=True)
         async with self.lock:
             for attempt in range(FINAL_PASSES):
-                failed = await self._sync_tree(include_weights=True)
-                if not failed:
+                await self._mirror(self.config)
+                if not self.tally.unsent:
                     break
                 if attempt + 1 < FINAL_PASSES:
                     await asyncio.sleep(1.0 + attempt)
             await self._write_record()
 
-    async def _sync_tree(self, *, include_weights: bool) -> int:
-        """One pass over the run directory; returns how many files are still not sent."""
-        skip = set(state_dir_inside(self.run_dir, self.config.state_dir))
-        if not include_weights and self.weights_dir.is_relative_to(self.run_dir):
-            skip.add(self.weights_dir.relative_to(self.run_dir).as_posix())
-        options = ScanOptions(path_filter=self.path_filter, skip_paths=frozenset(skip))
-        slots = asyncio.Semaphore(self.config.transfer.workers)
-        failed = 0
-
-        async def work(item: ScannedFile) -> None:
-            nonlocal failed
-            try:
-                outcome = await self._send(item)
-                if outcome is not None and outcome.status == "failed":
-                    failed += 1
-            finally:
-                slots.release()
-
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                async for batch in scan_directories(str(self.run_dir), options):
-                    for item in batch:
-                        if isinstance(item, ScanIssue):
-                            self._warn_once(f"{item.relative}: {item.message}")
-                            continue
-                        await slots.acquire()
-                        tasks.create_task(work(item))
-        except BaseExceptionGroup as group:
-            raise first_error(group) from None
-        self.manifest.commit()
+    async def _mirror(self, config: PushConfig) -> None:
+        """One pass of push's own pipeline over the run directory."""
+        await mirror(config, self.tally, self.manifest, self.session, self.uploader)
         self.problem = None  # a whole pass went through: the store is fine again
-        return failed
+
+    async def _first_record(self) -> None:
+        # Every write of the record holds the lock, so its versions land in order: under
+        # --max-bandwidth, this first "running" could otherwise land after "finished".
+        async with self.lock:
+            await self._write_record()
 
     async def _write_record(self, **fields: Any) -> None:
         results = self.run_dir / "results.csv"
