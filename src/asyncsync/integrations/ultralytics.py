@@ -27,47 +27,30 @@ Uploads run in a thread of their own with its own event loop: the training waits
 network only in the final flush. A run record, ``PREFIX/<run>/_asyncsync/run.json``, says
 running, finished or crashed, with the epochs done and the latest metrics.
 
-Only rank 0 uploads (``RANK`` -1 or 0). Under DDP, ultralytics pickles the callbacks into
-worker processes it starts later, and recreates the run directory there: so nothing here
-holds a thread, loop, file or client until the first callback runs in rank 0.
+The callbacks here know ultralytics (its ranks, its plotting threads, the trainer's
+attributes); `runsync.RunSync` does the mirroring. Only rank 0 uploads (``RANK`` -1 or
+0). Under DDP, ultralytics pickles the callbacks into worker processes it starts later,
+and recreates the run directory there: so nothing here holds a thread, loop, file or
+client until the first callback runs in rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import glob
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import threading
-import time
-from collections.abc import Callable, Coroutine
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from ..budget import ByteBudget
 from ..config import PushConfig
-from ..digest import FileIdentity
-from ..errors import AsyncsyncError, ConfigError
-from ..keys import InvalidKey, object_key
-from ..manifest import Manifest
-from ..plan import Action, plan_file
-from ..push import StoreSession, mirror, open_store, scope_for
-from ..record import RECORD_PATH, RunRecord, now_iso, read_results
-from ..report import Reporter
-from ..scan import ScanIssue, ScannedFile
-from ..transfer import FileOutcome, Uploader
+from ..errors import ConfigError
+from .runsync import RunSync, describe
 
-log = logging.getLogger("asyncsync.ultralytics")
-
-T = TypeVar("T")
+log = logging.getLogger("asyncsync.training")
 
 EVENTS = ("on_pretrain_routine_start", "on_model_save", "on_fit_epoch_end", "on_train_end",
           "teardown")
@@ -75,9 +58,6 @@ DEFAULT_FLUSH_TIMEOUT = 600.0
 # Fewer workers than the CLI's default: a run directory holds a few dozen files, and the
 # training owns the machine.
 DEFAULT_WORKERS = 8
-# Passes of the final flush over files that failed (a plot still being written, a store
-# that hiccupped): each pass retries only what is still out of sync.
-FINAL_PASSES = 3
 # ultralytics' plot_images runs in a non-daemon thread; Python names it after its target.
 _PLOTTING_THREAD = "(plot_images)"
 
@@ -138,7 +118,7 @@ class UltralyticsSync:
 
     def __init__(self, destination: str, **options: Any) -> None:
         self._template, self.flush_timeout = settings_from(destination, dict(options))
-        self._run: _RunSync | None = None
+        self._run: RunSync | None = None
         self._disabled_for: Path | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -147,7 +127,7 @@ class UltralyticsSync:
         return state
 
     @property
-    def run(self) -> _RunSync | None:
+    def run(self) -> RunSync | None:
         """The uploader of the current (or last) run in this process, if any."""
         return self._run
 
@@ -173,7 +153,7 @@ class UltralyticsSync:
         finally:
             self._run = None
 
-    def _guarded(self, what: str, trainer: Any, action: Callable[[_RunSync], None]) -> None:
+    def _guarded(self, what: str, trainer: Any, action: Callable[[RunSync], None]) -> None:
         if _rank() not in (-1, 0):
             return
         try:
@@ -181,9 +161,9 @@ class UltralyticsSync:
             if run is not None:
                 action(run)
         except Exception as exc:  # noqa: BLE001 - the training must go on
-            log.warning("%s failed: %s", what, _describe(exc))
+            log.warning("%s failed: %s", what, describe(exc))
 
-    def _run_for(self, trainer: Any) -> _RunSync | None:
+    def _run_for(self, trainer: Any) -> RunSync | None:
         run_dir = Path(trainer.save_dir).resolve()
         if self._run is not None and self._run.run_dir != run_dir:
             # A new training with the same model: the previous one's teardown closed it.
@@ -191,7 +171,12 @@ class UltralyticsSync:
             self._run = None
         if self._run is None and self._disabled_for != run_dir:
             try:
-                self._run = _RunSync(self._template, trainer, self.flush_timeout)
+                self._run = RunSync(
+                    self._template, run_dir, Path(getattr(trainer, "wdir", run_dir / "weights")),
+                    flush_timeout=self.flush_timeout,
+                    epochs_planned=getattr(trainer, "epochs", None),
+                    background_writers=plotting_threads,
+                )
             except Exception:
                 self._disabled_for = run_dir  # one warning per run, not one per callback
                 raise
@@ -205,410 +190,6 @@ def _rank() -> int:
     except ValueError:
         return -1
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    cause = exc.__cause__
-    if cause is not None and not isinstance(exc, AsyncsyncError):
-        text += f" ({cause})"
-    return text
-
-
 def plotting_threads() -> list[threading.Thread]:
     """ultralytics' background plotting threads still running (they write images in place)."""
     return [t for t in threading.enumerate() if t.name.endswith(_PLOTTING_THREAD)]
-
-
-def _join(threads: list[threading.Thread], deadline: float) -> None:
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-
-
-def _ensure_visible_logging() -> None:
-    """The summary and warnings must reach the training's console even when the script
-    configured no logging (Python would drop INFO and format WARNING bare)."""
-    root_logger = logging.getLogger("asyncsync")
-    if root_logger.hasHandlers():
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("asyncsync: %(message)s"))
-    root_logger.addHandler(handler)
-    if root_logger.level == logging.NOTSET:
-        root_logger.setLevel(logging.INFO)
-
-
-class _EventLoopThread:
-    """An asyncio event loop in a daemon thread: uploads never run on the training's thread."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            # Whatever a timed-out flush left running is cancelled, not destroyed pending.
-            pending = asyncio.all_tasks(self.loop)
-            for task in pending:
-                task.cancel()
-            with contextlib.suppress(Exception):
-                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.close()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def stop(self, timeout: float) -> None:
-        if self.loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout)
-
-
-class _RunTally(Reporter):
-    """The run's outcomes over every pass and snapshot: what was sent, and which files are
-    still not (a later pass that sends the file, or finds it unchanged, takes it off). It
-    prints nothing per file: the training's console gets warnings and one summary line."""
-
-    def __init__(self, warn: Callable[[str], None]) -> None:
-        super().__init__()
-        self.files = 0
-        self.bytes = 0
-        self.unsent: dict[str, str] = {}  # relative path -> why
-        self._warn = warn
-
-    def outcome(self, outcome: FileOutcome) -> None:
-        if outcome.status == "uploaded":
-            self.files += 1
-            self.bytes += outcome.bytes_sent
-        if outcome.status == "failed":
-            self.unsent[outcome.relative] = outcome.error or "failed"
-            log.debug("%s: %s", outcome.relative, outcome.error)
-        else:
-            self.unsent.pop(outcome.relative, None)
-
-    def unchanged_files(self, files: list[tuple[str, ScannedFile]]) -> None:
-        if self.unsent:
-            for _, item in files:
-                self.unsent.pop(item.relative, None)
-
-    def issue(self, issue: ScanIssue) -> None:
-        self._warn(f"{issue.relative}: {issue.message}")
-
-
-class _RunSync:
-    """One training run's uploader: the staging area, the event loop thread and the
-    pipeline stages (manifest, store, uploader) it drives. Created in rank 0 only."""
-
-    def __init__(self, template: PushConfig, trainer: Any, flush_timeout: float) -> None:
-        _ensure_visible_logging()
-        self.run_dir = Path(trainer.save_dir).resolve()
-        self.weights_dir = Path(getattr(trainer, "wdir", self.run_dir / "weights")).resolve()
-        destination = template.destination
-        prefix = object_key(destination.prefix, self.run_dir.name) if destination.prefix \
-            else self.run_dir.name
-        self.config = replace(template, source=self.run_dir,
-                              destination=replace(destination, prefix=prefix))
-        # During training the weights go up as snapshots only: the per-epoch pass skips them.
-        self.epoch_config = self.config
-        if self.weights_dir.is_relative_to(self.run_dir) and self.weights_dir != self.run_dir:
-            weights = glob.escape(self.weights_dir.relative_to(self.run_dir).as_posix())
-            self.epoch_config = replace(self.config, exclude=(*self.config.exclude,
-                                                              f"{weights}/*"))
-        self.flush_timeout = flush_timeout
-        self.staging = self._make_staging()
-        self._snapshotted: dict[str, FileIdentity] = {}
-        self._snapshot_count = 0
-        self._finished = False
-        self._closed = False
-        self._deadline: float | None = None
-        self._flush_started = 0.0
-        self.tally = _RunTally(self._warn_once)
-        self._warned: set[str] = set()
-        # Why the last pass stopped short (no bucket, store away), until one goes through.
-        self.problem: str | None = None
-        self._thread = _EventLoopThread(f"asyncsync-{self.run_dir.name}")
-        try:
-            self._thread.submit(self._open(trainer)).result(timeout=60)
-        except BaseException:
-            self._thread.stop(5)
-            shutil.rmtree(self.staging, ignore_errors=True)
-            raise
-        log.info("mirroring %s to %s", self.run_dir, self.config.destination.url)
-
-    # --- the training's thread ---
-
-    def snapshot_weights(self) -> None:
-        """Copy each checkpoint the trainer just wrote, and queue the copies."""
-        started = time.perf_counter()
-        copied = 0
-        try:
-            entries = list(os.scandir(self.weights_dir))
-        except FileNotFoundError:
-            return
-        for entry in sorted(entries, key=lambda e: e.name):
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            relative = Path(entry.path).relative_to(self.run_dir).as_posix()
-            before = FileIdentity.of(entry.stat(follow_symlinks=False))
-            if self._snapshotted.get(relative) == before:
-                continue
-            self._snapshot_count += 1
-            staged = self.staging / f"{self._snapshot_count:06d}-{entry.name}"
-            shutil.copyfile(entry.path, staged)
-            if FileIdentity.of(os.stat(entry.path)) != before:
-                # Written while copying (not by the trainer, which is waiting for us):
-                # not a consistent copy, so leave it to the next snapshot or the flush.
-                staged.unlink(missing_ok=True)
-                continue
-            self._snapshotted[relative] = before
-            copied += before.size
-            self._submit(self._queue_snapshot(relative, staged), "checkpoint upload")
-        if copied:
-            log.debug("snapshot of %d bytes of weights in %.3f s", copied,
-                      time.perf_counter() - started)
-
-    def epoch_done(self) -> None:
-        """Sync results.csv, args.yaml and the plots once the plotting threads are done."""
-        self._submit(self._sync_epoch(plotting_threads()), "epoch sync")
-
-    def flush(self, *, finished: bool = False) -> None:
-        """The final flush: returns when the bucket holds the run directory as it is now,
-        or when the flush timeout has passed (what was left is then logged)."""
-        if finished:
-            self._finished = True
-        if self._deadline is None:
-            self._flush_started = time.monotonic()
-            self._deadline = self._flush_started + self.flush_timeout
-        elif time.monotonic() >= self._deadline:
-            return  # on_train_end's flush used the whole timeout (and said so)
-        _join(plotting_threads(), self._deadline)
-        future = self._thread.submit(self._final_sync())
-        try:
-            future.result(timeout=max(0.0, self._deadline - time.monotonic()))
-        except FutureTimeout:
-            future.cancel()
-            self.problem = f"the final flush took longer than {self.flush_timeout:.0f} s"
-            self._warn_once(f"final flush stopped: {self.problem}")
-        except Exception as exc:  # noqa: BLE001 - said once; the training goes on
-            self._failed("final flush", exc)
-
-    def close(self, error: BaseException | None) -> None:
-        """teardown: flush (again: cheap when on_train_end already did), write the final
-        run record, print the summary, and stop the thread."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.flush()
-        finally:
-            # on_train_end runs only when the training loop completed.
-            status = "finished" if self._finished else "crashed"
-            fields: dict[str, Any] = {"status": status, "ended": now_iso(),
-                                      "unsent": len(self.tally.unsent)}
-            if error is not None and not self._finished:
-                fields["error"] = f"{type(error).__name__}: {error}"[:500]
-            try:
-                self._thread.submit(self._finish(fields)).result(timeout=30)
-            except Exception as exc:  # noqa: BLE001 - the summary below says what matters
-                log.warning("could not close the uploader cleanly: %s", _describe(exc))
-            self._thread.stop(10)
-            shutil.rmtree(self.staging, ignore_errors=True)
-            self._summary(status, time.monotonic() - self._flush_started)
-
-    def _submit(self, coro: Coroutine[Any, Any, None], what: str) -> None:
-        def done(future: Future[None]) -> None:
-            if future.cancelled():
-                return
-            exc = future.exception()
-            if exc is not None:
-                self._failed(what, exc)
-
-        self._thread.submit(coro).add_done_callback(done)
-
-    def _failed(self, what: str, exc: BaseException) -> None:
-        problem = _describe(exc)
-        if problem != self.problem:  # one warning per cause, not one per callback
-            log.warning("%s failed: %s", what, problem)
-        self.problem = problem
-
-    def _warn_once(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            log.warning("%s", message)
-
-    def _summary(self, status: str, flush_seconds: float) -> None:
-        where = self.config.destination.url
-        sent = f"{self.tally.files} upload(s), {self.tally.bytes / 1e6:.1f} MB"
-        if self.problem:
-            log.warning("%s -> %s: NOT in sync: %s; %s; run %s",
-                        self.run_dir.name, where, self.problem, sent, status)
-        elif self.tally.unsent:
-            first = next(iter(self.tally.unsent.items()))
-            log.warning("%s -> %s: %d file(s) NOT uploaded (%s: %s); %s; run %s",
-                        self.run_dir.name, where, len(self.tally.unsent), *first, sent, status)
-        else:
-            log.info("%s -> %s: in sync; %s; final flush %.1f s; run %s",
-                     self.run_dir.name, where, sent, flush_seconds, status)
-
-    def _make_staging(self) -> Path:
-        """A directory for checkpoint snapshots, outside the run directory."""
-        parent = self.config.state_dir / "staging"
-        if parent.resolve().is_relative_to(self.run_dir):
-            parent = Path(tempfile.gettempdir())
-        parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(parent)
-        return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{self.run_dir.name}-", dir=parent))
-
-    # --- the event loop's thread ---
-
-    async def _open(self, trainer: Any) -> None:
-        config = self.config
-        self.manifest = Manifest.open(config.state_dir)
-        self.scope = scope_for(config)
-        # Not sticky: a store that is away for an epoch is tried again at the next one.
-        self.session = StoreSession(open_store(config, lambda *a: None),
-                                    config.store.max_attempts, sticky=False)
-        temp_dir = config.state_dir / "tmp"
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        self.uploader = Uploader(
-            store=self.session.get, manifest=self.manifest, scope=self.scope,
-            config=config.transfer, budget=ByteBudget(config.transfer.max_memory),
-            temp_dir=temp_dir,
-        )
-        self.lock = asyncio.Lock()  # one tree sync (and record write) at a time
-        self.uploading: dict[str, asyncio.Task[None]] = {}
-        self.waiting: dict[str, Path] = {}
-        self.record = RunRecord(
-            self.session, object_key(config.destination.prefix, RECORD_PATH),
-            run=self.run_dir.name, epochs_planned=getattr(trainer, "epochs", None),
-        )
-        self._background(self._first_record())
-
-    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        task.add_done_callback(self._report_task)
-
-    def _report_task(self, task: asyncio.Task[Any]) -> None:
-        if not task.cancelled():
-            exc = task.exception()
-            if exc is not None:
-                self._failed("upload", exc)
-
-    async def _queue_snapshot(self, relative: str, staged: Path) -> None:
-        superseded = self.waiting.pop(relative, None)
-        if superseded is not None:
-            superseded.unlink(missing_ok=True)
-        if relative in self.uploading:
-            self.waiting[relative] = staged  # one upload per key: versions land in order
-        else:
-            self._start_snapshot(relative, staged)
-
-    def _start_snapshot(self, relative: str, staged: Path) -> None:
-        task = asyncio.get_running_loop().create_task(self._send_snapshot(relative, staged))
-        self.uploading[relative] = task
-
-        def done(finished: asyncio.Task[None]) -> None:
-            self.uploading.pop(relative, None)
-            self._report_task(finished)
-            following = self.waiting.pop(relative, None)
-            if following is not None:
-                self._start_snapshot(relative, following)
-
-        task.add_done_callback(done)
-
-    async def _send_snapshot(self, relative: str, staged: Path) -> None:
-        try:
-            st = os.stat(staged)
-            item = ScannedFile(str(staged), relative, st.st_size, st.st_mtime_ns, st.st_ino)
-            await self._send(item)
-            self.manifest.commit()
-        finally:
-            staged.unlink(missing_ok=True)
-
-    async def _send(self, item: ScannedFile) -> FileOutcome | None:
-        try:
-            key = object_key(self.config.destination.prefix, item.relative)
-        except InvalidKey as exc:
-            self.tally.unsent[item.relative] = str(exc)
-            return None
-        decision = plan_file(item, self.manifest.lookup(self.scope, key))
-        if decision.action is Action.SKIP:
-            self.tally.unsent.pop(item.relative, None)
-            return None
-        outcome = await self.uploader.sync(item, key, decision)
-        self.tally.outcome(outcome)
-        return outcome
-
-    async def _sync_epoch(self, plotting: list[threading.Thread]) -> None:
-        if plotting:
-            deadline = time.monotonic() + 60
-            await asyncio.get_running_loop().run_in_executor(None, _join, plotting, deadline)
-        async with self.lock:
-            await self._mirror(self.epoch_config)
-            await self._write_record()
-
-    async def _final_sync(self) -> None:
-        # The trainer is done with its weights: from now on the run directory is the truth.
-        # Snapshots not started are dropped; those in flight finish first, so none of them
-        # can land on top of the final (stripped) checkpoint.
-        for staged in self.waiting.values():
-            staged.unlink(missing_ok=True)
-        self.waiting.clear()
-        if self.uploading:
-            await asyncio.gather(*self.uploading.values(), return_exceptions=True)
-        async with self.lock:
-            for attempt in range(FINAL_PASSES):
-                await self._mirror(self.config)
-                if not self.tally.unsent:
-                    break
-                if attempt + 1 < FINAL_PASSES:
-                    await asyncio.sleep(1.0 + attempt)
-            await self._write_record()
-
-    async def _mirror(self, config: PushConfig) -> None:
-        """One pass of push's own pipeline over the run directory."""
-        await mirror(config, self.tally, self.manifest, self.session, self.uploader)
-        self.problem = None  # a whole pass went through: the store is fine again
-
-    async def _first_record(self) -> None:
-        # Every write of the record holds the lock, so its versions land in order: under
-        # --max-bandwidth, this first "running" could otherwise land after "finished".
-        async with self.lock:
-            await self._write_record()
-
-    async def _write_record(self, **fields: Any) -> None:
-        results = self.run_dir / "results.csv"
-        if results.is_file():
-            fields.update(read_results(results))
-        await self.record.write(**fields)
-
-    async def _finish(self, fields: dict[str, Any]) -> None:
-        try:
-            async with self.lock:
-                await self._write_record(**fields)
-        finally:
-            self.uploader.close()
-            try:
-                await self.session.close()
-            finally:
-                self.manifest.close()
-
-
-def _remove_stale_staging(parent: Path) -> None:
-    """Staging directories left by processes that died (SIGKILL, OOM) before teardown."""
-    for entry in parent.iterdir():
-        pid_text = entry.name.partition("-")[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, someone else's
