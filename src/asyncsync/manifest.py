@@ -203,17 +203,24 @@ class Manifest:
         """Rows for many keys at once (one query per few hundred keys): a scan of one
         directory costs a query, not one per file."""
         found: dict[str, ObjectRecord] = {}
+        columns = ("key, source, size, mtime_ns, inode, digest, etag, object_size,"
+                   " content_encoding, uploaded_at")
+        for sql, args in self._by_keys(columns, scope, keys):
+            for row in self._query(sql, args):
+                found[row[0]] = ObjectRecord(*row)
+        return found
+
+    def _by_keys(
+        self, columns: str, scope: Scope, keys: list[str]
+    ) -> Iterator[tuple[str, tuple[object, ...]]]:
+        """SELECTs of ``columns`` for the keys, a few hundred keys per statement."""
         for start in range(0, len(keys), self.LOOKUP_BATCH):
             batch = keys[start:start + self.LOOKUP_BATCH]
-            rows = self._query(
-                "SELECT key, source, size, mtime_ns, inode, digest, etag, object_size,"
-                " content_encoding, uploaded_at FROM objects WHERE store=? AND bucket=?"
+            yield (
+                f"SELECT {columns} FROM objects WHERE store=? AND bucket=?"
                 f" AND key IN ({','.join('?' * len(batch))})",
                 (scope.store, scope.bucket, *batch),
             )
-            for row in rows:
-                found[row[0]] = ObjectRecord(*row)
-        return found
 
     def stat_rows(self, scope: Scope, keys: list[str]) -> set[tuple[str, str, int, int, int]]:
         """(key, source, size, mtime_ns, inode) rows for the keys (and maybe a few more):
@@ -231,13 +238,8 @@ class Manifest:
                 (scope.store, scope.bucket, directory, directory[:-1] + "0",
                  len(directory) + 1),
             )
-        for start in range(0, len(keys), self.LOOKUP_BATCH):
-            batch = keys[start:start + self.LOOKUP_BATCH]
-            found |= self._query_set(
-                "SELECT key, source, size, mtime_ns, inode FROM objects WHERE store=?"
-                f" AND bucket=? AND key IN ({','.join('?' * len(batch))})",
-                (scope.store, scope.bucket, *batch),
-            )
+        for sql, args in self._by_keys("key, source, size, mtime_ns, inode", scope, keys):
+            found |= self._query_set(sql, args)
         return found
 
     def record_object(self, scope: Scope, record: ObjectRecord) -> None:

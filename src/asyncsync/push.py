@@ -172,9 +172,9 @@ async def mirror(
                 keyed = _keyed(batch, config, reporter)
                 if not keyed:
                     continue
-                for key, item in keyed:
-                    if uses_multipart(item.size, transfer):
-                        large_keys.add(key)
+                large_keys.update(
+                    key for key, item in keyed if uses_multipart(item.size, transfer)
+                )
                 if listing is None:
                     keyed = _drop_unchanged(keyed, manifest, scope, reporter)
                 records = manifest.lookup_many(scope, [key for key, _ in keyed]) if keyed else {}
