@@ -38,6 +38,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -390,9 +391,11 @@ class Bench:
         dest = f"s3://{BUCKET}/{prefix}"
         cold = case in ("cold", "setup")
         if tool == "asyncsync":
-            # The same command for cold and no-op: only the state dir's contents differ.
+            # The same command for cold and no-op: only the state dir's contents differ. A
+            # no-op re-sync runs as a user runs it, printing one summary line (as s5cmd sync
+            # prints nothing for unchanged files); a cold upload's --json lines are checked.
             return [exe, "push", str(src), dest, "--state-dir", str(state),
-                    "--workers", workers, "--json"]
+                    "--workers", workers, *(["--json"] if cold else [])]
         if tool == "s5cmd":
             # 'SRC/*' with a trailing-slash destination keeps relative paths as keys, like push.
             return [exe, "--endpoint-url", self.server.endpoint, "--numworkers", workers,
@@ -425,11 +428,20 @@ class Bench:
         """Check the run's claims against the bucket and its own output; raise if off."""
         cold = case in ("cold", "setup")
         if tool == "asyncsync":
-            lines = m.stdout.read_text().splitlines()
-            summary = json.loads(lines[-1]) if lines else {}
             expected = (corpus.files, 0) if cold else (0, corpus.files)
-            got = (summary.get("uploaded"), summary.get("skipped"))
-            if summary.get("type") != "summary" or got != expected or summary.get("failed"):
+            if cold:
+                lines = m.stdout.read_text().splitlines()
+                summary = json.loads(lines[-1]) if lines else {}
+                got = (summary.get("uploaded"), summary.get("skipped"))
+                failed = summary.get("type") != "summary" or summary.get("failed")
+            else:
+                # "asyncsync: 0 uploaded, 100000 unchanged, 0 failed; ..." on stderr.
+                counts = re.search(r"(\d+) uploaded, (\d+) unchanged, (\d+) failed",
+                                   m.stderr.read_text())
+                summary = counts.group(0) if counts else "none"
+                got = (int(counts[1]), int(counts[2])) if counts else None
+                failed = not counts or counts[3] != "0"
+            if got != expected or failed:
                 raise BenchFailure(f"asyncsync {case}: summary {summary}, expected "
                                    f"uploaded/skipped {expected}")
         elif not cold:
@@ -837,8 +849,13 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "After every run the prefix is listed with botocore; object count and total bytes "
         "must match the corpus, or the benchmark stops.",
         "- **No-op re-sync**: nothing changed since the cold upload; each tool runs against "
-        "the prefix it uploaded itself: `asyncsync push` with the same state dir (its SQLite "
-        "manifest says every file is unchanged; it does not list the bucket); `s5cmd sync "
+        "the prefix it uploaded itself: `asyncsync push` with the same state dir, without "
+        "`--json` (one summary line, whose counts are checked; its SQLite manifest says every "
+        "file is unchanged; it does not list the bucket. The first re-sync after an upload "
+        "compares each file with its manifest row and remembers each directory found "
+        "unchanged; later ones compare a digest of each directory's names and stats: on "
+        "`runs`, `small` and `large` every round measures the first, on `noop` the first "
+        "round does); `s5cmd sync "
         "'SRC/*' s3://bucket/prefix/` and `aws s3 sync SRC s3://bucket/prefix/ --no-progress` "
         "(both list the bucket and compare sizes and mtimes); `rclone sync SRC "
         "bench:bucket/prefix` (lists the bucket, then reads each object's mtime from its "

@@ -388,23 +388,101 @@ def test_malformed_page_is_detected_at_open(tmp_path: Path) -> None:
 # -- the no-op fast path ---------------------------------------------------------------------
 
 
-def test_stat_rows_of_one_directory_by_range_and_of_a_few_keys_by_name(tmp_path: Path) -> None:
+STAT = (123, 1_700_000_000_000_000_001, 77)  # record()'s size, mtime_ns and inode
+
+
+def test_known_files_of_one_directory_by_range_and_of_a_few_names_by_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows come back as (name, size, mtime_ns, inode), only for keys directly under the
+    prefix and recorded from the same source path; a big directory is read by key range
+    around its subdirectories, a small one by exact keys."""
     m = Manifest.open(tmp_path / "state")
     try:
-        names = [f"p/run/f{i:03d}.txt" for i in range(40)]
-        for key in [*names, "p/run/sub/deeper.txt", "p/run.txt", "p/run0", "p/other/f.txt"]:
+        names = [f"f{i:03d}.txt" for i in range(40)]
+        for name in names:
+            m.record_object(SCOPE, record(f"p/run/{name}"))
+        for key in ["p/run/sub/deeper.txt", "p/run/sub-2/x", "p/run.txt", "p/run0", "p/other/f"]:
             m.record_object(SCOPE, record(key))
+        m.record_object(SCOPE, record("p/run/moved.txt", source="/elsewhere/moved.txt"))
         m.record_object(OTHER_BUCKET, record("p/run/f000.txt", size=1))
-        many = m.stat_rows(SCOPE, names)  # one directory's worth: a range scan
-        assert {row[0] for row in many} == set(names)  # not sub/, run.txt, run0 or other/
-        assert ("p/run/f007.txt", "/data/p/run/f007.txt", 123, 1_700_000_000_000_000_001,
-                77) in many
-        few = m.stat_rows(SCOPE, ["p/run/f001.txt", "p/other/f.txt", "p/missing"])
-        assert {row[0] for row in few} == {"p/run/f001.txt", "p/other/f.txt"}
-        assert m.stat_rows(SCOPE, names[:1] + ["p/run.txt"]) == {
-            ("p/run/f000.txt", "/data/p/run/f000.txt", 123, 1_700_000_000_000_000_001, 77),
-            ("p/run.txt", "/data/p/run.txt", 123, 1_700_000_000_000_000_001, 77),
+        expected = {(name, *STAT) for name in names}
+        statements: list[str] = []
+        m._db.set_trace_callback(statements.append)
+        many = m.known_files(SCOPE, "p/run/", "/data/p/run/", [*names, "sub", "sub-2"],
+                             ["sub", "sub-2"])
+        assert many == expected  # not sub/, sub-2/, run.txt, run0, other/ or moved.txt
+        # Three ranges, around p/run/sub/ and p/run/sub-2/.
+        assert len(statements) == 3 and all("key>=" in sql for sql in statements)
+        statements.clear()
+        few = m.known_files(SCOPE, "p/run/", "/data/p/run/", ["f001.txt", "moved.txt", "nope"],
+                            None)
+        assert few == {("f001.txt", *STAT)}
+        assert len(statements) == 1 and "key IN" in statements[0]
+        statements.clear()
+        # Too many subdirectories for one range query per gap: exact keys again.
+        subdirs = [f"d{i}" for i in range(Manifest.RANGE_MAX_SUBDIRS + 1)]
+        assert m.known_files(SCOPE, "p/run/", "/data/p/run/", names + subdirs, subdirs) == (
+            expected
+        )
+        assert all("key IN" in sql for sql in statements)
+        m._db.set_trace_callback(None)
+        assert m.known_files(SCOPE, "", "/data/", ["p", "run"], []) == set()
+        # A name that is not UTF-8 cannot have been recorded.
+        assert m.known_files(SCOPE, "p/run/", "/data/p/run/", ["\udcff.txt"], None) == set()
+    finally:
+        m.close()
+
+
+def test_known_files_at_the_top_of_a_bucket(tmp_path: Path) -> None:
+    m = Manifest.open(tmp_path / "state")
+    try:
+        names = [f"f{i:03d}" for i in range(40)]
+        for key in [*names, "a/deeper", "zz/deeper"]:
+            m.record_object(SCOPE, record(key))
+        assert m.known_files(SCOPE, "", "/data/", [*names, "a", "zz"], ["a", "zz"]) == {
+            (name, *STAT) for name in names
         }
+    finally:
+        m.close()
+
+
+def test_a_remembered_directory_is_forgotten_when_a_row_in_it_changes(tmp_path: Path) -> None:
+    """The digest of a directory stands only while none of its own rows change: a row
+    recorded, replaced or forgotten there drops it; rows above or below it do not."""
+    m = Manifest.open(tmp_path / "state")
+    digest = b"\x01" * 16
+
+    def remembered() -> bool:
+        return m.directory_matches(SCOPE, "p/run/", "/data/p/run/", digest)
+
+    try:
+        m.record_object(SCOPE, record("p/run/a.txt"))
+        m.remember_directory(SCOPE, "p/run/", "/data/p/run/", digest)
+        assert remembered()
+        assert not m.directory_matches(SCOPE, "p/run/", "/data/p/run/", b"\x02" * 16)
+        assert not m.directory_matches(SCOPE, "p/run/", "/other/p/run/", digest)
+        assert not m.directory_matches(OTHER_BUCKET, "p/run/", "/data/p/run/", digest)
+        # Elsewhere: a parent, a child, a sibling with the same start, another bucket.
+        for scope, key in [(SCOPE, "p/x.txt"), (SCOPE, "p/run/sub/b.txt"),
+                           (SCOPE, "p/run2/a.txt"), (OTHER_BUCKET, "p/run/a.txt")]:
+            m.record_object(scope, record(key))
+        assert remembered()
+        m.record_object(SCOPE, record("p/run/b.txt"))  # a new file here
+        assert not remembered()
+        m.remember_directory(SCOPE, "p/run/", "/data/p/run/", digest)
+        m.record_object(SCOPE, record("p/run/a.txt", size=5))  # replaced
+        assert not remembered()
+        m.remember_directory(SCOPE, "p/run/", "/data/p/run/", digest)
+        m._db.execute("DELETE FROM objects WHERE key='p/run/a.txt'")
+        assert not remembered()
+        m.remember_directory(SCOPE, "p/run/", "/data/p/run/", digest)
+        m._db.execute("UPDATE objects SET etag='x' WHERE key='p/run/b.txt'")
+        assert not remembered()
+        # The top of the bucket is a directory too.
+        m.remember_directory(SCOPE, "", "/data/", digest)
+        m.record_object(SCOPE, record("top.txt"))
+        assert not m.directory_matches(SCOPE, "", "/data/", digest)
     finally:
         m.close()
 

@@ -645,3 +645,46 @@ def test_push_to_a_directory_destination(tmp_path: Path) -> None:
                       tmp_path / "state", env=env)
     assert missing.returncode == 2
     assert "is missing" in missing.stderr
+
+
+def test_a_directory_found_unchanged_is_trusted_only_while_its_rows_stand(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """A re-run remembers each directory whose files all matched the manifest, and the
+    next one checks the directory as a whole. Another source sent to the same keys in
+    between changes their rows: the directory is compared file by file again, and the
+    first source's content goes back to the bucket."""
+    import sqlite3
+
+    state = tmp_path / "state"
+    dest = f"s3://{bucket}/shared"
+    sources = {}
+    for name in ("node-a", "node-b"):
+        src = sources[name] = tmp_path / name
+        for i in range(40):  # enough files for the range lookup
+            write(src / f"exp/plots/p{i:02d}.png", f"{name} plot {i}".encode())
+        write(src / "exp/plots/sub/deeper.txt", f"{name} deeper".encode())
+    a = sources["node-a"]
+    assert push(s3_server, a, dest, state).summary["uploaded"] == 41
+    for _ in range(2):  # the first re-run remembers, the second trusts what it remembered
+        again = push(s3_server, a, dest, state)
+        assert (again.summary["uploaded"], again.summary["skipped"]) == (0, 41)
+        assert again.files("unchanged")[:2] == ["exp/plots/p00.png", "exp/plots/p01.png"]
+    with sqlite3.connect(state / "manifest.db") as db:
+        remembered = sorted(row[0] for row in db.execute("SELECT key_prefix FROM directories"))
+    assert remembered == ["shared/exp/plots/", "shared/exp/plots/sub/"]
+
+    assert push(s3_server, sources["node-b"], dest, state).summary["uploaded"] == 41
+    back = push(s3_server, a, dest, state)
+    assert back.summary["uploaded"] == 41
+    client = s3_server.client()
+    assert read_object(client, bucket, "shared/exp/plots/p07.png") == b"node-a plot 7"
+    assert read_object(client, bucket, "shared/exp/plots/sub/deeper.txt") == b"node-a deeper"
+
+    # One file changed in a directory remembered as unchanged: only that one is sent.
+    assert push(s3_server, a, dest, state).summary["uploaded"] == 0
+    write(a / "exp/plots/p13.png", b"node-a plot 13, redrawn")
+    changed = push(s3_server, a, dest, state)
+    assert changed.files("uploaded") == ["exp/plots/p13.png"]
+    assert changed.summary["skipped"] == 40
+    assert read_object(client, bucket, "shared/exp/plots/p13.png") == b"node-a plot 13, redrawn"

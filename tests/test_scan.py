@@ -12,12 +12,16 @@ import pytest
 
 from asyncsync.keys import PathFilter
 from asyncsync.scan import (
+    FileStat,
+    Listing,
     ScanIssue,
     ScanItem,
     ScannedFile,
     ScanOptions,
     StatCache,
+    directory_digest,
     scan_directories,
+    scan_listings,
     scan_tree,
 )
 
@@ -303,14 +307,15 @@ def test_scan_is_lazy(tmp_path: Path) -> None:
 
 
 def _scandir_failing_for(monkeypatch: pytest.MonkeyPatch, path: Path, exc: OSError) -> None:
-    real_scandir = os.scandir
+    """Opening the directory ``path`` for its listing fails with ``exc``."""
+    real_open = os.open
 
-    def fake_scandir(directory: str) -> object:
-        if os.path.abspath(directory) == str(path):
+    def fake_open(name: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if isinstance(name, str) and os.path.abspath(name) == str(path):
             raise exc
-        return real_scandir(directory)
+        return real_open(name, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "scandir", fake_scandir)
+    monkeypatch.setattr(os, "open", fake_open)
 
 
 def test_unreadable_directory_is_a_failed_issue(
@@ -392,3 +397,97 @@ def test_a_slow_chunk_sends_the_rest_of_the_walk_to_a_worker_thread(
     main = threading.main_thread().name
     assert threads[:3] == [main] * 3 and len(threads) > 3
     assert all(name != main for name in threads[3:])
+
+
+# -- comparing with what the caller knows (push's manifest) --------------------------------
+
+
+class FakeKnowledge:
+    """`KnownFiles` from a table of file stats by relative path, and remembered digests."""
+
+    def __init__(self, known: dict[str, FileStat]) -> None:
+        self.known = known
+        self.remembered: dict[str, bytes] = {}
+        self.calls: list[tuple[str, str, list[str] | None]] = []
+
+    def matches(self, directory: str, prefix: str, digest: bytes) -> bool:
+        self.calls.append(("matches", prefix, None))
+        return self.remembered.get(prefix) == digest
+
+    def rows(self, directory: str, prefix: str, names: list[str], subdirs: list[str] | None
+             ) -> set[FileStat]:
+        assert directory.endswith(prefix.rstrip("/"))
+        self.calls.append(("rows", prefix, subdirs))
+        return {self.known[prefix + name] for name in names if prefix + name in self.known}
+
+    def remember(self, directory: str, prefix: str, digest: bytes) -> None:
+        self.remembered[prefix] = digest
+
+
+def listings(root: Path, known: FakeKnowledge) -> list[Listing]:
+    async def collect() -> list[Listing]:
+        return [listing async for listing in scan_listings(str(root), known=known)]
+
+    return asyncio.run(collect())
+
+
+def stat_of(path: Path) -> FileStat:
+    st = path.stat()
+    return (path.name, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def test_known_files_are_listed_as_unchanged_and_the_rest_as_files(tree: Path) -> None:
+    """Files whose (name, size, mtime_ns, inode) the caller knows become the directory's
+    `unchanged`; the others are yielded as usual. A directory whose files all match is
+    remembered, and the next walk takes it whole from one `matches` call."""
+    everything = {item.relative: stat_of(Path(item.path)) for item in files(scan(tree))}
+    known = FakeKnowledge(dict(everything))
+    known.known["b.txt"] = ("b.txt", 999, 1, 1)  # the manifest saw another b.txt
+    found = {listing.prefix: listing for listing in listings(tree, known)}
+    top = found[""]
+    assert [item.relative for item in top.items] == ["b.txt"]
+    assert top.unchanged == [stat_of(tree / "empty.txt")]
+    assert isinstance(top.items[0], ScannedFile) and top.items[0].path == str(tree / "b.txt")
+    assert found["a/"].unchanged == [stat_of(tree / "a" / "x.txt")] and not found["a/"].items
+    # The subdirectories, for the range lookup.
+    assert [sorted(subdirs or ()) for call, prefix, subdirs in known.calls
+            if (call, prefix) == ("rows", "")] == [["a", "c", "d-empty-dir"]]
+    assert sorted(known.remembered) == ["a/", "a/sub/", "c/"]  # not "": b.txt differed
+
+    known.calls.clear()
+    again = {listing.prefix: listing for listing in listings(tree, known)}
+    assert [call[0] for call in known.calls if call[1] == "a/"] == ["matches"]
+    assert again["a/sub/"].unchanged == [stat_of(tree / "a" / "sub" / "y.bin")]
+    assert [call[0] for call in known.calls if call[1] == ""] == ["matches", "rows"]
+
+    # Changed since it was remembered: the digest differs, the file is yielded.
+    write(tree / "a" / "x.txt", b"y" * 101)
+    third = {listing.prefix: listing for listing in listings(tree, known)}
+    assert [item.relative for item in third["a/"].items] == ["a/x.txt"]
+    assert third["a/"].unchanged == []
+
+
+def test_directory_digest_is_of_names_and_stats_in_order() -> None:
+    files_ = [("a", 1, 2, 3), ("b", 4, 5, 6)]
+    assert directory_digest(files_) == directory_digest([("a", 1, 2, 3), ("b", 4, 5, 6)])
+    assert directory_digest(files_) != directory_digest([("a", 1, 2, 3), ("b", 4, 5, 7)])
+    assert directory_digest(files_) != directory_digest([("a", 1, 2, 3)])
+    assert len(directory_digest([])) == 16
+
+
+def test_a_walk_in_a_worker_thread_leaves_the_comparison_to_the_caller(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`KnownFiles` is used on the event loop's thread only: once the walk has moved to a
+    worker thread, listings come uncompared (`unchanged` None), every file as an item."""
+    from asyncsync import scan as scan_module
+
+    monkeypatch.setattr(scan_module, "_DIRECTORIES_PER_CALL", 1)
+    monkeypatch.setattr(scan_module, "_INLINE_CHUNK_SECONDS", 0.0)
+    everything = {item.relative: stat_of(Path(item.path)) for item in files(scan(tree))}
+    found = listings(tree, FakeKnowledge(everything))
+    assert [listing.unchanged is None for listing in found] == [False] * 3 + [True] * (
+        len(found) - 3
+    )
+    uncompared = [item.relative for listing in found[3:] for item in listing.items]
+    assert uncompared and set(uncompared) <= set(everything)

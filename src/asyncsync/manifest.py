@@ -61,6 +61,33 @@ CREATE TABLE IF NOT EXISTS uploads (
     created_at REAL NOT NULL,
     PRIMARY KEY (store, bucket, key)
 ) WITHOUT ROWID;
+-- A directory whose files all matched their object rows when it was last walked, with a
+-- digest of those files' names and stats (scan.directory_digest). Any change to the row
+-- of a file directly in that directory deletes it (the triggers: rtrim(key, replace(key,
+-- '/', '')) is the key up to its last '/'), so while it exists, a walk that computes the
+-- same digest has found every file of the directory unchanged, without reading its rows.
+CREATE TABLE IF NOT EXISTS directories (
+    store TEXT NOT NULL,
+    bucket TEXT NOT NULL,
+    key_prefix TEXT NOT NULL,
+    source_prefix TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    PRIMARY KEY (store, bucket, key_prefix)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS directories_stale_on_insert AFTER INSERT ON objects BEGIN
+    DELETE FROM directories WHERE store = NEW.store AND bucket = NEW.bucket
+        AND key_prefix = rtrim(NEW.key, replace(NEW.key, '/', ''));
+END;
+CREATE TRIGGER IF NOT EXISTS directories_stale_on_update AFTER UPDATE ON objects BEGIN
+    DELETE FROM directories WHERE store = OLD.store AND bucket = OLD.bucket
+        AND key_prefix = rtrim(OLD.key, replace(OLD.key, '/', ''));
+    DELETE FROM directories WHERE store = NEW.store AND bucket = NEW.bucket
+        AND key_prefix = rtrim(NEW.key, replace(NEW.key, '/', ''));
+END;
+CREATE TRIGGER IF NOT EXISTS directories_stale_on_delete AFTER DELETE ON objects BEGIN
+    DELETE FROM directories WHERE store = OLD.store AND bucket = OLD.bucket
+        AND key_prefix = rtrim(OLD.key, replace(OLD.key, '/', ''));
+END;
 CREATE TABLE IF NOT EXISTS parts (
     upload_id TEXT NOT NULL,
     part_number INTEGER NOT NULL,
@@ -136,6 +163,10 @@ class Manifest:
     BATCH_SECONDS = 1.0
     # Keys per lookup_many query (SQLite allows at least 999 parameters).
     LOOKUP_BATCH = 500
+    # known_files reads a directory with at least this many files by key range, when it
+    # has at most this many subdirectories (one range query per gap between them).
+    RANGE_MIN_FILES = 32
+    RANGE_MAX_SUBDIRS = 16
 
     def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
         self.path = path
@@ -222,25 +253,72 @@ class Manifest:
                 (scope.store, scope.bucket, *batch),
             )
 
-    def stat_rows(self, scope: Scope, keys: list[str]) -> set[tuple[str, str, int, int, int]]:
-        """(key, source, size, mtime_ns, inode) rows for the keys (and maybe a few more):
-        all a re-run needs to see that a file is unchanged. A set, built in C straight from
-        the cursor, so that the caller tests membership without a Python object per row."""
-        found: set[tuple[str, str, int, int, int]] = set()
-        directory = keys[0].rpartition("/")[0] + "/" if len(keys) >= 32 else "/"
-        if directory != "/":
-            # The scanner hands over one directory's files at a time: a range scan of the
-            # primary key costs half of as many index lookups. Rows of other keys in that
-            # directory come along; rows of keys not there are simply missing.
-            return self._query_set(
-                "SELECT key, source, size, mtime_ns, inode FROM objects WHERE store=?"
-                " AND bucket=? AND key>=? AND key<? AND instr(substr(key, ?), '/')=0",
-                (scope.store, scope.bucket, directory, directory[:-1] + "0",
-                 len(directory) + 1),
-            )
-        for sql, args in self._by_keys("key, source, size, mtime_ns, inode", scope, keys):
-            found |= self._query_set(sql, args)
+    def known_files(
+        self, scope: Scope, key_prefix: str, source_prefix: str, names: list[str],
+        subdirs: list[str] | None,
+    ) -> set[tuple[str, int, int, int]]:
+        """(name, size, mtime_ns, inode) rows of one directory's files: those recorded under
+        the key ``key_prefix + name`` from the path ``source_prefix + name``, for the
+        ``names`` (and maybe other files of that directory). All a re-run needs to see that
+        a file is unchanged, as a set built in C straight from the cursor: the caller tests
+        membership without building anything per row. ``subdirs``, when given, are the
+        directory's subdirectories: their keys lie in ranges that a range scan skips."""
+        columns = (
+            "SELECT substr(key, ?), size, mtime_ns, inode FROM objects WHERE store=?"
+            " AND bucket=? AND source = ? || substr(key, ?) AND "
+        )
+        start = len(key_prefix) + 1
+        head = (start, scope.store, scope.bucket, source_prefix, start)
+        found: set[tuple[str, int, int, int]] = set()
+        try:
+            if (subdirs is not None and len(subdirs) <= self.RANGE_MAX_SUBDIRS
+                    and len(names) - len(subdirs) >= self.RANGE_MIN_FILES):
+                # A range scan of the primary key costs half of as many index lookups.
+                # Only the gaps between the subdirectories' key ranges are read, so a
+                # directory beside a large subtree does not read the subtree's rows.
+                for low, high in _gaps(key_prefix, subdirs):
+                    bounds = "key>=? AND key<?" if high is not None else "key>=?"
+                    found |= self._query_set(
+                        columns + bounds + " AND instr(substr(key, ?), '/')=0",
+                        (*head, low, *((high,) if high is not None else ()), start),
+                    )
+                return found
+            for batch_start in range(0, len(names), self.LOOKUP_BATCH):
+                batch = names[batch_start:batch_start + self.LOOKUP_BATCH]
+                found |= self._query_set(
+                    columns + f"key IN ({','.join('?' * len(batch))})",
+                    (*head, *(key_prefix + name for name in batch)),
+                )
+        except UnicodeEncodeError:
+            return set()  # a name that is not UTF-8 cannot have been recorded
         return found
+
+    def directory_matches(
+        self, scope: Scope, key_prefix: str, source_prefix: str, digest: bytes
+    ) -> bool:
+        """Whether ``digest`` is remembered for the directory, its rows unchanged since."""
+        try:
+            row = self._fetchone(
+                "SELECT source_prefix, digest FROM directories WHERE store=? AND bucket=?"
+                " AND key_prefix=?", (scope.store, scope.bucket, key_prefix),
+            )
+        except UnicodeEncodeError:
+            return False
+        return row is not None and row[0] == source_prefix and row[1] == digest
+
+    def remember_directory(
+        self, scope: Scope, key_prefix: str, source_prefix: str, digest: bytes
+    ) -> None:
+        """Every file of the directory matched its row: remember the files' digest."""
+        try:
+            self._execute(
+                "INSERT OR REPLACE INTO directories (store, bucket, key_prefix,"
+                " source_prefix, digest) VALUES (?,?,?,?,?)",
+                (scope.store, scope.bucket, key_prefix, source_prefix, digest),
+            )
+        except UnicodeEncodeError:
+            return
+        self._maybe_commit()
 
     def record_object(self, scope: Scope, record: ObjectRecord) -> None:
         self._execute(
@@ -374,6 +452,20 @@ class Manifest:
             return list(self._db.execute(sql, args).fetchall())
         except sqlite3.Error as exc:
             raise ManifestError(_describe(exc, self.path)) from exc
+
+
+def _gaps(key_prefix: str, subdirs: list[str]) -> list[tuple[str, str | None]]:
+    """Key ranges [low, high) holding the keys directly under ``key_prefix`` ('' or ending in
+    '/'), around the subdirectories' ranges [prefix + name + '/', prefix + name + '0') ('0'
+    follows '/'). None: no upper bound."""
+    end = key_prefix[:-1] + "0" if key_prefix else None
+    gaps: list[tuple[str, str | None]] = []
+    low = key_prefix
+    for name in sorted(name + "/" for name in subdirs):
+        gaps.append((low, key_prefix + name))
+        low = key_prefix + name[:-1] + "0"
+    gaps.append((low, end))
+    return gaps
 
 
 def _describe(exc: sqlite3.Error, path: Path) -> str:

@@ -21,7 +21,7 @@ from .keys import InvalidKey, PathFilter, object_key
 from .manifest import Manifest, Scope
 from .plan import Action, Decision, plan_file, uses_multipart
 from .report import Reporter
-from .scan import ScanIssue, ScanItem, ScannedFile, ScanOptions, scan_directories
+from .scan import FileStat, Listing, ScanIssue, ScanItem, ScannedFile, ScanOptions, scan_listings
 from .store import ObjectInfo, ObjectStore
 from .transfer import FileOutcome, Uploader
 
@@ -158,6 +158,8 @@ async def mirror(
     )
     large_keys: set[str] = set()
     slots = asyncio.Semaphore(transfer.workers)
+    key_base = f"{config.destination.prefix}/" if config.destination.prefix else ""
+    known = ManifestKnowledge(manifest, scope, key_base, remember=not config.dry_run)
 
     async def work(scanned: ScannedFile, key: str, decision: Decision) -> None:
         try:
@@ -168,16 +170,23 @@ async def mirror(
 
     try:
         async with asyncio.TaskGroup() as tasks:
-            async for batch in scan_directories(str(config.source), options):
-                keyed = _keyed(batch, config, reporter)
+            # With a bucket listing to reconcile against, every file is planned one by one.
+            async for found in scan_listings(str(config.source), options,
+                                             known=known if listing is None else None):
+                if listing is None and found.unchanged is None:
+                    # Walked in a worker thread: compared with the manifest here instead.
+                    _drop_unchanged(found, known)
+                if found.unchanged:
+                    reporter.unchanged_files(found.prefix, key_base + found.prefix,
+                                             found.unchanged)
+                    large_keys.update(_large_keys(found, key_base, transfer.multipart_threshold))
+                keyed = _keyed(found.items, config, reporter)
                 if not keyed:
                     continue
                 large_keys.update(
                     key for key, item in keyed if uses_multipart(item.size, transfer)
                 )
-                if listing is None:
-                    keyed = _drop_unchanged(keyed, manifest, scope, reporter)
-                records = manifest.lookup_many(scope, [key for key, _ in keyed]) if keyed else {}
+                records = manifest.lookup_many(scope, [key for key, _ in keyed])
                 for key, item in keyed:
                     reporter.scanned(item.size)
                     decision = plan_file(item, records.get(key))
@@ -217,24 +226,58 @@ def _keyed(
     return keyed
 
 
-def _drop_unchanged(
-    keyed: list[tuple[str, ScannedFile]], manifest: Manifest, scope: Scope, reporter: Reporter
-) -> list[tuple[str, ScannedFile]]:
-    """The files whose stat differs from the manifest; the others are counted as unchanged
-    in bulk. This is the whole cost of a re-run that finds nothing to do, so it compares
-    tuples from one query per directory and builds no object per unchanged file."""
-    known = manifest.stat_rows(scope, [key for key, _ in keyed])
-    changed: list[tuple[str, ScannedFile]] = []
-    unchanged: list[tuple[str, ScannedFile]] = []
-    for pair in keyed:
-        key, item = pair
-        if (key, item.path, item.size, item.mtime_ns, item.inode) in known:
-            unchanged.append(pair)
-        else:
-            changed.append(pair)
-    if unchanged:
-        reporter.unchanged_files(unchanged)
-    return changed
+class ManifestKnowledge:
+    """The manifest as what the walk compares each directory with (`scan.KnownFiles`):
+    directory ``prefix`` of the source holds the keys ``key_base + prefix + name``."""
+
+    def __init__(self, manifest: Manifest, scope: Scope, key_base: str, *, remember: bool
+                 ) -> None:
+        self.manifest = manifest
+        self.scope = scope
+        self.key_base = key_base
+        self.remembers = remember  # a dry run writes nothing to the manifest
+
+    def matches(self, directory: str, prefix: str, digest: bytes) -> bool:
+        return self.manifest.directory_matches(
+            self.scope, self.key_base + prefix, os.path.join(directory, ""), digest
+        )
+
+    def rows(self, directory: str, prefix: str, names: list[str], subdirs: list[str] | None
+             ) -> set[FileStat]:
+        return self.manifest.known_files(
+            self.scope, self.key_base + prefix, os.path.join(directory, ""), names, subdirs
+        )
+
+    def remember(self, directory: str, prefix: str, digest: bytes) -> None:
+        if self.remembers:
+            self.manifest.remember_directory(
+                self.scope, self.key_base + prefix, os.path.join(directory, ""), digest
+            )
+
+
+def _drop_unchanged(found: Listing, known: ManifestKnowledge) -> None:
+    """Move the files that match their manifest row from ``found.items`` to
+    ``found.unchanged``, as the walk does when it runs on the event loop's thread."""
+    start = len(found.prefix)
+    files = [item for item in found.items if isinstance(item, ScannedFile)]
+    rows = known.rows(found.directory, found.prefix,
+                      [item.relative[start:] for item in files], None)
+    found.unchanged = []
+    changed: list[ScanItem] = []
+    for item in found.items:
+        if isinstance(item, ScannedFile):
+            file = (item.relative[start:], item.size, item.mtime_ns, item.inode)
+            if file in rows:
+                found.unchanged.append(file)
+                continue
+        changed.append(item)
+    found.items = changed
+
+
+def _large_keys(found: Listing, key_base: str, threshold: int) -> list[str]:
+    """Keys of the unchanged files that would be sent in parts (their stale uploads stay)."""
+    key_prefix = key_base + found.prefix
+    return [key_prefix + file[0] for file in found.unchanged or () if file[1] > threshold]
 
 
 def _reconcile(decision: Decision, listed: ObjectInfo | None) -> Decision:

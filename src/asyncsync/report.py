@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from .errors import TransientStoreError
-from .scan import ScanIssue, ScannedFile
+from .scan import FileStat, ScanIssue
 from .transfer import FileOutcome
 
 log = logging.getLogger("asyncsync")
@@ -64,23 +64,28 @@ class Reporter:
         self.scanned_files += 1
         self.scanned_bytes += size
 
-    def unchanged_files(self, files: list[tuple[str, ScannedFile]]) -> None:
-        """Files the manifest proves unchanged, counted at once (a re-run's common case)."""
+    def unchanged_files(self, prefix: str, key_prefix: str, files: list[FileStat]) -> None:
+        """Files of one directory (relative path ``prefix + name``, key ``key_prefix +
+        name``) that the manifest proves unchanged: counted at once, a re-run's common
+        case."""
+        if log.isEnabledFor(logging.DEBUG) or self.json_lines:
+            files = sorted(files)  # the walk's order: by name
         if log.isEnabledFor(logging.DEBUG):
-            for key, item in files:
-                self.scanned(item.size)
-                self.outcome(FileOutcome(item.relative, key, "unchanged", "unchanged", item.size))
+            for name, size, _, _ in files:
+                self.scanned(size)
+                self.outcome(FileOutcome(prefix + name, key_prefix + name, "unchanged",
+                                         "unchanged", size))
             return
         if self.json_lines:
             # The same records `outcome` prints, formatted without a dict and a dumps() per
             # file: a re-run of 100,000 unchanged files prints 100,000 of them.
             self.out.write("".join([
-                f'{{"type": "file", "path": {_json_string(item.relative)}, '
-                f'"key": {_json_string(key)}, "status": "unchanged", "reason": "unchanged", '
-                f'"size": {item.size}, "bytes": 0}}\n'
-                for key, item in files
+                f'{{"type": "file", "path": {_json_string(prefix + name)}, '
+                f'"key": {_json_string(key_prefix + name)}, "status": "unchanged", '
+                f'"reason": "unchanged", "size": {size}, "bytes": 0}}\n'
+                for name, size, _, _ in files
             ]))
-        nbytes = sum(item.size for _, item in files)
+        nbytes = sum([file[1] for file in files])
         self.scanned_files += len(files)
         self.scanned_bytes += nbytes
         self.done_bytes += nbytes

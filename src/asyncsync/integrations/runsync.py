@@ -37,7 +37,7 @@ from ..plan import Action, plan_file
 from ..push import StoreSession, mirror, open_store, scope_for
 from ..record import RECORD_PATH, RunRecord, now_iso, read_results
 from ..report import Reporter
-from ..scan import ScanIssue, ScannedFile
+from ..scan import FileStat, ScanIssue, ScannedFile
 from ..transfer import FileOutcome, Uploader
 
 log = logging.getLogger("asyncsync.training")
@@ -132,10 +132,10 @@ class _RunTally(Reporter):
         else:
             self.unsent.pop(outcome.relative, None)
 
-    def unchanged_files(self, files: list[tuple[str, ScannedFile]]) -> None:
+    def unchanged_files(self, prefix: str, key_prefix: str, files: list[FileStat]) -> None:
         if self.unsent:
-            for _, item in files:
-                self.unsent.pop(item.relative, None)
+            for name, *_ in files:
+                self.unsent.pop(prefix + name, None)
 
     def issue(self, issue: ScanIssue) -> None:
         self._warn(f"{issue.relative}: {issue.message}")
