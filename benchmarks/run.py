@@ -44,6 +44,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -197,6 +198,35 @@ def delete_prefix(client: Any, prefix: str) -> None:
         keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
         if keys:
             client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
+
+
+def settle(server: SeaweedFS, quiet: float = 0.05, window: float = 0.25,
+           limit: float = 30.0) -> None:
+    """Before each measured run: write back dirty pages and wait until the server is idle.
+
+    What one run leaves behind (the kernel flushing the gigabyte it wrote, the server
+    finishing its own work) would otherwise be billed to whichever tool runs next.
+    Quiet: the server used under ``quiet`` of a core over ``window`` seconds.
+    """
+    os.sync()
+    if server.pid is None:
+        return
+    stat_path = Path(f"/proc/{server.pid}/stat")
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds() -> float:
+        fields = stat_path.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+    deadline = time.monotonic() + limit
+    try:
+        while time.monotonic() < deadline:
+            before = cpu_seconds()
+            time.sleep(window)
+            if cpu_seconds() - before < quiet * window:
+                return
+    except OSError:
+        return  # no /proc (not Linux): the sync alone
 
 
 def vacuum(server: SeaweedFS) -> None:
@@ -418,6 +448,7 @@ class Bench:
         state: Path,
     ) -> Sample:
         stem = self.work / "logs" / f"{corpus.name}-r{rnd}-{case}-{tool}"
+        settle(self.server)
         m = measure(self.argv(tool, case, corpus.path, prefix, state), self.envs[tool], stem)
         if m.exit_code != 0:
             raise BenchFailure(f"{tool} {case} exited {m.exit_code}: see {m.stderr}")
@@ -471,6 +502,7 @@ class Bench:
     def floor(self, corpus: Corpus, rnd: int) -> Sample:
         """find, printing each file's size: it must stat every file, as a sync must."""
         stem = self.work / "logs" / f"{corpus.name}-r{rnd}-floor-find"
+        settle(self.server)
         m = measure(["find", str(corpus.path), "-type", "f", "-printf", "%s %p\\n"], self.env,
                     stem)
         if m.exit_code != 0:
@@ -883,7 +915,10 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "over rounds, each column on its own (one row's wall and RSS may come from different "
         "rounds); the wall range is min–max over rounds; every raw round is in "
         "`results.json`. One untimed warm-up upload per tool precedes the runs; the corpus is "
-        "in the page cache for every tool alike.",
+        "in the page cache for every tool alike. Before every measured run the benchmark "
+        "calls sync(2) and waits until the server has been idle for a quarter second, so "
+        "what the previous run left to do (writing back its data) is not billed to the next "
+        "tool.",
         "- **Wall s**: the child process, start to exit, including interpreter start-up. "
         "**CPU s**: user+sys of the client child only (`os.wait4`), *not* the server's. "
         "**Peak RSS**: the child's `ru_maxrss`. **files/s**, **MB/s**: corpus files (bytes) / "

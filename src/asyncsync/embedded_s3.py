@@ -83,6 +83,11 @@ class SeaweedFS:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server process, while it runs (the benchmarks watch its CPU use)."""
+        return self._process.pid if self._process is not None else None
+
     def env(self) -> dict[str, str]:
         """Environment for a client of this server (the standard AWS variables)."""
         return {
