@@ -32,6 +32,7 @@ conflicts with aiobotocore's), rclone from Debian's package.
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime as dt
 import hashlib
 import importlib.util
@@ -322,6 +323,9 @@ def freeze_source(work: Path) -> FrozenSource:
             target.write_bytes(data)
         root.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(root)  # whole or not at all: a half copy is never reused
+    # Byte-compiled once, as pip compiles an installed package (the peers' Python code
+    # included): with PYTHONDONTWRITEBYTECODE set, every run would compile it again.
+    compileall.compile_dir(root, quiet=1)
     return FrozenSource(root, digest)
 
 
@@ -908,8 +912,9 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "`RCLONE_CONFIG_BENCH_*` variables alone (type s3, provider Other, path style) with "
         "an empty config file.",
         "- **Code under test**: the installed asyncsync package is copied once at the start "
-        "(its sha256 is in the results) and every round runs that copy, so edits to `src/` "
-        "during a run cannot mix versions.",
+        "(its sha256 is in the results) and byte-compiled, as pip compiles an installed "
+        "package (the peers' Python code included); every round runs that copy, so edits to "
+        "`src/` during a run cannot mix versions.",
         f"- **Rounds**: {cfg['rounds']}; the tools' order rotates each round (round r starts "
         "with a different tool), prefixes are deleted between rounds. Figures are **medians** "
         "over rounds, each column on its own (one row's wall and RSS may come from different "
