@@ -27,7 +27,7 @@ from types import TracebackType
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
-ACTIONS = ("503", "500", "reset", "delay", "lose-response")
+ACTIONS = ("503", "500", "reset", "delay", "lose-response", "strip-checksum")
 
 _PIECE = 64 * 1024
 _MAX_HEAD = 1024 * 1024
@@ -325,6 +325,8 @@ class FaultProxy:
         request (GET, PUT, HEAD, DELETE) once by itself after a dropped connection, so it takes
         a reset with count=2 for the client to see one. "lose-response" forwards the request,
         lets the server act on it, and resets the client instead of relaying the answer.
+        "strip-checksum" relays the answer without its x-amz-checksum-* headers, as a store
+        that ignores checksums would send it.
         """
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}; expected one of {ACTIONS}")
@@ -453,7 +455,8 @@ class FaultProxy:
                     continue
                 if rule is not None and rule.action == "delay":
                     await asyncio.sleep(rule.delay)
-                if not await self._forward(request, reader, writer, upstream):
+                strip = rule is not None and rule.action == "strip-checksum"
+                if not await self._forward(request, reader, writer, upstream, strip):
                     return
         except (
             ConnectionError,
@@ -514,11 +517,13 @@ class FaultProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         upstream: _Upstream,
+        strip_checksums: bool = False,
     ) -> bool:
         """Send one request upstream and relay its response; False when the client is done."""
         try:
             up_reader, up_writer = await self._send_upstream(request, reader, writer, upstream)
-            close_after = await self._relay_response(request, up_reader, writer)
+            close_after = await self._relay_response(request, up_reader, writer,
+                                                     strip_checksums)
         except _UpstreamError:
             # This includes a server that answers early and hangs up mid-body (a bad signature
             # on a large PUT): asyncio drops its answer with the reset, much as a client
@@ -603,7 +608,8 @@ class FaultProxy:
             raise _UpstreamError("server dropped the connection") from exc
 
     async def _relay_response(
-        self, request: _Request, up_reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, request: _Request, up_reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        strip_checksums: bool = False,
     ) -> bool:
         """Relay one final response; True when the connection must end after it."""
         while True:
@@ -619,6 +625,10 @@ class FaultProxy:
             if 100 <= status < 200 and status != 101:
                 continue
             break
+        if strip_checksums:
+            kept = [line for line in head[:-4].split(b"\r\n")
+                    if not line.lower().startswith(b"x-amz-checksum-")]
+            head = b"\r\n".join(kept) + b"\r\n\r\n"
         writer.write(head)
         await writer.drain()
         close_after = b"close" in headers.get(b"connection", b"").lower()

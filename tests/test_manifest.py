@@ -521,3 +521,39 @@ def test_integrity_check_is_skipped_only_after_a_clean_close(
     assert len(checks) == 1
     Manifest.open(state).close()
     assert len(checks) == 1  # clean again
+
+
+def test_a_manifest_of_schema_1_gains_the_checksum_columns(tmp_path: Path) -> None:
+    """Schema 1 had no record of CRC32 part checksums: opening it adds the columns, keeps
+    every row (old uploads read as Content-MD5 ones), and stamps schema 2."""
+    state = tmp_path / "state"
+    state.mkdir()
+    with sqlite3.connect(state / "manifest.db") as db:
+        db.executescript("""
+            CREATE TABLE uploads (store TEXT NOT NULL, bucket TEXT NOT NULL, key TEXT NOT NULL,
+                upload_id TEXT NOT NULL, source TEXT NOT NULL, size INTEGER NOT NULL,
+                mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, digest TEXT NOT NULL,
+                part_size INTEGER NOT NULL, content_encoding TEXT, created_at REAL NOT NULL,
+                PRIMARY KEY (store, bucket, key)) WITHOUT ROWID;
+            CREATE TABLE parts (upload_id TEXT NOT NULL, part_number INTEGER NOT NULL,
+                etag TEXT NOT NULL, md5 TEXT NOT NULL, size INTEGER NOT NULL,
+                PRIMARY KEY (upload_id, part_number)) WITHOUT ROWID;
+            INSERT INTO uploads VALUES ('http://127.0.0.1:9000', 'bucket', 'old', 'u-old', '/s',
+                1, 2, 3, 'd', 5242880, NULL, 1.5);
+            INSERT INTO parts VALUES ('u-old', 1, '"e1"', 'bWQ1', 5242880);
+            PRAGMA user_version = 1;
+        """)
+    m = Manifest.open(state)
+    try:
+        old = m.pending_upload(SCOPE, "old")
+        assert old is not None and old.upload_id == "u-old" and old.checksum is None
+        assert m.recorded_parts("u-old") == {1: RecordedPart(1, '"e1"', "bWQ1", 5242880)}
+        m.begin_upload(SCOPE, pending("new", "u-new", checksum="crc32"))
+        m.record_part("u-new", RecordedPart(1, '"e"', "", 5, "AAAAAA=="))
+        new = m.pending_upload(SCOPE, "new")
+        assert new is not None and new.checksum == "crc32"
+        assert m.recorded_parts("u-new") == {1: RecordedPart(1, '"e"', "", 5, "AAAAAA==")}
+    finally:
+        m.close()
+    with sqlite3.connect(state / "manifest.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)

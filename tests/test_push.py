@@ -318,6 +318,7 @@ def test_sigkill_mid_multipart_resumes_without_resending(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
     import signal
+    import sqlite3
 
     src = tmp_path / "runs"
     size = 48 * MiB
@@ -333,6 +334,11 @@ def test_sigkill_mid_multipart_resumes_without_resending(
         client = s3_server.client()
         assert len(open_uploads(client, bucket)) == 1  # kept on purpose, owned by the manifest
         assert bucket_keys(client, bucket) == []
+        # SeaweedFS confirms CRC32 part checksums: the resume must list them in Complete.
+        with sqlite3.connect(state / "manifest.db") as db:
+            assert db.execute("SELECT checksum FROM uploads").fetchall() == [("crc32",)]
+            crcs = db.execute("SELECT crc32, md5 FROM parts").fetchall()
+        assert len(crcs) >= 3 and all(crc and md5 == "" for crc, md5 in crcs)
 
         proxy.set_bandwidth(None)
         # The dead client's socket buffers still hold part of a body that the proxy
@@ -688,3 +694,39 @@ def test_a_directory_found_unchanged_is_trusted_only_while_its_rows_stand(
     assert changed.files("uploaded") == ["exp/plots/p13.png"]
     assert changed.summary["skipped"] == 40
     assert read_object(client, bucket, "shared/exp/plots/p13.png") == b"node-a plot 13, redrawn"
+
+
+def test_parts_go_with_crc32_checksums_and_with_content_md5_where_unconfirmed(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """Parts carry a CRC32 that SeaweedFS checks and echoes (no MD5 to compute). A part
+    whose answer does not echo it is sent again with a Content-MD5, and so is every later
+    part; a store whose CreateMultipartUpload answer does not name the algorithm gets plain
+    Content-MD5 uploads."""
+    import sqlite3
+
+    src = tmp_path / "runs"
+    size = 24 * MiB
+    content = write(src / "weights" / "last.pt", os.urandom(size))
+    options = ("--multipart-threshold", "8MiB", "--part-size", "8MiB")
+    with FaultProxy(s3_server.endpoint) as proxy:
+        env = s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint)
+        proxy.inject("strip-checksum", 1, method="PUT", query_contains="partNumber=2")
+        first = run_cli("push", src, f"s3://{bucket}/a", "--state-dir", tmp_path / "s1",
+                        "--json", *options, env=env)
+        upstream = proxy.stats.body_bytes_upstream
+        assert first.returncode == 0, first.stderr
+        assert "did not confirm the part's CRC32" in first.stderr
+        assert upstream <= size + 8 * MiB + 64 * 1024  # part 2 twice, nothing else
+
+        proxy.inject("strip-checksum", 1, method="POST", query_contains="uploads")
+        plain = run_cli("push", src, f"s3://{bucket}/b", "--state-dir", tmp_path / "s2",
+                        "--json", *options, env=env)
+        assert plain.returncode == 0, plain.stderr
+    client = s3_server.client()
+    for key in ("a/weights/last.pt", "b/weights/last.pt"):
+        assert read_object(client, bucket, key) == content
+        assert str(client.head_object(Bucket=bucket, Key=key)["ETag"]).endswith('-3"')
+    assert open_uploads(client, bucket) == []  # the unconfirmed CRC32 upload was aborted
+    with sqlite3.connect(tmp_path / "s1" / "manifest.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)

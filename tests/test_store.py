@@ -14,6 +14,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,7 @@ def test_multipart_round_trip(store: StoreFactory) -> None:
 
     async def body(s: ObjectStore) -> None:
         key = "run/big.bin"
-        upload_id = await s.create_multipart_upload(key, attributes=ATTRS)
+        upload_id = (await s.create_multipart_upload(key, attributes=ATTRS)).upload_id
         # Second part first: parts may arrive in any order.
         etag2 = await s.upload_part(key, upload_id, 2, second, md5_b64=md5_b64(second))
         etag1 = await s.upload_part(key, upload_id, 1, first, md5_b64=md5_b64(first))
@@ -210,12 +211,51 @@ def test_multipart_round_trip(store: StoreFactory) -> None:
     store.run(body)
 
 
+def crc32_b64(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
+
+
+def test_multipart_with_crc32_part_checksums(store: StoreFactory) -> None:
+    """An upload asked for with CRC32 checksums: SeaweedFS confirms it, checks each part's
+    CRC32 (a wrong one is refused) and echoes it; Complete lists the parts with them. The
+    directory store keeps Content-MD5 parts (its ETags are MD5s anyway) but checks a CRC32
+    it is given all the same."""
+    first, second = os.urandom(5 * MiB), os.urandom(1000)
+
+    async def body(s: ObjectStore) -> None:
+        key = "run/crc.bin"
+        upload = await s.create_multipart_upload(key, attributes=ATTRS, crc32=True)
+        assert upload.crc32 is (store.kind == "s3")
+        etags = []
+        for number, data in ((1, first), (2, second)):
+            if upload.crc32:
+                etags.append(await s.upload_part(key, upload.upload_id, number, data,
+                                                 crc32_b64=crc32_b64(data)))
+            else:
+                etags.append(await s.upload_part(key, upload.upload_id, number, data,
+                                                 md5_b64=md5_b64(data),
+                                                 crc32_b64=crc32_b64(data)))
+        assert etags == [plain_etag(first), plain_etag(second)]
+        with pytest.raises(TransientStoreError) as caught:
+            await s.upload_part(key, upload.upload_id, 3, b"x", crc32_b64=crc32_b64(b"y"))
+        assert caught.value.code == "BadDigest"
+        crcs = [crc32_b64(first), crc32_b64(second)] if upload.crc32 else [None, None]
+        parts = [UploadedPart(n, etag, len(data), crc32=crc)
+                 for n, etag, data, crc in zip((1, 2), etags, (first, second), crcs,
+                                               strict=True)]
+        etag = await s.complete_multipart_upload(key, upload.upload_id, parts)
+        assert etag == multipart_etag(first, second)
+        assert await read(s, key) == first + second
+
+    store.run(body)
+
+
 def test_abort_removes_the_upload(store: StoreFactory) -> None:
     part = os.urandom(1024)
 
     async def body(s: ObjectStore) -> None:
         key = "run/aborted.bin"
-        upload_id = await s.create_multipart_upload(key, attributes=PLAIN)
+        upload_id = (await s.create_multipart_upload(key, attributes=PLAIN)).upload_id
         await s.upload_part(key, upload_id, 1, part, md5_b64=md5_b64(part))
         assert len(await s.list_parts(key, upload_id)) == 1
         await s.abort_multipart_upload(key, upload_id)
@@ -289,7 +329,7 @@ def test_copy_object_etag_is_quoted_like_head(store: StoreFactory) -> None:
 
 def test_list_parts_of_unknown_upload(store: StoreFactory) -> None:
     async def body(s: ObjectStore) -> None:
-        upload_id = await s.create_multipart_upload("run/x", attributes=PLAIN)
+        upload_id = (await s.create_multipart_upload("run/x", attributes=PLAIN)).upload_id
         await s.abort_multipart_upload("run/x", upload_id)
         with pytest.raises(NoSuchUpload):
             await s.list_parts("run/x", upload_id)
@@ -342,7 +382,7 @@ def test_file_store_layout_and_hidden_state(tmp_path: Path) -> None:
 
     async def body(s: ObjectStore) -> None:
         await put(s, "run/a.txt", b"a", ATTRS)
-        upload_id = await s.create_multipart_upload("run/b.bin", attributes=ATTRS)
+        upload_id = (await s.create_multipart_upload("run/b.bin", attributes=ATTRS)).upload_id
         await s.upload_part("run/b.bin", upload_id, 1, part, md5_b64=md5_b64(part))
         # A temp file a crash left behind is not an object either.
         (root / "run" / (".asyncsync-tmp-" + "f" * 32)).write_bytes(b"junk")
@@ -426,7 +466,7 @@ def test_file_store_complete_checks_parts(tmp_path: Path) -> None:
 
     async def body(s: ObjectStore) -> None:
         key = "run/x"
-        upload_id = await s.create_multipart_upload(key, attributes=PLAIN)
+        upload_id = (await s.create_multipart_upload(key, attributes=PLAIN)).upload_id
         etag1 = await s.upload_part(key, upload_id, 1, small, md5_b64=md5_b64(small))
         etag2 = await s.upload_part(key, upload_id, 2, other, md5_b64=md5_b64(other))
         attempts = {

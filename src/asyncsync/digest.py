@@ -18,6 +18,7 @@ import io
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -35,6 +36,11 @@ def new_digest() -> Any:
 
 def md5_b64(data: bytes | memoryview) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+
+
+def crc32_b64_of(data: bytes | memoryview) -> str:
+    """CRC32 as S3's x-amz-checksum-crc32 carries it: base64 of the big-endian value."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)

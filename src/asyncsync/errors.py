@@ -62,6 +62,11 @@ class NotFound(StoreError):
     """The object does not exist."""
 
 
+class ChecksumNotConfirmed(StoreError):
+    """A part sent with only a CRC32 checksum was stored, but the store's answer does not
+    confirm it checked that checksum: the body must be proven some other way (Content-MD5)."""
+
+
 class SourceChanged(AsyncsyncError):
     """The file changed while it was being read for upload; nothing was published."""
 

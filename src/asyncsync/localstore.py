@@ -26,9 +26,10 @@ from typing import Any, BinaryIO, TypeVar
 import anyio.to_thread
 
 from .config import MIN_PART_SIZE
+from .digest import crc32_b64_of
 from .errors import FatalStoreError, NoSuchUpload, NotFound, StoreError, TransientStoreError
 from .retry import Backoff, retry_transient
-from .store import ObjectAttributes, ObjectInfo, UploadedPart
+from .store import MultipartUpload, ObjectAttributes, ObjectInfo, UploadedPart
 
 T = TypeVar("T")
 E = TypeVar("E", bound=StoreError)
@@ -207,14 +208,20 @@ class FileStore:
             attempt, attempts=self._max_attempts, backoff=self._backoff, on_retry=self._on_retry
         )
 
-    async def _verify(self, op: str, key: str, body: bytes, md5_b64: str) -> str:
-        """Check a body against its Content-MD5 as S3 does; return its ETag."""
+    async def _verify(self, op: str, key: str, body: bytes, md5_b64: str | None,
+                      crc32_b64: str | None = None) -> str:
+        """Check a body against its Content-MD5 and CRC32 (those given) as S3 does; return
+        its ETag."""
+        if md5_b64 is None and crc32_b64 is None:
+            raise ValueError("a body needs a checksum")
         digest = await anyio.to_thread.run_sync(lambda: hashlib.md5(body).digest())
         with contextlib.suppress(ValueError):
-            if digest == base64.b64decode(md5_b64, validate=True):
+            if (md5_b64 is None or digest == base64.b64decode(md5_b64, validate=True)) and (
+                crc32_b64 is None or crc32_b64 == crc32_b64_of(body)
+            ):
                 return f'"{digest.hex()}"'
-        # Transient, as with S3: the body (or its MD5) was damaged on its way to the store.
-        raise self._error(TransientStoreError, op, key, "wrong Content-MD5", "BadDigest")
+        # Transient, as with S3: the body (or its checksum) was damaged on its way here.
+        raise self._error(TransientStoreError, op, key, "wrong checksum", "BadDigest")
 
     def _paths(self, op: str, key: str) -> tuple[str, str]:
         """(data file, sidecar) of a key; StoreError InvalidKey for a key that is not valid."""
@@ -328,23 +335,28 @@ class FileStore:
             raise self._error(NoSuchUpload, op, key, "upload no longer exists", "NoSuchUpload")
         return upload_dir, meta
 
-    async def create_multipart_upload(self, key: str, *, attributes: ObjectAttributes) -> str:
+    async def create_multipart_upload(
+        self, key: str, *, attributes: ObjectAttributes, crc32: bool = False
+    ) -> MultipartUpload:
+        """An upload whose parts come with Content-MD5: the ETags are MD5s anyway here, so
+        CRC32 checksums would save nothing."""
         op = "CreateMultipartUpload"
         self._paths(op, key)
         meta = {"key": key, "attributes": _attributes_json(attributes)}
 
-        def create() -> str:
+        def create() -> MultipartUpload:
             upload_dir = os.path.join(self._uploads, uuid.uuid4().hex)
             self._makedirs(upload_dir)
             _write_json(os.path.join(upload_dir, "meta.json"), meta)  # now the upload exists
-            return os.path.basename(upload_dir)
+            return MultipartUpload(os.path.basename(upload_dir))
 
         return await self._call(op, key, create)
 
     async def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes, *,
-                          md5_b64: str) -> str:
+                          md5_b64: str | None = None, crc32_b64: str | None = None) -> str:
         op = "UploadPart"
-        fill = partial(_write_body, body, await self._verify(op, key, body, md5_b64))
+        etag = await self._verify(op, key, body, md5_b64, crc32_b64)
+        fill = partial(_write_body, body, etag)
 
         def store() -> str:
             part = os.path.join(self._upload(op, key, upload_id)[0], str(part_number))

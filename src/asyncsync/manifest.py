@@ -28,7 +28,8 @@ MANIFEST_FILE = "manifest.db"
 # A file still exactly like that was checked when it was last opened and closed cleanly
 # since, so its integrity check (a full read, ~50 ms per 100,000 rows) can be skipped.
 CLEAN_MARK = MANIFEST_FILE + ".clean"
-SCHEMA_VERSION = 1
+# 2: uploads.checksum and parts.crc32 (uploads whose parts carry CRC32 checksums).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -59,6 +60,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     part_size INTEGER NOT NULL,
     content_encoding TEXT,
     created_at REAL NOT NULL,
+    checksum TEXT,  -- 'crc32': the parts carry CRC32 checksums; NULL: Content-MD5
     PRIMARY KEY (store, bucket, key)
 ) WITHOUT ROWID;
 -- A directory whose files all matched their object rows when it was last walked, with a
@@ -92,8 +94,9 @@ CREATE TABLE IF NOT EXISTS parts (
     upload_id TEXT NOT NULL,
     part_number INTEGER NOT NULL,
     etag TEXT NOT NULL,
-    md5 TEXT NOT NULL,
+    md5 TEXT NOT NULL,  -- '' for a part sent with a CRC32 only
     size INTEGER NOT NULL,
+    crc32 TEXT,
     PRIMARY KEY (upload_id, part_number)
 ) WITHOUT ROWID;
 """
@@ -137,8 +140,9 @@ class ObjectRecord:
 class RecordedPart:
     part_number: int
     etag: str
-    md5: str
+    md5: str  # base64 Content-MD5 it was sent with, or ""
     size: int
+    crc32: str | None = None  # base64 CRC32 it was sent with, for a CRC32 upload
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,7 @@ class PendingUpload:
     part_size: int
     content_encoding: str | None
     created_at: float
+    checksum: str | None = None  # "crc32" when the parts carry CRC32 checksums
 
 
 class Manifest:
@@ -203,6 +208,7 @@ class Manifest:
             # losing a row only means that file is hashed (not necessarily sent) again.
             db.execute("PRAGMA synchronous = NORMAL")
             db.executescript(_SCHEMA)
+            _add_missing_columns(db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             # quick_check reports damage as a row, not an exception.
             verdict = ("ok",) if closed_cleanly else db.execute("PRAGMA quick_check(1)").fetchone()
@@ -351,7 +357,8 @@ class Manifest:
     def pending_upload(self, scope: Scope, key: str) -> PendingUpload | None:
         row = self._fetchone(
             "SELECT key, upload_id, source, size, mtime_ns, inode, digest, part_size,"
-            " content_encoding, created_at FROM uploads WHERE store=? AND bucket=? AND key=?",
+            " content_encoding, created_at, checksum FROM uploads WHERE store=? AND bucket=?"
+            " AND key=?",
             (scope.store, scope.bucket, key),
         )
         return PendingUpload(*row) if row else None
@@ -359,35 +366,37 @@ class Manifest:
     def pending_uploads(self, scope: Scope, prefix: str) -> list[PendingUpload]:
         rows = self._query(
             "SELECT key, upload_id, source, size, mtime_ns, inode, digest, part_size,"
-            " content_encoding, created_at FROM uploads WHERE store=? AND bucket=? ORDER BY key",
+            " content_encoding, created_at, checksum FROM uploads WHERE store=? AND bucket=?"
+            " ORDER BY key",
             (scope.store, scope.bucket),
         )
         return [PendingUpload(*row) for row in rows if str(row[0]).startswith(prefix)]
 
     def recorded_parts(self, upload_id: str) -> dict[int, RecordedPart]:
         rows = self._query(
-            "SELECT part_number, etag, md5, size FROM parts WHERE upload_id=?", (upload_id,)
+            "SELECT part_number, etag, md5, size, crc32 FROM parts WHERE upload_id=?",
+            (upload_id,),
         )
         return {int(row[0]): RecordedPart(*row) for row in rows}
 
     def begin_upload(self, scope: Scope, upload: PendingUpload) -> None:
         self._execute(
             "INSERT OR REPLACE INTO uploads (store, bucket, key, upload_id, source, size,"
-            " mtime_ns, inode, digest, part_size, content_encoding, created_at)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " mtime_ns, inode, digest, part_size, content_encoding, created_at, checksum)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 scope.store, scope.bucket, upload.key, upload.upload_id, upload.source,
                 upload.size, upload.mtime_ns, upload.inode, upload.digest, upload.part_size,
-                upload.content_encoding, upload.created_at,
+                upload.content_encoding, upload.created_at, upload.checksum,
             ),
         )
         self.commit()
 
     def record_part(self, upload_id: str, part: RecordedPart) -> None:
         self._execute(
-            "INSERT OR REPLACE INTO parts (upload_id, part_number, etag, md5, size)"
-            " VALUES (?,?,?,?,?)",
-            (upload_id, part.part_number, part.etag, part.md5, part.size),
+            "INSERT OR REPLACE INTO parts (upload_id, part_number, etag, md5, size, crc32)"
+            " VALUES (?,?,?,?,?,?)",
+            (upload_id, part.part_number, part.etag, part.md5, part.size, part.crc32),
         )
         self.commit()
 
@@ -452,6 +461,15 @@ class Manifest:
             return list(self._db.execute(sql, args).fetchall())
         except sqlite3.Error as exc:
             raise ManifestError(_describe(exc, self.path)) from exc
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a manifest of an older schema up to this one (CREATE TABLE IF NOT EXISTS
+    leaves existing tables as they are)."""
+    for table, column in (("uploads", "checksum"), ("parts", "crc32")):
+        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
 
 
 def _gaps(key_prefix: str, subdirs: list[str]) -> list[tuple[str, str | None]]:

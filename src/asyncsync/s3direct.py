@@ -28,12 +28,14 @@ import aiohttp
 from yarl import URL
 
 from .config import StoreConfig
-from .errors import FatalStoreError, StoreError
+from .errors import ChecksumNotConfirmed, FatalStoreError, StoreError
 from .s3errors import classify_response, translate_transport_error
 from .sigv4 import SigV4Signer, canonical_query, quote_path
 from .store import ObjectAttributes
 
 PROBE_KEY = "asyncsync-probe"
+# A part's CRC32 (base64, big-endian), sent with it and echoed by a store that checked it.
+CRC32_HEADER = "x-amz-checksum-crc32"
 Pace = Callable[[int], Awaitable[None]]
 # Slices of a body handed to the transport at a time; it waits for the socket in between.
 STREAM_SLICE = 256 * 1024
@@ -82,14 +84,22 @@ class DirectUploads:
         return await self._put("PutObject", key, {}, headers, body)
 
     async def upload_part(
-        self, key: str, upload_id: str, part_number: int, body: bytes, *, md5_b64: str
+        self, key: str, upload_id: str, part_number: int, body: bytes, *,
+        md5_b64: str | None = None, crc32_b64: str | None = None,
     ) -> str:
-        headers = {"content-md5": md5_b64, "content-length": str(len(body))}
+        headers = {"content-length": str(len(body))}
+        if md5_b64 is not None:
+            headers["content-md5"] = md5_b64
+        if crc32_b64 is not None:
+            headers[CRC32_HEADER] = crc32_b64
         query = {"partNumber": str(part_number), "uploadId": upload_id}
-        return await self._put("UploadPart", key, query, headers, body)
+        # A CRC32 alone proves the body only if the store says it checked it.
+        confirm = crc32_b64 if md5_b64 is None else None
+        return await self._put("UploadPart", key, query, headers, body, confirm_crc32=confirm)
 
     async def _put(
-        self, op: str, key: str, query: Mapping[str, str], headers: dict[str, str], body: bytes
+        self, op: str, key: str, query: Mapping[str, str], headers: dict[str, str], body: bytes,
+        *, confirm_crc32: str | None = None,
     ) -> str:
         where = f"{op} {self._location}/{key}"
         path = quote_path(self._path_prefix + key)
@@ -112,9 +122,16 @@ class DirectUploads:
                 payload = await response.read()
                 if response.status == 200:
                     etag = response.headers.get("ETag")
-                    if etag:
-                        return etag
-                    raise StoreError(f"{where}: the store sent no ETag", op=op, key=key)
+                    if not etag:
+                        raise StoreError(f"{where}: the store sent no ETag", op=op, key=key)
+                    if confirm_crc32 is not None and (
+                        response.headers.get(CRC32_HEADER) != confirm_crc32
+                    ):
+                        raise ChecksumNotConfirmed(
+                            f"{where}: the store did not confirm the part's CRC32", op=op,
+                            key=key,
+                        )
+                    return etag
                 code, message = _error_fields(payload)
                 raise classify_response(
                     where, op=op, key=key, status=response.status, code=code, message=message

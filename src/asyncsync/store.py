@@ -31,6 +31,15 @@ class UploadedPart:
     part_number: int
     etag: str
     size: int
+    crc32: str | None = None  # base64 CRC32 of the part, for uploads with CRC32 checksums
+
+
+@dataclass(frozen=True)
+class MultipartUpload:
+    upload_id: str
+    # The store confirmed that this upload takes CRC32 part checksums: every part is then
+    # sent with one (and listed with it in Complete) instead of a Content-MD5.
+    crc32: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,14 +70,19 @@ class ObjectStore(Protocol):
         """Store a whole object; return its ETag. The store verifies ``md5_b64``."""
         ...
 
-    async def create_multipart_upload(self, key: str, *, attributes: ObjectAttributes) -> str:
-        """Start a multipart upload; return its upload id."""
+    async def create_multipart_upload(
+        self, key: str, *, attributes: ObjectAttributes, crc32: bool = False
+    ) -> MultipartUpload:
+        """Start a multipart upload, asking for CRC32 part checksums when ``crc32``."""
         ...
 
     async def upload_part(
-        self, key: str, upload_id: str, part_number: int, body: bytes, *, md5_b64: str
+        self, key: str, upload_id: str, part_number: int, body: bytes, *,
+        md5_b64: str | None = None, crc32_b64: str | None = None,
     ) -> str:
-        """Store one part; return its ETag."""
+        """Store one part; return its ETag. The store verifies the checksums given (at least
+        one); with ``crc32_b64`` alone, an answer that does not confirm it raises
+        `ChecksumNotConfirmed` (the part is stored, but unproven)."""
         ...
 
     async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
@@ -78,7 +92,8 @@ class ObjectStore(Protocol):
     async def complete_multipart_upload(
         self, key: str, upload_id: str, parts: list[UploadedPart]
     ) -> str:
-        """Publish the object from its parts; return its ETag."""
+        """Publish the object from its parts (with their CRC32s, for an upload that takes
+        them); return its ETag."""
         ...
 
     async def abort_multipart_upload(self, key: str, upload_id: str) -> None:

@@ -30,6 +30,7 @@ from .config import TransferConfig
 from .digest import (
     HASH_CHUNK,
     FileIdentity,
+    crc32_b64_of,
     gzip_to_temp,
     hash_file,
     md5_b64,
@@ -39,6 +40,7 @@ from .digest import (
     stat_identity,
 )
 from .errors import (
+    ChecksumNotConfirmed,
     FatalStoreError,
     ManifestError,
     NoSuchUpload,
@@ -112,6 +114,9 @@ class Uploader:
         # A pool of our own for file reads and hashing: submitting to it directly costs a
         # fraction of a generic to_thread call, which matters at thousands of files a second.
         self._inline_reads = InlineGate(slow_seconds=0.01, strikes=8)
+        # Set when the store did not confirm a part's CRC32: from then on parts carry a
+        # Content-MD5 beside it.
+        self.md5_with_crc32 = False
         self._io = ThreadPoolExecutor(
             max_workers=max(4, min(64, config.workers + config.part_concurrency)),
             thread_name_prefix="asyncsync-io",
@@ -322,6 +327,7 @@ class _LargeUpload:
         self.encoding = encoding
         self.part_size = part_size_for(body_size, uploader._config.part_size)
         self.sent = 0
+        self.crc32 = False  # the upload takes CRC32 part checksums (the store confirmed it)
 
     async def run(self) -> tuple[str, int, int, int]:
         """Return (ETag, bytes sent now, parts resumed from an earlier run, part count)."""
@@ -371,18 +377,20 @@ class _LargeUpload:
                     return pending.upload_id, done
             else:
                 await self._abort(store, pending.upload_id)
-        upload_id = await store.create_multipart_upload(
-            self.key, attributes=_attributes(self.digest, self.identity.size, self.encoding)
+        upload = await store.create_multipart_upload(
+            self.key, attributes=_attributes(self.digest, self.identity.size, self.encoding),
+            crc32=True,
         )
+        self.crc32 = upload.crc32
         manifest.begin_upload(
             scope,
             PendingUpload(
-                self.key, upload_id, self.scanned.path, self.identity.size,
+                self.key, upload.upload_id, self.scanned.path, self.identity.size,
                 self.identity.mtime_ns, self.identity.inode, self.digest, self.part_size,
-                self.encoding, time.time(),
+                self.encoding, time.time(), "crc32" if upload.crc32 else None,
             ),
         )
-        return upload_id, {}
+        return upload.upload_id, {}
 
     def _can_resume(self, pending: PendingUpload) -> bool:
         return (
@@ -396,18 +404,25 @@ class _LargeUpload:
     async def _parts_already_sent(
         self, store: ObjectStore, pending: PendingUpload
     ) -> dict[int, UploadedPart] | None:
-        """Parts both the store and the manifest know, with the same ETag and size."""
+        """Parts both the store and the manifest know, with the same ETag and size (and,
+        in an upload with CRC32 checksums, the CRC32 recorded for Complete)."""
         try:
             listed = await store.list_parts(self.key, pending.upload_id)
         except NoSuchUpload:
             self.up._manifest.forget_upload(self.up._scope, self.key, pending.upload_id)
             return None
+        self.crc32 = pending.checksum == "crc32"
         recorded = self.up._manifest.recorded_parts(pending.upload_id)
         done = {}
         for part in listed:
             mine = recorded.get(part.part_number)
-            if mine is not None and mine.etag == part.etag and mine.size == part.size:
-                done[part.part_number] = part
+            if mine is None or mine.etag != part.etag or mine.size != part.size:
+                continue
+            if self.crc32:
+                if not mine.crc32:
+                    continue
+                part = UploadedPart(part.part_number, part.etag, part.size, crc32=mine.crc32)
+            done[part.part_number] = part
         return done
 
     async def _send_parts(
@@ -431,8 +446,9 @@ class _LargeUpload:
                     await window.acquire()
                     grant = await budget.acquire(length)
                     try:
-                        data, md5 = await self.up.in_thread(
-                            _read_hash_part, fd, offset, length, hasher, number not in done
+                        data, md5, crc32 = await self.up.in_thread(
+                            _read_hash_part, fd, offset, length, hasher,
+                            self._checksums() if number not in done else (False, False),
                         )
                         if len(data) != length:
                             raise SourceChanged(f"{self.scanned.path}: shrank while it was read")
@@ -446,8 +462,8 @@ class _LargeUpload:
                         window.release()
                         continue
                     tasks.create_task(
-                        self._send_part(store, upload_id, number, data, md5, grant, window,
-                                        finished)
+                        self._send_part(store, upload_id, number, data, (md5, crc32), grant,
+                                        window, finished)
                     )
                     # The task owns the buffer now; a reference left here would outlive the
                     # task's grant while this loop waits for the next one.
@@ -460,17 +476,39 @@ class _LargeUpload:
             raise SourceChanged(f"{self.scanned.path}: changed while it was uploaded")
         return [finished[n] for n in sorted(finished)]
 
+    def _checksums(self) -> tuple[bool, bool]:
+        """Which checksums a part is sent with: (Content-MD5, CRC32)."""
+        if not self.crc32:
+            return True, False
+        return self.up.md5_with_crc32, True
+
     async def _send_part(
-        self, store: ObjectStore, upload_id: str, number: int, data: bytes, md5: str,
-        grant: int, window: asyncio.Semaphore, finished: dict[int, UploadedPart],
+        self, store: ObjectStore, upload_id: str, number: int, data: bytes,
+        checksums: tuple[str | None, str | None], grant: int, window: asyncio.Semaphore,
+        finished: dict[int, UploadedPart],
     ) -> None:
+        md5, crc32 = checksums
         try:
-            etag = await store.upload_part(self.key, upload_id, number, data, md5_b64=md5)
+            try:
+                etag = await store.upload_part(self.key, upload_id, number, data,
+                                               md5_b64=md5, crc32_b64=crc32)
+            except ChecksumNotConfirmed as exc:
+                # Stored, but nothing says the store checked the CRC32: send the part again
+                # with a Content-MD5, and every later part with both.
+                if md5 is not None:
+                    raise
+                log.warning("%s; sending parts with Content-MD5 as well", exc)
+                self.up.md5_with_crc32 = True
+                md5 = await self.up.in_thread(md5_b64, data)
+                etag = await store.upload_part(self.key, upload_id, number, data,
+                                               md5_b64=md5, crc32_b64=crc32)
         finally:
             self.up._budget.release(grant)
             window.release()
-        self.up._manifest.record_part(upload_id, RecordedPart(number, etag, md5, len(data)))
-        finished[number] = UploadedPart(number, etag, len(data))
+        self.up._manifest.record_part(
+            upload_id, RecordedPart(number, etag, md5 or "", len(data), crc32)
+        )
+        finished[number] = UploadedPart(number, etag, len(data), crc32=crc32)
         self.sent += len(data)
         self.up._on_bytes(len(data))
 
@@ -492,10 +530,14 @@ class _LargeUpload:
 
 
 def _read_hash_part(
-    fd: int, offset: int, length: int, hasher: object | None, want_md5: bool
-) -> tuple[bytes, str]:
+    fd: int, offset: int, length: int, hasher: object | None, checksums: tuple[bool, bool]
+) -> tuple[bytes, str | None, str | None]:
+    """The part's bytes (fed to ``hasher`` too) and the checksums asked for: (Content-MD5,
+    CRC32), each base64 or None."""
     data = read_part(fd, offset, length)
     if hasher is not None:
         hasher.update(data)  # type: ignore[attr-defined]
-    return data, md5_b64(data) if want_md5 else ""
+    want_md5, want_crc32 = checksums
+    return (data, md5_b64(data) if want_md5 else None,
+            crc32_b64_of(data) if want_crc32 else None)
 
