@@ -1,7 +1,8 @@
 """Reading and hashing local files, consistently.
 
 xxh3-128 is the content digest (fast: several GB/s, so hashing never bounds an upload);
-MD5 only travels as Content-MD5 so the server can verify each body. Every function here
+MD5 and CRC32 only travel as Content-MD5 and x-amz-checksum-crc32, so the server can verify
+each body. Every function here
 is blocking and meant to run in a worker thread; xxhash and hashlib release the GIL on
 large buffers, so threads really do hash in parallel.
 

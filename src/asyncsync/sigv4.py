@@ -4,7 +4,8 @@ PutObject and UploadPart are most of what a push sends, and botocore's generic r
 pipeline (parameter validation, endpoint rules, event hooks) costs about a millisecond of CPU
 for each, which caps small-file throughput far below what the store can take. These two
 requests are simple enough to sign directly: the body goes out as UNSIGNED-PAYLOAD (its
-integrity is guarded by the signed Content-MD5 header, which the server verifies), and the
+integrity is guarded by a signed Content-MD5 or x-amz-checksum-crc32 header, which the server
+verifies), and the
 derived signing key is cached for the day. Credentials still come from botocore's chain;
 nothing here stores or prints them.
 """
