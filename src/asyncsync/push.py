@@ -275,7 +275,8 @@ def _drop_unchanged(found: Listing, known: ManifestKnowledge) -> None:
 
 
 def _large_keys(found: Listing, key_base: str, threshold: int) -> list[str]:
-    """Keys of the unchanged files that would be sent in parts (their stale uploads stay)."""
+    """Keys of the unchanged files that would be sent in parts (their stale uploads stay):
+    `uses_multipart` with its threshold inlined, for every file of a no-op re-run."""
     key_prefix = key_base + found.prefix
     return [key_prefix + file[0] for file in found.unchanged or () if file[1] > threshold]
 
