@@ -730,29 +730,3 @@ def test_parts_go_with_crc32_checksums_and_with_content_md5_where_unconfirmed(
     assert open_uploads(client, bucket) == []  # the unconfirmed CRC32 upload was aborted
     with sqlite3.connect(tmp_path / "s1" / "manifest.db") as db:
         assert db.execute("PRAGMA user_version").fetchone() == (2,)
-
-
-def test_a_listing_walked_in_a_worker_thread_is_compared_by_push(tmp_path: Path) -> None:
-    """The walk compares with the manifest only on the event loop's thread; a listing from
-    the worker thread comes uncompared, and push sorts its files the same way."""
-    from asyncsync.manifest import Manifest, ObjectRecord, Scope
-    from asyncsync.push import ManifestKnowledge, _drop_unchanged
-    from asyncsync.scan import Listing, ScanIssue, ScannedFile
-
-    scope = Scope("http://store", "bucket")
-    manifest = Manifest.open(tmp_path / "state")
-    try:
-        manifest.record_object(scope, ObjectRecord(
-            "p/run/same.txt", "/src/run/same.txt", 5, 100, 7, "d", '"e"', 5, None, 1.0))
-        manifest.record_object(scope, ObjectRecord(
-            "p/run/edited.txt", "/src/run/edited.txt", 5, 100, 8, "d", '"e"', 5, None, 1.0))
-        same = ScannedFile("/src/run/same.txt", "run/same.txt", 5, 100, 7)
-        edited = ScannedFile("/src/run/edited.txt", "run/edited.txt", 6, 200, 8)
-        new = ScannedFile("/src/run/new.txt", "run/new.txt", 1, 1, 9)
-        issue = ScanIssue("run/fifo", "skipped: a FIFO")
-        found = Listing("/src/run", "run/", [edited, issue, new, same])
-        _drop_unchanged(found, ManifestKnowledge(manifest, scope, "p/", remember=True))
-        assert found.items == [edited, issue, new]
-        assert found.unchanged == [("same.txt", 5, 100, 7)]
-    finally:
-        manifest.close()

@@ -475,19 +475,34 @@ def test_directory_digest_is_of_names_and_stats_in_order() -> None:
     assert len(directory_digest([])) == 16
 
 
-def test_a_walk_in_a_worker_thread_leaves_the_comparison_to_the_caller(
+def test_a_walk_in_a_worker_thread_is_compared_on_the_loop_thread(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`KnownFiles` is used on the event loop's thread only: once the walk has moved to a
-    worker thread, listings come uncompared (`unchanged` None), every file as an item."""
+    worker thread, each listing it returns is compared file by file after the call, with
+    the same outcome as inline."""
+    import threading
+
     from asyncsync import scan as scan_module
 
     monkeypatch.setattr(scan_module, "_DIRECTORIES_PER_CALL", 1)
     monkeypatch.setattr(scan_module, "_INLINE_CHUNK_SECONDS", 0.0)
     everything = {item.relative: stat_of(Path(item.path)) for item in files(scan(tree))}
-    found = listings(tree, FakeKnowledge(everything))
-    assert [listing.unchanged is None for listing in found] == [False] * 3 + [True] * (
-        len(found) - 3
-    )
-    uncompared = [item.relative for listing in found[3:] for item in listing.items]
-    assert uncompared and set(uncompared) <= set(everything)
+    known = FakeKnowledge(dict(everything))
+    known.known["a/sub/y.bin"] = ("y.bin", 1, 2, 3)  # the manifest saw another y.bin
+    threads: list[str] = []
+    real_rows = known.rows
+
+    def recording_rows(*args: Any) -> set[FileStat]:
+        threads.append(threading.current_thread().name)
+        return real_rows(*args)
+
+    monkeypatch.setattr(known, "rows", recording_rows)
+    found = {listing.prefix: listing for listing in listings(tree, known)}
+    assert set(threads) == {threading.main_thread().name}
+    assert [item.relative for item in found["a/sub/"].items] == ["a/sub/y.bin"]
+    assert found["a/sub/"].unchanged == []
+    unchanged = {prefix + name for prefix, listing in found.items()
+                 for name, *_ in listing.unchanged or ()}
+    assert unchanged == set(everything) - {"a/sub/y.bin"}
+    assert all(listing.unchanged is not None for listing in found.values())

@@ -31,6 +31,12 @@ CLEAN_MARK = MANIFEST_FILE + ".clean"
 # 2: uploads.checksum and parts.crc32 (uploads whose parts carry CRC32 checksums).
 SCHEMA_VERSION = 2
 
+# The digest of the directory that holds row ``{row}``'s key: no longer vouched for.
+_FORGET_DIRECTORY = (
+    "DELETE FROM directories WHERE store = {row}.store AND bucket = {row}.bucket"
+    " AND key_prefix = rtrim({row}.key, replace({row}.key, '/', ''));"
+)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     store TEXT NOT NULL,
@@ -77,18 +83,14 @@ CREATE TABLE IF NOT EXISTS directories (
     PRIMARY KEY (store, bucket, key_prefix)
 ) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS directories_stale_on_insert AFTER INSERT ON objects BEGIN
-    DELETE FROM directories WHERE store = NEW.store AND bucket = NEW.bucket
-        AND key_prefix = rtrim(NEW.key, replace(NEW.key, '/', ''));
+    {forget_new}
 END;
 CREATE TRIGGER IF NOT EXISTS directories_stale_on_update AFTER UPDATE ON objects BEGIN
-    DELETE FROM directories WHERE store = OLD.store AND bucket = OLD.bucket
-        AND key_prefix = rtrim(OLD.key, replace(OLD.key, '/', ''));
-    DELETE FROM directories WHERE store = NEW.store AND bucket = NEW.bucket
-        AND key_prefix = rtrim(NEW.key, replace(NEW.key, '/', ''));
+    {forget_old}
+    {forget_new}
 END;
 CREATE TRIGGER IF NOT EXISTS directories_stale_on_delete AFTER DELETE ON objects BEGIN
-    DELETE FROM directories WHERE store = OLD.store AND bucket = OLD.bucket
-        AND key_prefix = rtrim(OLD.key, replace(OLD.key, '/', ''));
+    {forget_old}
 END;
 CREATE TABLE IF NOT EXISTS parts (
     upload_id TEXT NOT NULL,
@@ -99,7 +101,10 @@ CREATE TABLE IF NOT EXISTS parts (
     crc32 TEXT,
     PRIMARY KEY (upload_id, part_number)
 ) WITHOUT ROWID;
-"""
+""".format(
+    forget_old=_FORGET_DIRECTORY.format(row="OLD"),
+    forget_new=_FORGET_DIRECTORY.format(row="NEW"),
+)
 
 REBUILD_HINT = (
     "move it aside (or delete it) and run again with --reconcile to rebuild it from the bucket"

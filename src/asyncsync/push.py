@@ -173,9 +173,6 @@ async def mirror(
             # With a bucket listing to reconcile against, every file is planned one by one.
             async for found in scan_listings(str(config.source), options,
                                              known=known if listing is None else None):
-                if listing is None and found.unchanged is None:
-                    # Walked in a worker thread: compared with the manifest here instead.
-                    _drop_unchanged(found, known)
                 if found.unchanged:
                     reporter.unchanged_files(found.prefix, key_base + found.prefix,
                                              found.unchanged)
@@ -253,25 +250,6 @@ class ManifestKnowledge:
             self.manifest.remember_directory(
                 self.scope, self.key_base + prefix, os.path.join(directory, ""), digest
             )
-
-
-def _drop_unchanged(found: Listing, known: ManifestKnowledge) -> None:
-    """Move the files that match their manifest row from ``found.items`` to
-    ``found.unchanged``, as the walk does when it runs on the event loop's thread."""
-    start = len(found.prefix)
-    files = [item for item in found.items if isinstance(item, ScannedFile)]
-    rows = known.rows(found.directory, found.prefix,
-                      [item.relative[start:] for item in files], None)
-    found.unchanged = []
-    changed: list[ScanItem] = []
-    for item in found.items:
-        if isinstance(item, ScannedFile):
-            file = (item.relative[start:], item.size, item.mtime_ns, item.inode)
-            if file in rows:
-                found.unchanged.append(file)
-                continue
-        changed.append(item)
-    found.items = changed
 
 
 def _large_keys(found: Listing, key_base: str, threshold: int) -> list[str]:

@@ -79,8 +79,7 @@ class Listing:
     directory: str  # its path
     prefix: str  # its path relative to the root plus '/', or '' for the root
     items: list[ScanItem]  # files to look at, and issues; in name order unless cached
-    # Files matching what `KnownFiles` knows; None when this directory was not compared
-    # (no lookup given, or the walk had moved to a worker thread).
+    # Files matching what `KnownFiles` knows; None when no lookup was given.
     unchanged: list[FileStat] | None = None
 
 
@@ -287,11 +286,14 @@ class _Walker:
             return []
         rows = known.rows(directory, prefix, [file[0] for file in files],
                           [rel[len(prefix):-1] for _, rel, _ in subdirs])
-        listing.unchanged = [file for file in files if file in rows]
-        if len(listing.unchanged) == len(files):
+        unchanged: list[FileStat] = []
+        changed: list[FileStat] = []
+        for file in files:
+            (unchanged if file in rows else changed).append(file)
+        listing.unchanged = unchanged
+        if not changed:
             known.remember(directory, prefix, digest)
-            return []
-        return [file for file in files if file not in rows]
+        return changed
 
     def _compare_with_cache(self, files: list[FileStat], prefix: str) -> list[FileStat]:
         """The files whose stat differs from what the cache's previous scan saw."""
@@ -345,9 +347,10 @@ async def scan_listings(
     known: KnownFiles | None = None,
 ) -> AsyncIterator[Listing]:
     """The same walk as `Listing`s, directories with nothing to report left out. With
-    ``known``, each directory's files are compared with what it returns as they are
-    stat()ed, while the walk runs on the event loop's thread (the lookup may use objects
-    bound to it): a re-run that finds nothing changed builds no object per file."""
+    ``known``, each directory's files are compared with what it returns: as they are
+    stat()ed while the walk runs on the event loop's thread, building no object per
+    unchanged file; after the worker thread's call returns once the walk has moved there
+    (the lookup may use objects bound to the loop's thread, a SQLite connection)."""
     walker = _Walker(root, options or ScanOptions(), cache)
     root_stat = os.stat(root)
     stack = [(root, "", frozenset({(root_stat.st_dev, root_stat.st_ino)}))]
@@ -364,7 +367,30 @@ async def scan_listings(
             await asyncio.sleep(0)  # signals and other tasks get their turn
         else:
             for listing in await loop.run_in_executor(None, _walk_some, walker, stack, None):
-                yield listing
+                if known is not None:
+                    _compare_items(listing, known)
+                if listing.items or listing.unchanged:
+                    yield listing
+
+
+def _compare_items(listing: Listing, known: KnownFiles) -> None:
+    """Move the files ``known`` vouches for from ``listing.items`` to ``listing.unchanged``:
+    the comparison of a listing made in the worker thread, file by file (no digest: its
+    files come sorted, not in the order the inline walk digests them)."""
+    start = len(listing.prefix)
+    files = [item for item in listing.items if isinstance(item, ScannedFile)]
+    rows = known.rows(listing.directory, listing.prefix,
+                      [item.relative[start:] for item in files], None)
+    unchanged: list[FileStat] = []
+    changed: list[ScanItem] = []
+    for item in listing.items:
+        if isinstance(item, ScannedFile):
+            file = (item.relative[start:], item.size, item.mtime_ns, item.inode)
+            if file in rows:
+                unchanged.append(file)
+                continue
+        changed.append(item)
+    listing.items, listing.unchanged = changed, unchanged
 
 
 def _walk_some(
