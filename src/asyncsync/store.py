@@ -50,6 +50,12 @@ class ObjectAttributes:
     content_encoding: str | None = None
     content_type: str | None = None
 
+    @classmethod
+    def of_content(cls, digest: str, size: int, encoding: str | None) -> ObjectAttributes:
+        """An uploaded file's: its digest and original size, and the body's encoding."""
+        return cls(metadata={META_DIGEST: digest, META_SIZE: str(size)},
+                   content_encoding=encoding)
+
 
 class ObjectStore(Protocol):
     """A bucket (or bucket-like root) of an object store."""

@@ -1,0 +1,278 @@
+"""Stage 4, transfer, for a large file: one multipart upload, resumable.
+
+One reader walks the file in order, re-hashing exactly what it sends, and hands each part
+to its own task, keeping a steady window of parts in flight (never lockstep batches).
+Before publishing, the re-hash must equal the digest taken before the upload and the
+file's identity must be unchanged; otherwise the upload is aborted and the file is read
+again. Each part carries a CRC32 where the store confirmed the upload takes them (a
+Content-MD5 otherwise). Progress lives in the manifest (upload id, part size, each part's
+ETag and checksum), so a run killed half-way resumes with the parts that are missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from .digest import (
+    FileIdentity,
+    crc32_b64_of,
+    md5_b64,
+    new_digest,
+    read_part,
+    stat_identity,
+)
+from .errors import (
+    ChecksumNotConfirmed,
+    FatalStoreError,
+    ManifestError,
+    NoSuchUpload,
+    SourceChanged,
+    first_error,
+)
+from .manifest import PendingUpload, RecordedPart
+from .plan import part_count, part_size_for, part_window_for
+from .scan import ScannedFile
+from .store import META_DIGEST, ObjectAttributes, ObjectStore, UploadedPart
+
+if TYPE_CHECKING:
+    from .transfer import Uploader
+
+log = logging.getLogger("asyncsync")
+
+
+class LargeUpload:
+    """One multipart upload of one file: create or resume, send parts, verify, complete.
+    The `Uploader` runs it and lends it its store, manifest, budget and worker threads."""
+
+    def __init__(
+        self, uploader: Uploader, scanned: ScannedFile, key: str, body_path: str,
+        body_size: int, identity: FileIdentity, digest: str, encoding: str | None,
+    ) -> None:
+        self.up = uploader
+        self.scanned = scanned
+        self.key = key
+        self.body_path = body_path
+        self.body_size = body_size
+        self.identity = identity
+        self.digest = digest
+        self.encoding = encoding
+        self.part_size = part_size_for(body_size, uploader._config.part_size)
+        self.sent = 0
+        self.crc32 = False  # the upload takes CRC32 part checksums (the store confirmed it)
+
+    async def run(self) -> tuple[str, int, int, int]:
+        """Return (ETag, bytes sent now, parts resumed from an earlier run, part count)."""
+        manifest, scope = self.up._manifest, self.up._scope
+        store = await self.up._store()
+        upload_id, done = await self._resume_or_create(store)
+        try:
+            parts = await self._send_parts(store, upload_id, done)
+            self._check_still_same()
+            etag = await self._complete(store, upload_id, parts)
+        except (asyncio.CancelledError, FatalStoreError, ManifestError):
+            # Interrupted, or nothing can reach the store: keep the upload for the next run.
+            raise
+        except BaseException:
+            await self._abort(store, upload_id)
+            raise
+        manifest.forget_upload(scope, self.key, upload_id)
+        return etag, self.sent, len(done), len(parts)
+
+    async def _complete(
+        self, store: ObjectStore, upload_id: str, parts: list[UploadedPart]
+    ) -> str:
+        try:
+            return await store.complete_multipart_upload(self.key, upload_id, parts)
+        except NoSuchUpload:
+            # A retried Complete whose first answer was lost finds the upload gone because it
+            # succeeded. The object then carries exactly our digest and size.
+            head = await store.head_object(self.key)
+            if (
+                head is not None
+                and head.metadata.get(META_DIGEST) == self.digest
+                and head.size == self.body_size
+                and head.etag.endswith(f'-{len(parts)}"')
+            ):
+                return head.etag
+            raise
+
+    async def _resume_or_create(self, store: ObjectStore) -> tuple[str, dict[int, UploadedPart]]:
+        manifest, scope = self.up._manifest, self.up._scope
+        pending = manifest.pending_upload(scope, self.key)
+        if pending is not None:
+            if self._can_resume(pending):
+                done = await self._parts_already_sent(store, pending)
+                if done is not None:
+                    log.info("%s: resuming upload, %d part(s) already sent",
+                             self.scanned.relative, len(done))
+                    return pending.upload_id, done
+            else:
+                await self._abort(store, pending.upload_id)
+        upload = await store.create_multipart_upload(
+            self.key, crc32=True,
+            attributes=ObjectAttributes.of_content(self.digest, self.identity.size, self.encoding),
+        )
+        self.crc32 = upload.crc32
+        manifest.begin_upload(
+            scope,
+            PendingUpload(
+                self.key, upload.upload_id, self.scanned.path, self.identity.size,
+                self.identity.mtime_ns, self.identity.inode, self.digest, self.part_size,
+                self.encoding, time.time(), "crc32" if upload.crc32 else None,
+            ),
+        )
+        return upload.upload_id, {}
+
+    def _can_resume(self, pending: PendingUpload) -> bool:
+        return (
+            pending.source == self.scanned.path
+            and FileIdentity(pending.size, pending.mtime_ns, pending.inode) == self.identity
+            and pending.digest == self.digest
+            and pending.part_size == self.part_size
+            and pending.content_encoding == self.encoding
+        )
+
+    async def _parts_already_sent(
+        self, store: ObjectStore, pending: PendingUpload
+    ) -> dict[int, UploadedPart] | None:
+        """Parts both the store and the manifest know, with the same ETag and size (and,
+        in an upload with CRC32 checksums, the CRC32 recorded for Complete)."""
+        try:
+            listed = await store.list_parts(self.key, pending.upload_id)
+        except NoSuchUpload:
+            self.up._manifest.forget_upload(self.up._scope, self.key, pending.upload_id)
+            return None
+        self.crc32 = pending.checksum == "crc32"
+        recorded = self.up._manifest.recorded_parts(pending.upload_id)
+        done = {}
+        for part in listed:
+            mine = recorded.get(part.part_number)
+            if mine is None or mine.etag != part.etag or mine.size != part.size:
+                continue
+            if self.crc32:
+                if not mine.crc32:
+                    continue
+                part = UploadedPart(part.part_number, part.etag, part.size, crc32=mine.crc32)
+            done[part.part_number] = part
+        return done
+
+    async def _send_parts(
+        self, store: ObjectStore, upload_id: str, done: dict[int, UploadedPart]
+    ) -> list[UploadedPart]:
+        config, budget = self.up._config, self.up._budget
+        count = part_count(self.body_size, self.part_size)
+        window = asyncio.Semaphore(part_window_for(self.body_size, self.part_size, config))
+        # Re-hash what is sent, in file order, unless the body is our own gzip temp file
+        # (a private snapshot: it cannot change under us).
+        hasher = new_digest() if self.encoding is None else None
+        finished: dict[int, UploadedPart] = dict(done)
+        fd = os.open(self.body_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for number in range(1, count + 1):
+                    offset = (number - 1) * self.part_size
+                    length = min(self.part_size, self.body_size - offset)
+                    if number in done and hasher is None:
+                        continue
+                    await window.acquire()
+                    grant = await budget.acquire(length)
+                    try:
+                        data, md5, crc32 = await self.up.in_thread(
+                            _read_hash_part, fd, offset, length, hasher,
+                            self._checksums() if number not in done else (False, False),
+                        )
+                        if len(data) != length:
+                            raise SourceChanged(f"{self.scanned.path}: shrank while it was read")
+                    except BaseException:
+                        budget.release(grant)
+                        window.release()
+                        raise
+                    if number in done:
+                        del data
+                        budget.release(grant)
+                        window.release()
+                        continue
+                    tasks.create_task(
+                        self._send_part(store, upload_id, number, data, (md5, crc32), grant,
+                                        window, finished)
+                    )
+                    # The task owns the buffer now; a reference left here would outlive the
+                    # task's grant while this loop waits for the next one.
+                    del data
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        finally:
+            os.close(fd)
+        if hasher is not None and hasher.hexdigest() != self.digest:
+            raise SourceChanged(f"{self.scanned.path}: changed while it was uploaded")
+        return [finished[n] for n in sorted(finished)]
+
+    def _checksums(self) -> tuple[bool, bool]:
+        """Which checksums a part is sent with: (Content-MD5, CRC32)."""
+        if not self.crc32:
+            return True, False
+        return self.up.md5_with_crc32, True
+
+    async def _send_part(
+        self, store: ObjectStore, upload_id: str, number: int, data: bytes,
+        checksums: tuple[str | None, str | None], grant: int, window: asyncio.Semaphore,
+        finished: dict[int, UploadedPart],
+    ) -> None:
+        md5, crc32 = checksums
+        try:
+            try:
+                etag = await store.upload_part(self.key, upload_id, number, data,
+                                               md5_b64=md5, crc32_b64=crc32)
+            except ChecksumNotConfirmed as exc:
+                # Stored, but nothing says the store checked the CRC32: send the part again
+                # with a Content-MD5, and every later part with both.
+                if md5 is not None:
+                    raise
+                log.warning("%s; sending parts with Content-MD5 as well", exc)
+                self.up.md5_with_crc32 = True
+                md5 = await self.up.in_thread(md5_b64, data)
+                etag = await store.upload_part(self.key, upload_id, number, data,
+                                               md5_b64=md5, crc32_b64=crc32)
+        finally:
+            self.up._budget.release(grant)
+            window.release()
+        self.up._manifest.record_part(
+            upload_id, RecordedPart(number, etag, md5 or "", len(data), crc32)
+        )
+        finished[number] = UploadedPart(number, etag, len(data), crc32=crc32)
+        self.sent += len(data)
+        self.up._on_bytes(len(data))
+
+    def _check_still_same(self) -> None:
+        if stat_identity(self.scanned.path) != self.identity:
+            raise SourceChanged(f"{self.scanned.path}: changed while it was uploaded")
+
+    async def _abort(self, store: ObjectStore, upload_id: str) -> None:
+        """Abort and forget; if even that fails, the manifest keeps it for the next run."""
+        try:
+            await store.abort_multipart_upload(self.key, upload_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - best effort; the record stays
+            log.warning("%s: could not abort upload (%s); will retry next run",
+                        self.scanned.relative, exc)
+            return
+        self.up._manifest.forget_upload(self.up._scope, self.key, upload_id)
+
+
+def _read_hash_part(
+    fd: int, offset: int, length: int, hasher: object | None, checksums: tuple[bool, bool]
+) -> tuple[bytes, str | None, str | None]:
+    """The part's bytes (fed to ``hasher`` too) and the checksums asked for: (Content-MD5,
+    CRC32), each base64 or None."""
+    data = read_part(fd, offset, length)
+    if hasher is not None:
+        hasher.update(data)  # type: ignore[attr-defined]
+    want_md5, want_crc32 = checksums
+    return (data, md5_b64(data) if want_md5 else None,
+            crc32_b64_of(data) if want_crc32 else None)
+
