@@ -15,6 +15,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from asyncsync.errors import ConfigError
+from asyncsync.integrations import runsync
 from asyncsync.integrations.ultralytics import UltralyticsSync, attach
 
 from ..conftest import S3Server, bucket_keys, read_object, run_cli
@@ -209,8 +211,9 @@ def test_attach_registers_picklable_callbacks_that_hold_no_thread(tmp_path: Path
     model = FakeModel()
     sync = attach(model, "s3://bucket-a/prefix", state_dir=tmp_path, workers=4,
                   max_bandwidth="20MB/s", exclude="*.jpg")
-    assert set(model.callbacks) == {"on_pretrain_routine_start", "on_model_save",
-                                    "on_fit_epoch_end", "on_train_end", "teardown"}
+    assert set(model.callbacks) == {"on_pretrain_routine_start", "on_train_epoch_end",
+                                    "on_model_save", "on_fit_epoch_end", "on_train_end",
+                                    "teardown"}
     assert sync.run is None  # nothing started at attach time
     # DDP pickles the callbacks (bound methods of the sync object) into its workers.
     clone = pickle.loads(pickle.dumps(model.callbacks["on_model_save"][0]))
@@ -263,7 +266,7 @@ class FakeTrainer:
 
     def __init__(self, model: FakeModel, run: Path, epochs: int) -> None:
         self.model, self.save_dir, self.wdir = model, run, run / "weights"
-        self.epochs, self.epoch = epochs, 0
+        self.epochs, self.epoch, self.stop = epochs, 0, False
         self.wdir.mkdir(parents=True)
         (run / "args.yaml").write_text(f"epochs: {epochs}\n")
         (run / "results.csv").write_text("epoch,metrics/mAP50(B)\n")
@@ -273,9 +276,11 @@ class FakeTrainer:
             callback(self)
 
     def save_epoch(self, weights: bytes) -> None:
+        self.callback("on_train_epoch_end")  # then validation, then the save
         with open(self.run / "results.csv", "a") as results:
             results.write(f"{self.epoch + 1},{self.epoch / 10:.2f}\n")
         (self.wdir / "last.pt").write_bytes(weights)  # truncated and rewritten in place
+        self.stop = self.epoch + 1 >= self.epochs
         self.callback("on_model_save")
         self.callback("on_fit_epoch_end")
 
@@ -293,7 +298,7 @@ def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.setenv(name, value)
 
 
-def test_a_snapshot_is_what_was_saved_even_when_the_file_is_rewritten_at_once(
+def test_a_snapshot_is_what_was_saved_when_the_next_epoch_rewrites_the_file(
     s3_server: S3Server, bucket: str, tmp_path: Path, aws_env: None
 ) -> None:
     model = FakeModel()
@@ -302,7 +307,8 @@ def test_a_snapshot_is_what_was_saved_even_when_the_file_is_rewritten_at_once(
     trainer.callback("on_pretrain_routine_start")
     saved = os.urandom(3_000_000)
     trainer.save_epoch(saved)
-    # The next epoch starts rewriting last.pt in place as soon as the callback returns.
+    # The next epoch rewrites last.pt in place as soon as its first callback returns.
+    trainer.callback("on_train_epoch_end")
     with open(trainer.wdir / "last.pt", "r+b") as weights:
         weights.write(b"\0" * 1_000_000)
         client = s3_server.client()
@@ -314,6 +320,43 @@ def test_a_snapshot_is_what_was_saved_even_when_the_file_is_rewritten_at_once(
     trainer.callback("on_train_end")
     trainer.callback("teardown")
     assert_in_bucket(s3_server, bucket, "snap/exp", trainer.run)
+
+
+def test_checkpoints_are_copied_off_the_training_thread_until_the_next_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """on_model_save returns while the copy is still being made; on_train_epoch_end, the
+    trainer's last callback before it saves again, waits for it."""
+    model = FakeModel()
+    attach(model, f"file://{tmp_path / 'bucket'}", state_dir=tmp_path / "state")
+    (tmp_path / "bucket").mkdir()
+    trainer = FakeTrainer(model, tmp_path / "runs" / "exp", epochs=2)
+    release = threading.Event()
+    copiers: list[str] = []
+    real_copyfile = runsync.shutil.copyfile
+
+    def held_copy(source: Any, staged: Any) -> Any:
+        copiers.append(threading.current_thread().name)
+        assert release.wait(30)
+        return real_copyfile(source, staged)
+
+    monkeypatch.setattr(runsync.shutil, "copyfile", held_copy)
+    trainer.callback("on_pretrain_routine_start")
+    saved = os.urandom(1_000_000)
+    trainer.save_epoch(saved)  # returns although the copy is held
+    assert copiers and all(name.startswith("asyncsync-copy") for name in copiers)
+    next_epoch = threading.Thread(target=trainer.callback, args=("on_train_epoch_end",))
+    next_epoch.start()
+    next_epoch.join(0.5)
+    assert next_epoch.is_alive(), "the next epoch went on while its checkpoint was copied"
+    release.set()
+    next_epoch.join(10)
+    assert not next_epoch.is_alive()
+    (trainer.wdir / "last.pt").write_bytes(os.urandom(1_000_000))  # the next save
+    trainer.callback("on_train_end")
+    trainer.callback("teardown")
+    assert (tmp_path / "bucket" / "exp" / "weights" / "last.pt").read_bytes() == \
+        (trainer.wdir / "last.pt").read_bytes()
 
 
 def test_the_final_weights_win_over_every_queued_snapshot(

@@ -21,11 +21,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from ..budget import ByteBudget
 from ..config import PushConfig
@@ -49,6 +49,16 @@ T = TypeVar("T")
 FINAL_PASSES = 3
 
 BackgroundWriters = Callable[[], list[threading.Thread]]
+
+
+class _Snapshot(NamedTuple):
+    """A checkpoint to copy: where it is, what it was when the trainer handed it over,
+    and where its copy goes."""
+
+    relative: str
+    source: Path
+    identity: FileIdentity
+    staged: Path
 
 
 def describe(exc: BaseException) -> str:
@@ -170,6 +180,8 @@ class RunSync:
         self.staging = self._make_staging()
         self._snapshotted: dict[str, FileIdentity] = {}
         self._snapshot_count = 0
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncsync-copy")
+        self._copies: list[Future[None]] = []
         self._finished = False
         self._closed = False
         self._deadline: float | None = None
@@ -190,34 +202,42 @@ class RunSync:
     # --- the training's thread ---
 
     def snapshot_weights(self) -> None:
-        """Copy each checkpoint the trainer just wrote, and queue the copies."""
-        started = time.perf_counter()
-        copied = 0
+        """Queue a copy of each checkpoint the trainer just wrote.
+
+        The copies are made in a thread of their own, so the training goes on at once: a
+        checkpoint with its optimizer state is hundreds of MB, and copying it on the trainer's
+        thread cost a short GPU epoch 10%. The trainer must not write its weights again
+        before `wait_for_snapshots` has returned.
+        """
         try:
             entries = list(os.scandir(self.weights_dir))
         except FileNotFoundError:
             return
+        changed: list[_Snapshot] = []
         for entry in sorted(entries, key=lambda e: e.name):
             if not entry.is_file(follow_symlinks=False):
                 continue
             relative = Path(entry.path).relative_to(self.run_dir).as_posix()
-            before = FileIdentity.of(entry.stat(follow_symlinks=False))
-            if self._snapshotted.get(relative) == before:
+            identity = FileIdentity.of(entry.stat(follow_symlinks=False))
+            if self._snapshotted.get(relative) == identity:
                 continue
+            self._snapshotted[relative] = identity
             self._snapshot_count += 1
             staged = self.staging / f"{self._snapshot_count:06d}-{entry.name}"
-            shutil.copyfile(entry.path, staged)
-            if FileIdentity.of(os.stat(entry.path)) != before:
-                # Written while copying (not by the trainer, which is waiting for us):
-                # not a consistent copy, so leave it to the next snapshot or the flush.
-                staged.unlink(missing_ok=True)
-                continue
-            self._snapshotted[relative] = before
-            copied += before.size
-            self._submit(self._queue_snapshot(relative, staged), "checkpoint upload")
-        if copied:
-            log.debug("snapshot of %d bytes of weights in %.3f s", copied,
-                      time.perf_counter() - started)
+            changed.append(_Snapshot(relative, Path(entry.path), identity, staged))
+        if changed:
+            # One copier thread: snapshots of a key are queued for upload in the order taken.
+            self._copies.append(self._copier.submit(self._copy_snapshots, changed))
+
+    def wait_for_snapshots(self) -> None:
+        """Return once the checkpoint copies under way are made: the trainer may then
+        rewrite its weights (the framework calls this before its next save)."""
+        copies, self._copies = self._copies, []
+        for copy in copies:
+            try:
+                copy.result()
+            except Exception as exc:  # noqa: BLE001 - the flush still has the file
+                self._failed("checkpoint snapshot", exc)
 
     def epoch_done(self) -> None:
         """Sync results.csv, args.yaml and the plots once the plotting threads are done."""
@@ -226,6 +246,7 @@ class RunSync:
     def flush(self, *, finished: bool = False) -> None:
         """The final flush: returns when the bucket holds the run directory as it is now,
         or when the flush timeout has passed (what was left is then logged)."""
+        self.wait_for_snapshots()
         if finished:
             self._finished = True
         if self._deadline is None:
@@ -263,9 +284,38 @@ class RunSync:
                 self._thread.submit(self._finish(fields)).result(timeout=30)
             except Exception as exc:  # noqa: BLE001 - the summary below says what matters
                 log.warning("could not close the uploader cleanly: %s", describe(exc))
+            self._copier.shutdown(wait=True)
             self._thread.stop(10)
             shutil.rmtree(self.staging, ignore_errors=True)
             self._summary(status, time.monotonic() - self._flush_started)
+
+    # --- the copier's thread ---
+
+    def _copy_snapshots(self, snapshots: list[_Snapshot]) -> None:
+        started = time.perf_counter()
+        copied = 0
+        for snapshot in snapshots:
+            try:
+                shutil.copyfile(snapshot.source, snapshot.staged)  # sendfile: no GIL held
+                after = FileIdentity.of(os.stat(snapshot.source))
+            except OSError as exc:
+                snapshot.staged.unlink(missing_ok=True)
+                self._failed("checkpoint snapshot", exc)
+                continue
+            if after != snapshot.identity:
+                # Written while copying, so not a consistent copy: the trainer waits for
+                # these copies before it saves, so something else wrote it. The next
+                # snapshot or the final flush has the file.
+                snapshot.staged.unlink(missing_ok=True)
+                continue
+            copied += snapshot.identity.size
+            self._submit(self._queue_snapshot(snapshot.relative, snapshot.staged),
+                         "checkpoint upload")
+        if copied:
+            log.debug("snapshot of %d bytes of weights in %.3f s", copied,
+                      time.perf_counter() - started)
+
+    # --- any thread ---
 
     def _submit(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         def done(future: Future[None]) -> None:

@@ -10,11 +10,14 @@
 Ultralytics writes every file of the run in place, checkpoints included, so the callbacks
 never upload a file the trainer may be writing:
 
-- ``on_model_save``: the trainer is blocked in the callback right after writing its
-  checkpoints, so the weights that changed are copied (a real copy, never a link: the next
-  epoch truncates the file in place) to a staging directory outside the run, and uploaded
-  from there in the background. Only the newest snapshot of a file waits for its turn; an
-  older one that has not started yet is dropped.
+- ``on_model_save``: right after the trainer wrote its checkpoints, the weights that
+  changed are copied (a real copy, never a link: the next epoch truncates the file in
+  place) to a staging directory outside the run, and uploaded from there in the
+  background. The copy runs in a thread of its own while the training goes on;
+  ``on_train_epoch_end``, the last callback before the trainer saves again, waits for it
+  (as does ``on_fit_epoch_end`` of the last epoch, before the weights are stripped in
+  place). Only the newest snapshot of a file waits for its turn to upload; an older one
+  that has not started yet is dropped.
 - ``on_fit_epoch_end``: results.csv, args.yaml and the plots are synced in the background,
   after the plotting threads that ultralytics starts have finished their images.
 - ``on_train_end`` and ``teardown``: the final flush. The plotting threads are waited for,
@@ -52,8 +55,8 @@ from .runsync import RunSync, describe
 
 log = logging.getLogger("asyncsync.training")
 
-EVENTS = ("on_pretrain_routine_start", "on_model_save", "on_fit_epoch_end", "on_train_end",
-          "teardown")
+EVENTS = ("on_pretrain_routine_start", "on_train_epoch_end", "on_model_save",
+          "on_fit_epoch_end", "on_train_end", "teardown")
 DEFAULT_FLUSH_TIMEOUT = 600.0
 # Fewer workers than the CLI's default: a run directory holds a few dozen files, and the
 # training owns the machine.
@@ -140,8 +143,19 @@ class UltralyticsSync:
     def on_model_save(self, trainer: Any) -> None:
         self._guarded("checkpoint snapshot", trainer, lambda run: run.snapshot_weights())
 
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        # The trainer validates next, then saves: the copies of the last checkpoints must
+        # be made by then. They had a whole epoch of training to get there.
+        self._guarded("checkpoint snapshot", trainer, lambda run: run.wait_for_snapshots())
+
     def on_fit_epoch_end(self, trainer: Any) -> None:
-        self._guarded("epoch sync", trainer, lambda run: run.epoch_done())
+        def epoch_done(run: RunSync) -> None:
+            if getattr(trainer, "stop", False):
+                # The loop ends here, and final_eval() strips the weights in place next.
+                run.wait_for_snapshots()
+            run.epoch_done()
+
+        self._guarded("epoch sync", trainer, epoch_done)
 
     def on_train_end(self, trainer: Any) -> None:
         self._guarded("final flush", trainer, lambda run: run.flush(finished=True))
