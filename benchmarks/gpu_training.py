@@ -2,9 +2,11 @@
 
     python benchmarks/gpu_training.py --out gpu-results.json
 
-Each round trains the same model on the same generated dataset three ways, in rotated order,
-each in a fresh process: without sync (``none``), with ``attach()`` in the training process
-(``attach``), and wrapped by ``asyncsync run`` as a separate process (``run``). The training
+Each round trains the same model on the same generated dataset in each mode, in rotated
+order, each in a fresh process: without sync (``none``), with ``attach()`` in the training
+process (``attach``: checkpoints paced at the default 300 s, like watch), with attach()
+uploading the weights of every epoch (``attach-every-epoch``), and wrapped by ``asyncsync
+run`` as a separate process (``run``). The training
 records when every epoch starts and ends through its own callbacks; an epoch's time runs from
 its start to the next epoch's start, so it includes validation, the checkpoint writes and
 whatever the sync callbacks do in the training's own thread. The first epoch (CUDA and
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
-MODES = ("none", "attach", "run")
+MODES = ("none", "attach", "attach-every-epoch", "run")
 BUCKET = "training"
 
 
@@ -69,10 +71,12 @@ def train(args: argparse.Namespace) -> None:
     from ultralytics import YOLO
 
     model = YOLO(args.model)
-    if args.mode == "attach":
+    if args.mode.startswith("attach"):
         from asyncsync.integrations.ultralytics import attach
 
-        attach(model, args.destination, state_dir=str(Path(args.project).parent / "state"))
+        pacing = {"checkpoint_interval": 0} if args.mode == "attach-every-epoch" else {}
+        attach(model, args.destination, state_dir=str(Path(args.project).parent / "state"),
+               **pacing)
     starts: list[float] = []
     ends: list[float] = []
     model.add_callback("on_train_epoch_start", lambda trainer: starts.append(time.perf_counter()))
@@ -138,6 +142,7 @@ def table(summary: dict[str, dict[str, float]]) -> str:
              "| after the last epoch (s) | train() total (s) |",
              "|---|---|---|---|---|---|---|"]
     names = {"none": "none", "attach": "`attach()` in the training",
+             "attach-every-epoch": "`attach(..., checkpoint_interval=0)`: weights every epoch",
              "run": "`asyncsync run` around it"}
     for mode, row in summary.items():
         lines.append(
@@ -160,7 +165,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="0", help="0: the first CUDA device; cpu for a dry run")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default="none,attach,run",
+                        help=f"comma-separated, of {', '.join(MODES)}")
     # The child side: one training.
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)

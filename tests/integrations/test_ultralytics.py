@@ -241,6 +241,8 @@ def test_other_ranks_do_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     ({"part_size": "1KiB"}, "--part-size"),
     ({"flush_timeout": 0}, "flush_timeout"),
     ({"flush_timeout": "soon"}, "flush_timeout 'soon'"),
+    ({"checkpoint_interval": -1}, "checkpoint_interval -1: must be a number of seconds of at"),
+    ({"checkpoint_interval": "often"}, "checkpoint_interval 'often'"),
     ({"wrokers": 3}, "unknown option 'wrokers'"),
 ])
 def test_attach_rejects_bad_options_before_training(
@@ -333,14 +335,14 @@ def test_checkpoints_are_copied_off_the_training_thread_until_the_next_save(
     trainer = FakeTrainer(model, tmp_path / "runs" / "exp", epochs=2)
     release = threading.Event()
     copiers: list[str] = []
-    real_copyfile = runsync.shutil.copyfile
+    real_copy = runsync.copy_checkpoint
 
-    def held_copy(source: Any, staged: Any) -> Any:
+    def held_copy(source: Path, staged: Path) -> None:
         copiers.append(threading.current_thread().name)
         assert release.wait(30)
-        return real_copyfile(source, staged)
+        real_copy(source, staged)
 
-    monkeypatch.setattr(runsync.shutil, "copyfile", held_copy)
+    monkeypatch.setattr(runsync, "copy_checkpoint", held_copy)
     trainer.callback("on_pretrain_routine_start")
     saved = os.urandom(1_000_000)
     trainer.save_epoch(saved)  # returns although the copy is held
@@ -359,11 +361,41 @@ def test_checkpoints_are_copied_off_the_training_thread_until_the_next_save(
         (trainer.wdir / "last.pt").read_bytes()
 
 
+@pytest.mark.parametrize(("interval", "snapshots"), [(0, 3), (3600, 1)])
+def test_checkpoints_are_paced_by_checkpoint_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interval: int, snapshots: int
+) -> None:
+    model = FakeModel()
+    attach(model, f"file://{tmp_path / 'bucket'}", state_dir=tmp_path / "state",
+           checkpoint_interval=interval)
+    (tmp_path / "bucket").mkdir()
+    trainer = FakeTrainer(model, tmp_path / "runs" / "exp", epochs=3)
+    copied: list[str] = []
+    real_copy = runsync.copy_checkpoint
+
+    def counted_copy(source: Path, staged: Path) -> None:
+        copied.append(source.name)
+        real_copy(source, staged)
+
+    monkeypatch.setattr(runsync, "copy_checkpoint", counted_copy)
+    trainer.callback("on_pretrain_routine_start")
+    for epoch in range(trainer.epochs):
+        trainer.epoch = epoch
+        trainer.save_epoch(os.urandom(100_000))
+    trainer.callback("on_train_end")
+    trainer.callback("teardown")
+    assert copied == ["last.pt"] * snapshots
+    # Whatever the pacing, the final flush sends the last version.
+    assert (tmp_path / "bucket" / "exp" / "weights" / "last.pt").read_bytes() == \
+        (trainer.wdir / "last.pt").read_bytes()
+
+
 def test_the_final_weights_win_over_every_queued_snapshot(
     s3_server: S3Server, bucket: str, tmp_path: Path, aws_env: None
 ) -> None:
     model = FakeModel()
-    attach(model, f"s3://{bucket}/order", state_dir=tmp_path / "state", max_bandwidth="20MB/s")
+    attach(model, f"s3://{bucket}/order", state_dir=tmp_path / "state", max_bandwidth="20MB/s",
+           checkpoint_interval=0)
     trainer = FakeTrainer(model, tmp_path / "runs" / "exp", epochs=12)
     trainer.callback("on_pretrain_routine_start")
     for epoch in range(trainer.epochs):  # faster than the capped uploads: snapshots queue up

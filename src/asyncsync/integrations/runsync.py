@@ -158,9 +158,12 @@ class RunSync:
     def __init__(
         self, template: PushConfig, run_dir: Path, weights_dir: Path, *, flush_timeout: float,
         epochs_planned: int | None, background_writers: BackgroundWriters,
+        checkpoint_interval: float = 0.0,
     ) -> None:
         """``background_writers``: the threads the framework runs that may still be writing
-        into the run directory (ultralytics' plotting threads); passes wait for them."""
+        into the run directory (ultralytics' plotting threads); passes wait for them.
+        ``checkpoint_interval``: a checkpoint is snapshotted at most once per this many
+        seconds (0: every time it changes); the final flush sends the last one anyway."""
         _ensure_visible_logging()
         self.run_dir = run_dir.resolve()
         self.weights_dir = weights_dir.resolve()
@@ -179,6 +182,8 @@ class RunSync:
         self.flush_timeout = flush_timeout
         self.staging = self._make_staging()
         self._snapshotted: dict[str, FileIdentity] = {}
+        self.checkpoint_interval = checkpoint_interval
+        self._snapshot_taken: dict[str, float] = {}  # monotonic time, per checkpoint
         self._snapshot_count = 0
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncsync-copy")
         self._copies: list[Future[None]] = []
@@ -213,6 +218,7 @@ class RunSync:
             entries = list(os.scandir(self.weights_dir))
         except FileNotFoundError:
             return
+        now = time.monotonic()
         changed: list[_Snapshot] = []
         for entry in sorted(entries, key=lambda e: e.name):
             if not entry.is_file(follow_symlinks=False):
@@ -221,7 +227,13 @@ class RunSync:
             identity = FileIdentity.of(entry.stat(follow_symlinks=False))
             if self._snapshotted.get(relative) == identity:
                 continue
+            taken = self._snapshot_taken.get(relative)
+            if taken is not None and now - taken < self.checkpoint_interval:
+                # Paced, as watch paces checkpoints: a short epoch would otherwise send
+                # hundreds of MB a second. A later epoch's version or the flush goes up.
+                continue
             self._snapshotted[relative] = identity
+            self._snapshot_taken[relative] = now
             self._snapshot_count += 1
             staged = self.staging / f"{self._snapshot_count:06d}-{entry.name}"
             changed.append(_Snapshot(relative, Path(entry.path), identity, staged))
@@ -296,7 +308,7 @@ class RunSync:
         copied = 0
         for snapshot in snapshots:
             try:
-                shutil.copyfile(snapshot.source, snapshot.staged)  # sendfile: no GIL held
+                copy_checkpoint(snapshot.source, snapshot.staged)
                 after = FileIdentity.of(os.stat(snapshot.source))
             except OSError as exc:
                 snapshot.staged.unlink(missing_ok=True)
@@ -494,6 +506,12 @@ class RunSync:
                 await self.session.close()
             finally:
                 self.manifest.close()
+
+
+def copy_checkpoint(source: Path, staged: Path) -> None:
+    """A real copy (the trainer truncates the original in place next epoch). On Linux
+    shutil copies with sendfile, in the kernel, so the training's threads keep the GIL."""
+    shutil.copyfile(source, staged)
 
 
 def _remove_stale_staging(parent: Path) -> None:

@@ -47,9 +47,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..config import PushConfig
+from ..config import PushConfig, WatchConfig
 from ..errors import ConfigError
 from .runsync import RunSync, describe
 
@@ -71,7 +71,9 @@ def attach(model: Any, destination: str, **options: Any) -> UltralyticsSync:
 
     Options are the CLI's transfer options with underscores (``workers=8``,
     ``max_bandwidth="50MB/s"``, ``endpoint_url=...``, ``exclude=["*.jpg"]``,
-    ``state_dir=...``), plus ``flush_timeout`` (seconds the final flush may take, default 600).
+    ``state_dir=...``), plus ``flush_timeout`` (seconds the final flush may take, default 600)
+    and ``checkpoint_interval`` (as watch's flag: a checkpoint goes up at most once per this
+    many seconds, default 300; 0 uploads every epoch's).
     Credentials come from the standard AWS chain. A bad option raises `ConfigError` here,
     before the training starts; problems while training are logged and never stop it.
     """
@@ -81,7 +83,13 @@ def attach(model: Any, destination: str, **options: Any) -> UltralyticsSync:
     return sync
 
 
-def settings_from(destination: str, options: dict[str, Any]) -> tuple[PushConfig, float]:
+class AttachSettings(NamedTuple):
+    push: PushConfig
+    flush_timeout: float
+    checkpoint_interval: float
+
+
+def settings_from(destination: str, options: dict[str, Any]) -> AttachSettings:
     """Validate the options exactly as the CLI validates its flags."""
     from ..cli import add_transfer_options, push_config
 
@@ -89,13 +97,9 @@ def settings_from(destination: str, options: dict[str, Any]) -> tuple[PushConfig
     add_transfer_options(parser)
     args = parser.parse_args([])
     args.workers = DEFAULT_WORKERS
-    raw_timeout = options.pop("flush_timeout", DEFAULT_FLUSH_TIMEOUT)
-    try:
-        flush_timeout = float(raw_timeout)
-    except (TypeError, ValueError):
-        flush_timeout = -1.0
-    if not flush_timeout > 0:
-        raise ConfigError(f"flush_timeout {raw_timeout!r}: must be a number of seconds above 0")
+    flush_timeout = _seconds(options, "flush_timeout", DEFAULT_FLUSH_TIMEOUT, zero=False)
+    checkpoint_interval = _seconds(options, "checkpoint_interval",
+                                   WatchConfig.checkpoint_interval, zero=True)
     for name, value in options.items():
         if name in ("source", "destination") or not hasattr(args, name):
             raise ConfigError(f"attach(): unknown option {name!r}")
@@ -112,7 +116,20 @@ def settings_from(destination: str, options: dict[str, Any]) -> tuple[PushConfig
     args.source, args.destination = ".", destination
     config = push_config(args, source_may_be_missing=True)
     # The state directory is resolved now: a DDP worker may start in another directory.
-    return replace(config, state_dir=config.state_dir.resolve()), flush_timeout
+    return AttachSettings(replace(config, state_dir=config.state_dir.resolve()),
+                          flush_timeout, checkpoint_interval)
+
+
+def _seconds(options: dict[str, Any], name: str, default: float, *, zero: bool) -> float:
+    raw = options.pop(name, default)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = -1.0
+    if isinstance(raw, bool) or not (value >= 0 if zero else value > 0) or value == float("inf"):
+        bound = "of at least 0" if zero else "above 0"
+        raise ConfigError(f"{name} {raw!r}: must be a number of seconds {bound}")
+    return value
 
 
 class UltralyticsSync:
@@ -120,7 +137,7 @@ class UltralyticsSync:
     first callback starts the uploader for the run that trainer writes."""
 
     def __init__(self, destination: str, **options: Any) -> None:
-        self._template, self.flush_timeout = settings_from(destination, dict(options))
+        self._settings = settings_from(destination, dict(options))
         self._run: RunSync | None = None
         self._disabled_for: Path | None = None
 
@@ -186,8 +203,10 @@ class UltralyticsSync:
         if self._run is None and self._disabled_for != run_dir:
             try:
                 self._run = RunSync(
-                    self._template, run_dir, Path(getattr(trainer, "wdir", run_dir / "weights")),
-                    flush_timeout=self.flush_timeout,
+                    self._settings.push, run_dir,
+                    Path(getattr(trainer, "wdir", run_dir / "weights")),
+                    flush_timeout=self._settings.flush_timeout,
+                    checkpoint_interval=self._settings.checkpoint_interval,
                     epochs_planned=getattr(trainer, "epochs", None),
                     background_writers=plotting_threads,
                 )
