@@ -5,6 +5,7 @@ Every assertion about what was uploaded reads the bytes (or metadata) back from 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import os
 import time
@@ -13,6 +14,9 @@ from typing import Any
 
 import pytest
 import xxhash
+
+from asyncsync.errors import TransientStoreError
+from asyncsync.push import EndpointUnreachable, StoreSession
 
 from .conftest import (
     S3Server,
@@ -730,3 +734,79 @@ def test_parts_go_with_crc32_checksums_and_with_content_md5_where_unconfirmed(
     assert open_uploads(client, bucket) == []  # the unconfirmed CRC32 upload was aborted
     with sqlite3.connect(tmp_path / "s1" / "manifest.db") as db:
         assert db.execute("PRAGMA user_version").fetchone() == (2,)
+
+
+class CountingStore:
+    """What StoreSession needs of a store, counting what it is asked."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    async def check_bucket(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.closed += 1
+
+
+def test_a_store_opened_early_is_opened_once_and_shared() -> None:
+    opened: list[CountingStore] = []
+
+    async def opener() -> CountingStore:
+        await asyncio.sleep(0.05)
+        opened.append(CountingStore())
+        return opened[-1]
+
+    async def main() -> None:
+        session = StoreSession(opener, attempts=3)
+        session.open_soon()
+        session.open_soon()  # already under way: nothing more
+        first, second = await asyncio.gather(session.get(), session.get())
+        assert first is second is opened[0] and len(opened) == 1
+        assert await session.get() is first
+        await session.close()
+        assert first.closed == 1
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("sticky", [True, False])
+def test_an_early_open_that_fails_is_one_attempt_whose_error_every_waiter_gets(
+    sticky: bool
+) -> None:
+    attempts: list[int] = []
+
+    async def opener() -> CountingStore:
+        attempts.append(1)
+        await asyncio.sleep(0.05)
+        raise TransientStoreError("connection refused")
+
+    async def main() -> None:
+        session = StoreSession(opener, attempts=3, sticky=sticky)
+        session.open_soon()
+        results = await asyncio.gather(session.get(), session.get(), return_exceptions=True)
+        assert all(isinstance(r, EndpointUnreachable) for r in results), results
+        assert len(attempts) == 1
+        # push (sticky) gives up for good; the watch daemon tries again on its next pass.
+        with pytest.raises(EndpointUnreachable):
+            await session.get()
+        assert len(attempts) == (1 if sticky else 2)
+
+    asyncio.run(main())
+
+
+def test_closing_the_session_stops_an_early_open() -> None:
+    started = asyncio.Event()
+
+    async def opener() -> CountingStore:
+        started.set()
+        await asyncio.sleep(60)
+        raise AssertionError("never finishes")
+
+    async def main() -> None:
+        session = StoreSession(opener, attempts=3)
+        session.open_soon()
+        await started.wait()
+        await asyncio.wait_for(session.close(), 5)
+
+    asyncio.run(main())

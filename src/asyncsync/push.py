@@ -9,6 +9,7 @@ watch daemon composes the same stages; only the driving loop differs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -59,8 +60,35 @@ class StoreSession:
         self._store: ObjectStore | None = None
         self._error: BaseException | None = None
         self._lock = asyncio.Lock()
+        self._opening: asyncio.Task[ObjectStore] | None = None
+
+    def open_soon(self) -> None:
+        """Start opening the store now, in the background, for an upload about to need it.
+
+        Opening is mostly imports, on the event loop's thread; the first large file's hash
+        runs in a worker thread meanwhile instead of after it. A failure is not raised
+        here: the first `get` raises it.
+        """
+        if self._store is not None or self._opening is not None or self._error is not None:
+            return
+        self._opening = asyncio.get_running_loop().create_task(self._open())
+        # Retrieved here so that a failure nobody awaits is not logged as never retrieved.
+        self._opening.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     async def get(self) -> ObjectStore:
+        if self._store is not None:
+            return self._store
+        opening = self._opening
+        if opening is not None:
+            # Share the attempt under way, and its failure: never a second one behind it.
+            try:
+                return await asyncio.shield(opening)
+            finally:
+                if opening.done() and self._opening is opening:
+                    self._opening = None
+        return await self._open()
+
+    async def _open(self) -> ObjectStore:
         if self._store is not None:
             return self._store
         async with self._lock:
@@ -89,6 +117,11 @@ class StoreSession:
         return self._store
 
     async def close(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()
+            with contextlib.suppress(BaseException):
+                await opening
         if self._store is not None:
             await self._store.close()
             self._store = None
@@ -197,6 +230,8 @@ async def mirror(
                     # A slot first, then the task: the walk waits for the uploads.
                     await slots.acquire()
                     tasks.create_task(work(item, key, decision))
+                    if not config.dry_run:
+                        session.open_soon()  # after the task: its hash starts first
             reporter.scan_done = True
     except BaseExceptionGroup as group:
         raise first_error(group) from None
