@@ -2,7 +2,8 @@
 """Benchmark `asyncsync push` against s5cmd, aws cli and rclone on one embedded SeaweedFS server.
 
 For each corpus (see corpus.py) and each round, every tool runs as a child process in an
-order rotated per round (so none always goes first, onto a colder server), and we record:
+order that changes per round (none always goes first, onto a colder server, and none
+always follows the same tool: see balanced_order), and we record:
 
 * cold upload: `asyncsync push` with a fresh state dir, `s5cmd cp`, `aws s3 cp --recursive`
   and `rclone copy`, each to a fresh prefix; the bucket is then listed so that an upload that
@@ -91,7 +92,7 @@ class Sample:
     case: str  # "cold", "noop" or "floor"
     tool: str
     round: int
-    order: int  # position within its round's rotation (0 = ran first)
+    order: int  # position within its round's order (0 = ran first)
     wall_s: float
     cpu_s: float
     user_s: float
@@ -525,9 +526,28 @@ def find_tools() -> dict[str, str]:
             "rclone": rclone_binary()}
 
 
-def rotated(items: Sequence[str], rnd: int) -> list[str]:
-    k = rnd % len(items)
-    return [*items[k:], *items[:k]]
+def balanced_order(items: Sequence[str], rnd: int) -> list[str]:
+    """Round ``rnd``'s order: a Williams design, in which every tool runs first once and
+    follows every other tool once over len(items) rounds (2 × len(items) if odd).
+
+    A plain rotation keeps neighbours: asyncsync always ran right after rclone. rclone
+    leaves SeaweedFS slower for a few seconds after it exits, though idle by then (10,000
+    small files: asyncsync 6.1-6.5 s normally, 7.5-9.3 s right after rclone), so a
+    rotation billed that to one tool every round.
+    """
+    n = len(items)
+    first = [0]
+    low, high = 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    row = [(i + rnd) % n for i in first]
+    if n % 2 and (rnd // n) % 2:
+        row.reverse()
+    return [items[i] for i in row]
 
 
 def report(sample: Sample) -> None:
@@ -537,7 +557,7 @@ def report(sample: Sample) -> None:
 
 
 def bench_corpus(bench: Bench, corpus: Corpus, rounds: int) -> list[Sample]:
-    """Every round: cold uploads and no-op re-syncs of each tool in rotated order, then find.
+    """Every round: cold uploads and no-op re-syncs of each tool in the round's order, then find.
 
     For a corpus in SETUP_CORPORA each tool uploads once, before the rounds, to a prefix (and
     for asyncsync a state dir) that every round's no-op re-sync of that tool then reuses.
@@ -555,7 +575,7 @@ def bench_corpus(bench: Bench, corpus: Corpus, rounds: int) -> list[Sample]:
                 samples.append(sample)
                 report(sample)
         for rnd in range(rounds):
-            order = rotated(TOOLS, rnd)
+            order = balanced_order(TOOLS, rnd)
             cases: tuple[str, ...]
             if setup:
                 prefixes, state, cases = kept, kept_state, ("noop",)
@@ -915,8 +935,10 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "(its sha256 is in the results) and byte-compiled, as pip compiles an installed "
         "package (the peers' Python code included); every round runs that copy, so edits to "
         "`src/` during a run cannot mix versions.",
-        f"- **Rounds**: {cfg['rounds']}; the tools' order rotates each round (round r starts "
-        "with a different tool), prefixes are deleted between rounds. Figures are **medians** "
+        f"- **Rounds**: {cfg['rounds']}; the tools' order changes each round in a balanced "
+        "design: over four rounds each tool runs first once and follows each other tool "
+        "once (a plain rotation kept neighbours, and the run right after rclone is slower "
+        "for any tool), prefixes are deleted between rounds. Figures are **medians** "
         "over rounds, each column on its own (one row's wall and RSS may come from different "
         "rounds); the wall range is min–max over rounds; every raw round is in "
         "`results.json`. One untimed warm-up upload per tool precedes the runs; the corpus is "
