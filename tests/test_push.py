@@ -810,3 +810,22 @@ def test_closing_the_session_stops_an_early_open() -> None:
         await asyncio.wait_for(session.close(), 5)
 
     asyncio.run(main())
+
+
+def test_an_early_open_that_failed_unawaited_leaves_no_stale_error_behind() -> None:
+    attempts: list[int] = []
+
+    async def opener() -> CountingStore:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise TransientStoreError("connection refused")
+        return CountingStore()
+
+    async def main() -> None:
+        session = StoreSession(opener, attempts=3, sticky=False)
+        session.open_soon()
+        await asyncio.sleep(0.05)  # it failed, and nothing was waiting for it
+        assert isinstance(await session.get(), CountingStore)
+        assert len(attempts) == 2
+
+    asyncio.run(main())

@@ -72,20 +72,20 @@ class StoreSession:
         if self._store is not None or self._opening is not None or self._error is not None:
             return
         self._opening = asyncio.get_running_loop().create_task(self._open())
-        # Retrieved here so that a failure nobody awaits is not logged as never retrieved.
-        self._opening.add_done_callback(lambda task: task.cancelled() or task.exception())
+        self._opening.add_done_callback(self._opened)
+
+    def _opened(self, task: asyncio.Task[ObjectStore]) -> None:
+        if self._opening is task:
+            self._opening = None  # a later get() opens again unless the failure is sticky
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure nobody awaited is not logged as lost
 
     async def get(self) -> ObjectStore:
         if self._store is not None:
             return self._store
-        opening = self._opening
-        if opening is not None:
+        if self._opening is not None:
             # Share the attempt under way, and its failure: never a second one behind it.
-            try:
-                return await asyncio.shield(opening)
-            finally:
-                if opening.done() and self._opening is opening:
-                    self._opening = None
+            return await asyncio.shield(self._opening)
         return await self._open()
 
     async def _open(self) -> ObjectStore:
