@@ -9,7 +9,6 @@ watch daemon composes the same stages; only the driving loop differs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -120,8 +119,8 @@ class StoreSession:
         opening, self._opening = self._opening, None
         if opening is not None and not opening.done():
             opening.cancel()
-            with contextlib.suppress(BaseException):
-                await opening
+            # Its cancellation is collected; a cancellation of close() itself still raises.
+            await asyncio.gather(opening, return_exceptions=True)
         if self._store is not None:
             await self._store.close()
             self._store = None
