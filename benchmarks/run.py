@@ -231,6 +231,21 @@ def settle(server: SeaweedFS, quiet: float = 0.05, window: float = 0.25,
         return  # no /proc (not Linux): the sync alone
 
 
+def cache_corpus(root: Path) -> None:
+    """Read every file of the corpus, so each cold upload starts with it in the page cache.
+
+    rclone's local backend drops what it has read from the page cache
+    (posix_fadvise DONTNEED), so without this whichever tool ran after rclone read the
+    corpus from disk: 1-3 s slower and twice the system CPU, billed to the wrong tool.
+    """
+    buffer = bytearray(1 << 20)
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+
+
 def vacuum(server: SeaweedFS) -> None:
     """Ask the master to compact volumes, so deleted uploads give their disk back.
 
@@ -453,6 +468,8 @@ class Bench:
         state: Path,
     ) -> Sample:
         stem = self.work / "logs" / f"{corpus.name}-r{rnd}-{case}-{tool}"
+        if case in ("cold", "setup"):  # a no-op re-sync reads no file's contents
+            cache_corpus(corpus.path)
         settle(self.server)
         m = measure(self.argv(tool, case, corpus.path, prefix, state), self.envs[tool], stem)
         if m.exit_code != 0:
@@ -937,15 +954,17 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "`src/` during a run cannot mix versions.",
         f"- **Rounds**: {cfg['rounds']}; the tools' order changes each round in a balanced "
         "design: over four rounds each tool runs first once and follows each other tool "
-        "once (a plain rotation kept neighbours, and the run right after rclone is slower "
-        "for any tool), prefixes are deleted between rounds. Figures are **medians** "
+        "once, so no tool keeps the same neighbour), prefixes are deleted between rounds. "
+        "Figures are **medians** "
         "over rounds, each column on its own (one row's wall and RSS may come from different "
         "rounds); the wall range is min–max over rounds; every raw round is in "
-        "`results.json`. One untimed warm-up upload per tool precedes the runs; the corpus is "
-        "in the page cache for every tool alike. Before every measured run the benchmark "
-        "calls sync(2) and waits until the server has been idle for a quarter second, so "
-        "what the previous run left to do (writing back its data) is not billed to the next "
-        "tool.",
+        "`results.json`. One untimed warm-up upload per tool precedes the runs. Before "
+        "every cold upload the benchmark reads the whole corpus, so it is in the page cache "
+        "for every tool alike: rclone drops the files it has read from the cache "
+        "(`posix_fadvise` DONTNEED), and the tool that ran after it used to read the corpus "
+        "from disk, 1–3 s slower. Before every measured run it also calls sync(2) and waits "
+        "until the server has been idle for a quarter second, so what the previous run left "
+        "to do (writing back its data) is not billed to the next tool.",
         "- **Wall s**: the child process, start to exit, including interpreter start-up. "
         "**CPU s**: user+sys of the client child only (`os.wait4`), *not* the server's. "
         "**Peak RSS**: the child's `ru_maxrss`. **files/s**, **MB/s**: corpus files (bytes) / "
