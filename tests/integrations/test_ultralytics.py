@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from asyncsync.errors import ConfigError
-from asyncsync.integrations import runsync
+from asyncsync.integrations import staging
 from asyncsync.integrations.ultralytics import UltralyticsSync, attach
 
 from ..conftest import S3Server, bucket_keys, read_object, run_cli
@@ -335,14 +335,14 @@ def test_checkpoints_are_copied_off_the_training_thread_until_the_next_save(
     trainer = FakeTrainer(model, tmp_path / "runs" / "exp", epochs=2)
     release = threading.Event()
     copiers: list[str] = []
-    real_copy = runsync.copy_checkpoint
+    real_copy = staging.copy_checkpoint
 
     def held_copy(source: Path, staged: Path) -> None:
         copiers.append(threading.current_thread().name)
         assert release.wait(30)
         real_copy(source, staged)
 
-    monkeypatch.setattr(runsync, "copy_checkpoint", held_copy)
+    monkeypatch.setattr(staging, "copy_checkpoint", held_copy)
     trainer.callback("on_pretrain_routine_start")
     saved = os.urandom(1_000_000)
     trainer.save_epoch(saved)  # returns although the copy is held
@@ -371,13 +371,13 @@ def test_checkpoints_are_paced_by_checkpoint_interval(
     (tmp_path / "bucket").mkdir()
     trainer = FakeTrainer(model, tmp_path / "runs" / "exp", epochs=3)
     copied: list[str] = []
-    real_copy = runsync.copy_checkpoint
+    real_copy = staging.copy_checkpoint
 
     def counted_copy(source: Path, staged: Path) -> None:
         copied.append(source.name)
         real_copy(source, staged)
 
-    monkeypatch.setattr(runsync, "copy_checkpoint", counted_copy)
+    monkeypatch.setattr(staging, "copy_checkpoint", counted_copy)
     trainer.callback("on_pretrain_routine_start")
     for epoch in range(trainer.epochs):
         trainer.epoch = epoch

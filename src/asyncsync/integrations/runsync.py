@@ -1,9 +1,9 @@
 """Mirror one training run from inside the training process.
 
 `RunSync` owns what an in-process integration needs besides the framework's callbacks:
-a thread with its own event loop (uploads never run on the training's thread), a staging
-area outside the run for consistent copies of checkpoints that the framework rewrites in
-place, ordered snapshot uploads (one per key, the newest waiting replaces an older one),
+a thread with its own event loop (uploads never run on the training's thread), the
+consistent copies of checkpoints that the framework rewrites in place (`staging`), ordered
+snapshot uploads (one per key, the newest waiting replaces an older one),
 passes of push's own pipeline over the run directory, the run record, and a final flush
 bounded in time. `integrations.ultralytics` drives it from ultralytics' callbacks.
 """
@@ -15,21 +15,18 @@ import contextlib
 import glob
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from ..budget import ByteBudget
 from ..config import PushConfig
-from ..digest import FileIdentity
 from ..errors import AsyncsyncError
 from ..keys import InvalidKey, object_key
 from ..manifest import Manifest
@@ -39,6 +36,7 @@ from ..record import RECORD_PATH, RunRecord, now_iso, read_results
 from ..report import Reporter
 from ..scan import FileStat, ScanIssue, ScannedFile
 from ..transfer import FileOutcome, Uploader
+from .staging import CheckpointStaging
 
 log = logging.getLogger("asyncsync.training")
 
@@ -49,16 +47,6 @@ T = TypeVar("T")
 FINAL_PASSES = 3
 
 BackgroundWriters = Callable[[], list[threading.Thread]]
-
-
-class _Snapshot(NamedTuple):
-    """A checkpoint to copy: where it is, what it was when the trainer handed it over,
-    and where its copy goes."""
-
-    relative: str
-    source: Path
-    identity: FileIdentity
-    staged: Path
 
 
 def describe(exc: BaseException) -> str:
@@ -180,13 +168,11 @@ class RunSync:
             self.epoch_config = replace(self.config, exclude=(*self.config.exclude,
                                                               f"{weights}/*"))
         self.flush_timeout = flush_timeout
-        self.staging = self._make_staging()
-        self._snapshotted: dict[str, FileIdentity] = {}
-        self.checkpoint_interval = checkpoint_interval
-        self._snapshot_taken: dict[str, float] = {}  # monotonic time, per checkpoint
-        self._snapshot_count = 0
-        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncsync-copy")
-        self._copies: list[Future[None]] = []
+        self.staging = CheckpointStaging(
+            self.config.state_dir, self.run_dir, self.weights_dir,
+            checkpoint_interval=checkpoint_interval, on_copied=self._copied,
+            on_failed=self._failed,
+        )
         self._finished = False
         self._closed = False
         self._deadline: float | None = None
@@ -200,56 +186,22 @@ class RunSync:
             self._thread.submit(self._open(epochs_planned)).result(timeout=60)
         except BaseException:
             self._thread.stop(5)
-            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.close()
             raise
         log.info("mirroring %s to %s", self.run_dir, self.config.destination.url)
 
     # --- the training's thread ---
 
     def snapshot_weights(self) -> None:
-        """Queue a copy of each checkpoint the trainer just wrote.
-
-        The copies are made in a thread of their own, so the training goes on at once: a
-        checkpoint with its optimizer state is hundreds of MB, and copying it on the trainer's
-        thread cost a short GPU epoch 10%. The trainer must not write its weights again
-        before `wait_for_snapshots` has returned.
-        """
-        try:
-            entries = list(os.scandir(self.weights_dir))
-        except FileNotFoundError:
-            return
-        now = time.monotonic()
-        changed: list[_Snapshot] = []
-        for entry in sorted(entries, key=lambda e: e.name):
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            relative = Path(entry.path).relative_to(self.run_dir).as_posix()
-            identity = FileIdentity.of(entry.stat(follow_symlinks=False))
-            if self._snapshotted.get(relative) == identity:
-                continue
-            taken = self._snapshot_taken.get(relative)
-            if taken is not None and now - taken < self.checkpoint_interval:
-                # Paced, as watch paces checkpoints: a short epoch would otherwise send
-                # hundreds of MB a second. A later epoch's version or the flush goes up.
-                continue
-            self._snapshotted[relative] = identity
-            self._snapshot_taken[relative] = now
-            self._snapshot_count += 1
-            staged = self.staging / f"{self._snapshot_count:06d}-{entry.name}"
-            changed.append(_Snapshot(relative, Path(entry.path), identity, staged))
-        if changed:
-            # One copier thread: snapshots of a key are queued for upload in the order taken.
-            self._copies.append(self._copier.submit(self._copy_snapshots, changed))
+        """Queue a copy of each checkpoint the trainer just wrote; the training goes on at
+        once. The trainer must not write its weights again before `wait_for_snapshots` has
+        returned."""
+        self.staging.snapshot()
 
     def wait_for_snapshots(self) -> None:
         """Return once the checkpoint copies under way are made: the trainer may then
         rewrite its weights (the framework calls this before its next save)."""
-        copies, self._copies = self._copies, []
-        for copy in copies:
-            try:
-                copy.result()
-            except Exception as exc:  # noqa: BLE001 - the flush still has the file
-                self._failed("checkpoint snapshot", exc)
+        self.staging.wait()
 
     def epoch_done(self) -> None:
         """Sync results.csv, args.yaml and the plots once the plotting threads are done."""
@@ -296,38 +248,15 @@ class RunSync:
                 self._thread.submit(self._finish(fields)).result(timeout=30)
             except Exception as exc:  # noqa: BLE001 - the summary below says what matters
                 log.warning("could not close the uploader cleanly: %s", describe(exc))
-            self._copier.shutdown(wait=True)
+            self.staging.close()
             self._thread.stop(10)
-            shutil.rmtree(self.staging, ignore_errors=True)
             self._summary(status, time.monotonic() - self._flush_started)
 
-    # --- the copier's thread ---
-
-    def _copy_snapshots(self, snapshots: list[_Snapshot]) -> None:
-        started = time.perf_counter()
-        copied = 0
-        for snapshot in snapshots:
-            try:
-                copy_checkpoint(snapshot.source, snapshot.staged)
-                after = FileIdentity.of(os.stat(snapshot.source))
-            except OSError as exc:
-                snapshot.staged.unlink(missing_ok=True)
-                self._failed("checkpoint snapshot", exc)
-                continue
-            if after != snapshot.identity:
-                # Written while copying, so not a consistent copy: the trainer waits for
-                # these copies before it saves, so something else wrote it. The next
-                # snapshot or the final flush has the file.
-                snapshot.staged.unlink(missing_ok=True)
-                continue
-            copied += snapshot.identity.size
-            self._submit(self._queue_snapshot(snapshot.relative, snapshot.staged),
-                         "checkpoint upload")
-        if copied:
-            log.debug("snapshot of %d bytes of weights in %.3f s", copied,
-                      time.perf_counter() - started)
-
     # --- any thread ---
+
+    def _copied(self, relative: str, staged: Path) -> None:
+        """The copier's thread: a consistent copy is made; queue its upload."""
+        self._submit(self._queue_snapshot(relative, staged), "checkpoint upload")
 
     def _submit(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         def done(future: Future[None]) -> None:
@@ -363,15 +292,6 @@ class RunSync:
         else:
             log.info("%s -> %s: in sync; %s; final flush %.1f s; run %s",
                      self.run_dir.name, where, sent, flush_seconds, status)
-
-    def _make_staging(self) -> Path:
-        """A directory for checkpoint snapshots, outside the run directory."""
-        parent = self.config.state_dir / "staging"
-        if parent.resolve().is_relative_to(self.run_dir):
-            parent = Path(tempfile.gettempdir())
-        parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(parent)
-        return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{self.run_dir.name}-", dir=parent))
 
     # --- the event loop's thread ---
 
@@ -506,23 +426,3 @@ class RunSync:
                 await self.session.close()
             finally:
                 self.manifest.close()
-
-
-def copy_checkpoint(source: Path, staged: Path) -> None:
-    """A real copy (the trainer truncates the original in place next epoch). On Linux
-    shutil copies with sendfile, in the kernel, so the training's threads keep the GIL."""
-    shutil.copyfile(source, staged)
-
-
-def _remove_stale_staging(parent: Path) -> None:
-    """Staging directories left by processes that died (SIGKILL, OOM) before teardown."""
-    for entry in parent.iterdir():
-        pid_text = entry.name.partition("-")[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, someone else's

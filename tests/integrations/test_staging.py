@@ -1,0 +1,159 @@
+"""CheckpointStaging: consistent copies of checkpoints, made off the trainer's thread."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from asyncsync.integrations import staging
+from asyncsync.integrations.staging import CheckpointStaging
+
+
+class Received:
+    def __init__(self) -> None:
+        self.copied: list[tuple[str, bytes]] = []
+        self.failed: list[tuple[str, BaseException]] = []
+
+    def on_copied(self, relative: str, staged: Path) -> None:
+        self.copied.append((relative, staged.read_bytes()))
+        staged.unlink()
+
+    def on_failed(self, what: str, exc: BaseException) -> None:
+        self.failed.append((what, exc))
+
+
+def make(tmp_path: Path, received: Received, interval: float = 0.0) -> CheckpointStaging:
+    run = tmp_path / "runs" / "exp"
+    (run / "weights").mkdir(parents=True)
+    return CheckpointStaging(
+        tmp_path / "state", run, run / "weights", checkpoint_interval=interval,
+        on_copied=received.on_copied, on_failed=received.on_failed,
+    )
+
+
+def test_each_changed_checkpoint_is_copied_once_in_name_order(tmp_path: Path) -> None:
+    received = Received()
+    stage = make(tmp_path, received)
+    weights = stage.weights_dir
+    (weights / "last.pt").write_bytes(b"last-1")
+    (weights / "best.pt").write_bytes(b"best-1")
+    stage.snapshot()
+    stage.wait()
+    stage.snapshot()  # nothing changed: no second copy
+    stage.wait()
+    (weights / "last.pt").write_bytes(b"last-2, longer")
+    stage.snapshot()
+    stage.wait()
+    stage.close()
+    assert received.copied == [("weights/best.pt", b"best-1"), ("weights/last.pt", b"last-1"),
+                               ("weights/last.pt", b"last-2, longer")]
+    assert not received.failed
+    assert not stage.directory.exists()
+
+
+def test_a_checkpoint_rewritten_during_its_copy_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received = Received()
+    stage = make(tmp_path, received)
+    (stage.weights_dir / "last.pt").write_bytes(b"v1")
+    real_copy = staging.copy_checkpoint
+
+    def copy_then_rewrite(source: Path, staged: Path) -> None:
+        real_copy(source, staged)
+        source.write_bytes(b"v2, written by something else")
+
+    monkeypatch.setattr(staging, "copy_checkpoint", copy_then_rewrite)
+    stage.snapshot()
+    stage.wait()
+    stage.close()
+    assert received.copied == []
+    assert not received.failed
+
+
+def test_a_failed_copy_is_reported_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received = Received()
+    stage = make(tmp_path, received)
+    (stage.weights_dir / "last.pt").write_bytes(b"v1")
+
+    def disk_full(source: Path, staged: Path) -> None:
+        staged.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(staging, "copy_checkpoint", disk_full)
+    stage.snapshot()
+    stage.wait()
+    assert [what for what, _ in received.failed] == ["checkpoint snapshot"]
+    assert "No space left" in str(received.failed[0][1])
+    assert list(stage.directory.iterdir()) == []
+    stage.close()
+
+
+def test_wait_blocks_until_the_copy_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received = Received()
+    stage = make(tmp_path, received)
+    (stage.weights_dir / "last.pt").write_bytes(b"v1")
+    release = threading.Event()
+    real_copy = staging.copy_checkpoint
+
+    def held_copy(source: Path, staged: Path) -> None:
+        assert release.wait(30)
+        real_copy(source, staged)
+
+    monkeypatch.setattr(staging, "copy_checkpoint", held_copy)
+    stage.snapshot()  # returns with the copy held
+    waiter = threading.Thread(target=stage.wait)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()
+    release.set()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert received.copied == [("weights/last.pt", b"v1")]
+    stage.close()
+
+
+def test_staging_of_dead_processes_is_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    parent = tmp_path / "state" / "staging"
+    parent.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    left_by_dead = parent / f"{dead.stdout.strip()}-exp-abc"
+    left_by_dead.mkdir()
+    (left_by_dead / "000001-last.pt").write_bytes(b"orphan")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        of_live = parent / f"{alive.pid}-exp-def"
+        of_live.mkdir()
+        not_ours = parent / "notes"
+        not_ours.mkdir()
+        stage = make(tmp_path, Received())
+        assert not left_by_dead.exists()
+        assert of_live.is_dir() and not_ours.is_dir()
+        assert stage.directory.parent == parent
+        assert stage.directory.name.startswith(f"{os.getpid()}-exp-")
+        stage.close()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_staging_inside_the_run_directory_moves_to_the_temp_dir(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "exp"
+    (run / "weights").mkdir(parents=True)
+    received = Received()
+    stage = CheckpointStaging(run / ".state", run, run / "weights", checkpoint_interval=0,
+                              on_copied=received.on_copied, on_failed=received.on_failed)
+    try:
+        assert not stage.directory.resolve().is_relative_to(run.resolve())
+    finally:
+        stage.close()
