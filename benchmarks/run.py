@@ -74,7 +74,10 @@ CPU_TARGET = 1.5  # cold-upload client CPU, x s5cmd's
 NOOP_FIND_TARGET = 3.0  # no-op re-sync of the noop corpus, x the find walk
 NOOP_S5CMD_TARGET = 0.1  # the same, x s5cmd sync
 RSS_TARGET_MB = 150.0
-DEFAULT_ROUNDS = max(3, len(TOOLS))  # so that each tool leads one round
+# Two balanced squares: each tool leads two rounds. Single runs on this kind of shared
+# machine vary by ±10%, so four samples a tool left medians a coin flip between tools
+# within a few percent of each other.
+DEFAULT_ROUNDS = 2 * len(TOOLS)
 
 
 # -- measuring one child ------------------------------------------------------------------
@@ -547,10 +550,9 @@ def balanced_order(items: Sequence[str], rnd: int) -> list[str]:
     """Round ``rnd``'s order: a Williams design, in which every tool runs first once and
     follows every other tool once over len(items) rounds (2 × len(items) if odd).
 
-    A plain rotation keeps neighbours: asyncsync always ran right after rclone. rclone
-    leaves SeaweedFS slower for a few seconds after it exits, though idle by then (10,000
-    small files: asyncsync 6.1-6.5 s normally, 7.5-9.3 s right after rclone), so a
-    rotation billed that to one tool every round.
+    A plain rotation keeps neighbours, so whatever one tool leaves behind is billed to the
+    same next tool every round: asyncsync always ran right after rclone, which drops the
+    corpus from the page cache (see `cache_corpus`).
     """
     n = len(items)
     first = [0]
@@ -953,9 +955,9 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "package (the peers' Python code included); every round runs that copy, so edits to "
         "`src/` during a run cannot mix versions.",
         f"- **Rounds**: {cfg['rounds']}; the tools' order changes each round in a balanced "
-        "design: over four rounds each tool runs first once and follows each other tool "
-        "once, so no tool keeps the same neighbour), prefixes are deleted between rounds. "
-        "Figures are **medians** "
+        "design: in every four rounds each tool runs first once and follows each other "
+        "tool once, so no tool keeps the same neighbour; prefixes are deleted between "
+        "rounds. Figures are **medians** "
         "over rounds, each column on its own (one row's wall and RSS may come from different "
         "rounds); the wall range is min–max over rounds; every raw round is in "
         "`results.json`. One untimed warm-up upload per tool precedes the runs. Before "
@@ -987,7 +989,7 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         ".venv/peers), rclone (apt); full run",
         ".venv/bin/python benchmarks/run.py --quick   # smoke run, scaled down, into "
         "benchmarks/work/quick/",
-        ".venv/bin/python benchmarks/run.py --corpora small noop --rounds 5",
+        ".venv/bin/python benchmarks/run.py --corpora small noop --rounds 4",
         "```",
         "",
         "It regenerates `results.json`, this README and `throughput.png`.",
@@ -1081,7 +1083,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"rounds per corpus (default {DEFAULT_ROUNDS}: each tool leads "
-                             "one; 1 with --quick)")
+                             "two; 1 with --quick)")
     parser.add_argument("--corpora", nargs="+", default=list(CORPORA), metavar="NAME",
                         help=f"which corpora (default: {' '.join(CORPORA)})")
     parser.add_argument("--workers", type=int, default=32,
