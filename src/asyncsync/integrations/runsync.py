@@ -248,8 +248,10 @@ class RunSync:
                 self._thread.submit(self._finish(fields)).result(timeout=30)
             except Exception as exc:  # noqa: BLE001 - the summary below says what matters
                 log.warning("could not close the uploader cleanly: %s", describe(exc))
-            self.staging.close()
+            # flush() waited for the copies, so the copier queues no more uploads; the loop
+            # stops first so that no upload still in flight reads a removed staged file.
             self._thread.stop(10)
+            self.staging.close()
             self._summary(status, time.monotonic() - self._flush_started)
 
     # --- any thread ---
