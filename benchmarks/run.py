@@ -587,14 +587,14 @@ def bench_corpus(bench: Bench, corpus: Corpus, rounds: int) -> list[Sample]:
     kept_state = bench.work / "state" / f"{corpus.name}-setup"
     shutil.rmtree(kept_state, ignore_errors=True)
     try:
-        if not setup:
-            prime(bench, corpus)
         if setup:
             for position, tool in enumerate(TOOLS):
                 sample = bench.run_tool(corpus, "setup", tool, 0, position, kept[tool],
                                         kept_state)
                 samples.append(sample)
                 report(sample)
+        else:
+            prime(bench, corpus)
         for rnd in range(rounds):
             order = balanced_order(TOOLS, rnd)
             cases: tuple[str, ...]

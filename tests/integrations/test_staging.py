@@ -36,6 +36,15 @@ def make(tmp_path: Path, received: Received, interval: float = 0.0) -> Checkpoin
     )
 
 
+@pytest.fixture
+def one_checkpoint(tmp_path: Path) -> tuple[CheckpointStaging, Received]:
+    """A staging area whose run has weights/last.pt (b"v1"), and what it hands over."""
+    received = Received()
+    stage = make(tmp_path, received)
+    (stage.weights_dir / "last.pt").write_bytes(b"v1")
+    return stage, received
+
+
 def test_each_changed_checkpoint_is_copied_once_in_name_order(tmp_path: Path) -> None:
     received = Received()
     stage = make(tmp_path, received)
@@ -57,11 +66,9 @@ def test_each_changed_checkpoint_is_copied_once_in_name_order(tmp_path: Path) ->
 
 
 def test_a_checkpoint_rewritten_during_its_copy_is_dropped(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    one_checkpoint: tuple[CheckpointStaging, Received], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    received = Received()
-    stage = make(tmp_path, received)
-    (stage.weights_dir / "last.pt").write_bytes(b"v1")
+    stage, received = one_checkpoint
     real_copy = staging.copy_checkpoint
 
     def copy_then_rewrite(source: Path, staged: Path) -> None:
@@ -77,11 +84,9 @@ def test_a_checkpoint_rewritten_during_its_copy_is_dropped(
 
 
 def test_a_failed_copy_is_reported_and_leaves_nothing_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    one_checkpoint: tuple[CheckpointStaging, Received], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    received = Received()
-    stage = make(tmp_path, received)
-    (stage.weights_dir / "last.pt").write_bytes(b"v1")
+    stage, received = one_checkpoint
 
     def disk_full(source: Path, staged: Path) -> None:
         staged.write_bytes(b"partial")
@@ -97,11 +102,9 @@ def test_a_failed_copy_is_reported_and_leaves_nothing_behind(
 
 
 def test_wait_blocks_until_the_copy_is_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    one_checkpoint: tuple[CheckpointStaging, Received], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    received = Received()
-    stage = make(tmp_path, received)
-    (stage.weights_dir / "last.pt").write_bytes(b"v1")
+    stage, received = one_checkpoint
     release = threading.Event()
     real_copy = staging.copy_checkpoint
 
