@@ -54,6 +54,8 @@ class ProxyStats:
     # Request body bytes written to the server, as on the wire (chunk framing included).
     body_bytes_upstream: int = 0
     faults_by_action: dict[str, int] = field(default_factory=dict)
+    # The most requests the proxy was handling at once (read, delayed, forwarded, answered).
+    peak_in_flight: int = 0
 
 
 @dataclass
@@ -248,6 +250,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._rules: list[_Rule] = []
         self._stats = ProxyStats()
+        self._in_flight = 0
         self._bytes_per_second: float | None = None
         # Shared by all connections, so the limit holds for the upload as a whole.
         self._next_send_at = 0.0
@@ -373,6 +376,8 @@ class FaultProxy:
         with self._lock:
             s = self._stats
             s.requests += 1
+            self._in_flight += 1
+            s.peak_in_flight = max(s.peak_in_flight, self._in_flight)
             s.by_method[request.method] = s.by_method.get(request.method, 0) + 1
             for rule in self._rules:
                 if rule.matches(request.method, request.path, request.query):
@@ -382,6 +387,10 @@ class FaultProxy:
                     self._rules = [r for r in self._rules if r.remaining > 0]
                     return rule
         return None
+
+    def _finished(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def _count_forwarded(self) -> None:
         with self._lock:
@@ -442,22 +451,11 @@ class FaultProxy:
                     return
                 request = _parse_request(head)
                 rule = self._admit(request)
-                if rule is not None and rule.action == "reset":
-                    await self._reset(request, reader, writer)
-                    return
-                if rule is not None and rule.action == "lose-response":
-                    await self._forward_then_reset(request, reader, writer, upstream)
-                    return
-                if rule is not None and rule.action in _ERRORS:
-                    await self._answer_error(rule.action, request, reader, writer)
-                    if request.wants_close:
+                try:
+                    if not await self._handle(request, rule, reader, writer, upstream):
                         return
-                    continue
-                if rule is not None and rule.action == "delay":
-                    await asyncio.sleep(rule.delay)
-                strip = rule is not None and rule.action == "strip-checksum"
-                if not await self._forward(request, reader, writer, upstream, strip):
-                    return
+                finally:
+                    self._finished()
         except (
             ConnectionError,
             asyncio.IncompleteReadError,
@@ -471,6 +469,29 @@ class FaultProxy:
             await upstream.close()
             await _close_writer(writer)
             self._handlers.discard(task)
+
+    async def _handle(
+        self,
+        request: _Request,
+        rule: _Rule | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: _Upstream,
+    ) -> bool:
+        """Answer one request as its rule says; False when the connection is done."""
+        if rule is not None and rule.action == "reset":
+            await self._reset(request, reader, writer)
+            return False
+        if rule is not None and rule.action == "lose-response":
+            await self._forward_then_reset(request, reader, writer, upstream)
+            return False
+        if rule is not None and rule.action in _ERRORS:
+            await self._answer_error(rule.action, request, reader, writer)
+            return not request.wants_close
+        if rule is not None and rule.action == "delay":
+            await asyncio.sleep(rule.delay)
+        strip = rule is not None and rule.action == "strip-checksum"
+        return await self._forward(request, reader, writer, upstream, strip)
 
     async def _reset(
         self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -155,6 +155,30 @@ def test_delay_then_forward(client: Any, proxy: FaultProxy, bucket: str) -> None
 
 
 @pytest.mark.s3
+def test_peak_in_flight_counts_requests_held_at_once(
+    s3_server: Any, proxy: FaultProxy, bucket: str
+) -> None:
+    proxy.inject("delay", 3, method="PUT", delay=0.5)
+    clients = [bare_client(s3_server, proxy.endpoint) for _ in range(3)]
+    try:
+        threads = [
+            threading.Thread(target=c.put_object, kwargs={"Bucket": bucket, "Key": f"p{i}",
+                                                          "Body": b"x"})
+            for i, c in enumerate(clients)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        clients[0].put_object(Bucket=bucket, Key="after", Body=b"y")  # alone: no new peak
+    finally:
+        for c in clients:
+            c.close()
+    assert proxy.stats.peak_in_flight == 3
+    assert proxy.stats.forwarded == 4
+
+
+@pytest.mark.s3
 def test_multipart_upload_with_a_retried_part(
     retrying_client: Any, proxy: FaultProxy, bucket: str
 ) -> None:

@@ -193,6 +193,31 @@ def test_transient_faults_are_retried(s3_server: S3Server, bucket: str, tmp_path
     assert open_uploads(client, bucket) == []
 
 
+def test_workers_bound_the_requests_in_flight_and_keep_them_all_busy(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "runs"
+    files = {f"d{i % 3}/f{i:02}.txt": os.urandom(1000 + i) for i in range(24)}
+    for name, data in files.items():
+        write(src / name, data)
+    with FaultProxy(s3_server.endpoint) as proxy:
+        # Every upload takes a while, so the workers overlap and a finished one's slot is
+        # taken again while the others are still waiting.
+        proxy.inject("delay", len(files), method="PUT", delay=0.2)
+        result = run_cli(
+            "push", src, f"s3://{bucket}/w", "--state-dir", tmp_path / "state", "--json",
+            "--workers", "4", env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint),
+        )
+        stats = proxy.stats
+    assert result.returncode == 0, result.stderr
+    assert stats.peak_in_flight == 4
+    assert stats.by_method["PUT"] == len(files)
+    client = s3_server.client()
+    for name, data in files.items():
+        assert read_object(client, bucket, f"w/{name}") == data
+    assert result.summary["uploaded"] == len(files)
+
+
 def test_gzip_compressible_types_only(s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
     src = tmp_path / "runs"
     csv = write(src / "results.csv", b"epoch,loss,mAP50\n" + b"1,0.25,0.5\n" * 2000)

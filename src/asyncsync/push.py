@@ -1,9 +1,10 @@
 """`push`: one pass of the pipeline, scan -> manifest -> plan -> transfer -> store.
 
 The scanner streams files; each is looked up in the manifest and planned; files that need
-work get a worker slot *before* their task is created (so the walk never runs ahead of the
-uploads and memory stays flat), and the byte budget bounds what those workers buffer. The
-watch daemon composes the same stages; only the driving loop differs.
+work go into a short bounded queue that at most ``workers`` worker tasks drain (so the walk
+never runs far ahead of the uploads and memory stays flat), and the byte budget bounds what
+those workers buffer. The watch daemon composes the same stages; only the driving loop
+differs.
 """
 
 from __future__ import annotations
@@ -189,16 +190,20 @@ async def mirror(
         skip_paths=state_dir_inside(config.source, config.state_dir),
     )
     large_keys: set[str] = set()
-    slots = asyncio.Semaphore(transfer.workers)
     key_base = f"{config.destination.prefix}/" if config.destination.prefix else ""
     known = ManifestKnowledge(manifest, scope, key_base, remember=not config.dry_run)
+    # Workers take files from a short queue: a worker that finishes one file starts the
+    # next in the same step, instead of waking the walk to spawn a task for it (two more
+    # trips round the event loop per file, and a tree of small files is latency-bound).
+    # The queue is bounded, so the walk still waits for the uploads.
+    jobs: asyncio.Queue[tuple[ScannedFile, str, Decision] | None] = asyncio.Queue(
+        transfer.workers
+    )
+    workers = 0
 
-    async def work(scanned: ScannedFile, key: str, decision: Decision) -> None:
-        try:
-            outcome = await uploader.sync(scanned, key, decision)
-            reporter.outcome(outcome)
-        finally:
-            slots.release()
+    async def work() -> None:
+        while (job := await jobs.get()) is not None:
+            reporter.outcome(await uploader.sync(*job))
 
     try:
         async with asyncio.TaskGroup() as tasks:
@@ -226,12 +231,15 @@ async def mirror(
                             item.relative, key, "unchanged", decision.reason, item.size
                         ))
                         continue
-                    # A slot first, then the task: the walk waits for the uploads.
-                    await slots.acquire()
-                    tasks.create_task(work(item, key, decision))
+                    if workers < transfer.workers:
+                        tasks.create_task(work())
+                        workers += 1
+                    await jobs.put((item, key, decision))
                     if not config.dry_run:
-                        session.open_soon()  # after the task: its hash starts first
+                        session.open_soon()  # after the worker: its hash starts first
             reporter.scan_done = True
+            for _ in range(workers):
+                await jobs.put(None)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     manifest.commit()
