@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import http.server
 import os
+import threading
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -335,6 +338,100 @@ def test_list_parts_of_unknown_upload(store: StoreFactory) -> None:
             await s.list_parts("run/x", upload_id)
 
     store.run(body)
+
+
+# -- S3 only: checking the bucket ---------------------------------------------------------
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "botocore"])
+def test_s3_check_bucket_tells_missing_bucket_and_bad_secret_apart(
+    s3_server: Any, bucket: str, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    config = StoreConfig(
+        endpoint_url=s3_server.endpoint, region="us-east-1", addressing_style="path",
+        max_attempts=2, direct_uploads=direct,
+    )
+
+    async def check(name: str, secret: str) -> None:
+        from asyncsync.s3 import open_s3_store
+
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        store = await open_s3_store(name, config)
+        try:
+            await store.check_bucket()
+        finally:
+            await store.close()
+
+    asyncio.run(check(bucket, s3_server.secret_key))
+    with pytest.raises(FatalStoreError) as missing:
+        asyncio.run(check("no-such-bucket-here", s3_server.secret_key))
+    assert missing.value.code == "NoSuchBucket"
+    assert "s3://no-such-bucket-here does not exist" in str(missing.value)
+    with pytest.raises(FatalStoreError) as bad_secret:
+        asyncio.run(check(bucket, "not-the-secret"))
+    assert "secret key does not match" in str(bad_secret.value)
+    assert "not-the-secret" not in str(bad_secret.value)
+
+
+class _RegionRedirect(http.server.BaseHTTPRequestHandler):
+    """Answers every HEAD as AWS answers a bucket asked for at another region's endpoint."""
+
+    seen: list[tuple[str, str]] = []
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        type(self).seen.append((self.path, self.headers.get("Authorization", "")))
+        self.send_response(301)
+        self.send_header("x-amz-bucket-region", "eu-west-1")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_s3_check_bucket_in_another_region_names_the_region(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SeaweedFS has one region; this is how AWS answers a bucket that lives elsewhere.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example-secret")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RegionRedirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    config = StoreConfig(
+        endpoint_url=f"http://127.0.0.1:{server.server_address[1]}", region="us-east-1",
+        addressing_style="path", max_attempts=3,
+    )
+
+    async def check() -> None:
+        from asyncsync.s3 import open_s3_store
+
+        store = await open_s3_store("far-away", config)
+        try:
+            await store.check_bucket()
+        finally:
+            await store.close()
+
+    try:
+        with pytest.raises(FatalStoreError) as error:
+            asyncio.run(check())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "the bucket is in region eu-west-1" in str(error.value)
+    assert "--region eu-west-1" in str(error.value)
+    assert len(_RegionRedirect.seen) == 1  # fatal: not retried
+    path, authorization = _RegionRedirect.seen[0]
+    assert path == "/far-away"
+    assert "Credential=AKIDEXAMPLE/" in authorization and "/us-east-1/s3/" in authorization
 
 
 # -- FileStore only ---------------------------------------------------------------------------

@@ -100,9 +100,12 @@ class S3Store:
 
     async def check_bucket(self) -> None:
         try:
-            await self._call(
-                "HeadBucket", "", lambda: self._client.head_bucket(Bucket=self._bucket)
-            )
+            if self._direct is not None:
+                await self._retried(self._direct.head_bucket)
+            else:
+                await self._call(
+                    "HeadBucket", "", lambda: self._client.head_bucket(Bucket=self._bucket)
+                )
         except NotFound as exc:
             raise FatalStoreError(
                 f"bucket s3://{self._bucket} does not exist", op="HeadBucket", code="NoSuchBucket"

@@ -97,20 +97,63 @@ class DirectUploads:
         confirm = crc32_b64 if md5_b64 is None else None
         return await self._put("UploadPart", key, query, headers, body, confirm_crc32=confirm)
 
+    async def head_bucket(self) -> None:
+        """HeadBucket on these connections: a push that needs no control call then never
+        opens botocore's own connection pool (nor loads its CA bundle), and the first
+        uploads find a connection already made."""
+        op = "HeadBucket"
+        where = f"{op} {self._location}"
+        headers: dict[str, str] = {}
+        url = await self._signed("HEAD", op, self._path_prefix.rstrip("/") or "/", {}, headers)
+        try:
+            async with self._http.head(
+                url, headers=headers, proxy=self._proxy, allow_redirects=False
+            ) as response:
+                if response.status == 200:
+                    return
+                # AWS answers a request for another region's bucket with 301 (regional
+                # endpoint) or 400 (signed for the wrong region), naming the right one.
+                region = response.headers.get("x-amz-bucket-region")
+                if response.status in (301, 400) and region and region != self._signer.region:
+                    raise FatalStoreError(
+                        f"{where}: the bucket is in region {region}, not"
+                        f" {self._signer.region}: pass --region {region}",
+                        op=op, code="PermanentRedirect",
+                    )
+                # A HEAD answer has no body: the status alone says what went wrong.
+                raise classify_response(
+                    where, op=op, key="", status=response.status, code="", message=""
+                )
+        except StoreError:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate_transport_error(
+                exc, where=where, op=op, key="", endpoint=self._endpoint
+            ) from exc
+
+    async def _signed(
+        self, method: str, op: str, unquoted_path: str, query: Mapping[str, str],
+        headers: dict[str, str],
+    ) -> URL:
+        """The request's URL, with ``headers`` signed for it (credentials fetched now)."""
+        path = quote_path(unquoted_path)
+        query_string = canonical_query(query)
+        access_key, secret_key, token = await self._frozen_credentials(op)
+        self._signer.sign(
+            method, self._host, path, query_string, headers,
+            access_key=access_key, secret_key=secret_key, token=token,
+        )
+        return URL(f"{self._origin}{path}" + (f"?{query_string}" if query_string else ""),
+                   encoded=True)
+
     async def _put(
         self, op: str, key: str, query: Mapping[str, str], headers: dict[str, str], body: bytes,
         *, confirm_crc32: str | None = None,
     ) -> str:
         where = f"{op} {self._location}/{key}"
-        path = quote_path(self._path_prefix + key)
-        query_string = canonical_query(query)
-        access_key, secret_key, token = await self._frozen_credentials(op)
-        self._signer.sign(
-            "PUT", self._host, path, query_string, headers,
-            access_key=access_key, secret_key=secret_key, token=token,
-        )
-        url = URL(f"{self._origin}{path}" + (f"?{query_string}" if query_string else ""),
-                  encoded=True)
+        url = await self._signed("PUT", op, self._path_prefix + key, query, headers)
         data: bytes | AsyncIterator[memoryview] = (
             body if len(body) <= STREAM_SLICE and self._pace is None
             else _slices(body, self._pace)
