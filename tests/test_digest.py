@@ -13,8 +13,11 @@ import xxhash
 
 from asyncsync.digest import (
     HASH_CHUNK,
+    LARGE_HASH_CHUNK,
+    LARGE_HASH_FROM,
     FileIdentity,
     gzip_to_temp,
+    hash_chunk_for,
     hash_file,
     md5_b64,
     new_digest,
@@ -148,6 +151,21 @@ def test_hash_file(tmp_path: Path, size: int) -> None:
     digest, identity = hash_file(str(path))
     assert digest == xxh(data)
     assert identity == identity_of(path)
+
+
+def test_the_read_size_changes_no_digest(tmp_path: Path) -> None:
+    data = os.urandom(3 * LARGE_HASH_CHUNK + 5)
+    path = tmp_path / "last.pt"
+    path.write_bytes(data)
+    assert hash_file(str(path), LARGE_HASH_CHUNK) == hash_file(str(path), HASH_CHUNK)
+    assert hash_file(str(path), LARGE_HASH_CHUNK)[0] == xxh(data)
+
+
+def test_only_very_large_files_are_hashed_in_large_reads() -> None:
+    assert hash_chunk_for(0) == HASH_CHUNK
+    assert hash_chunk_for(65 * 2**20) == HASH_CHUNK  # a YOLOv8 last.pt
+    assert hash_chunk_for(LARGE_HASH_FROM - 1) == HASH_CHUNK
+    assert hash_chunk_for(LARGE_HASH_FROM) == LARGE_HASH_CHUNK
 
 
 def test_hash_file_matches_read_small(tmp_path: Path) -> None:

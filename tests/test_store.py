@@ -434,6 +434,30 @@ def test_s3_check_bucket_in_another_region_names_the_region(
     assert "Credential=AKIDEXAMPLE/" in authorization and "/us-east-1/s3/" in authorization
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "proxy", "expected"),
+    [
+        ("http://127.0.0.1:8333", None, {"verify": False}),
+        ("HTTP://minio.local:9000", None, {"verify": False}),
+        ("https://s3.example.com", None, {}),
+        (None, None, {}),
+        ("http://minio.local:9000", "https://proxy.example:3128", {}),
+    ],
+)
+def test_tls_verification_is_left_out_only_where_no_tls_is_spoken(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str | None, proxy: str | None,
+    expected: dict[str, bool],
+) -> None:
+    from asyncsync.s3 import tls_verify_override
+
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY",
+                 "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    if proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+    assert tls_verify_override(endpoint) == expected
+
+
 # -- FileStore only ---------------------------------------------------------------------------
 
 

@@ -29,6 +29,16 @@ from .errors import SourceChanged, SourceVanished
 
 # Buffer of one hashing pass; the transfer stage pays for it from the byte budget.
 HASH_CHUNK = 1024 * 1024
+# A hashing pass over a file this large reads in bigger pieces: every read comes back to
+# Python and must win the GIL back from the event loop's thread, which is busy opening the
+# store meanwhile; a 1 GiB file in 1 MiB reads took 0.42 s that way, in 8 MiB reads 0.34 s.
+LARGE_HASH_FROM = 512 * 1024 * 1024
+LARGE_HASH_CHUNK = 8 * 1024 * 1024
+
+
+def hash_chunk_for(size: int) -> int:
+    """How much of a ``size``-byte file one read of its hashing pass takes (and holds)."""
+    return LARGE_HASH_CHUNK if size >= LARGE_HASH_FROM else HASH_CHUNK
 
 
 def new_digest() -> Any:
@@ -141,13 +151,14 @@ def read_small(path: str, max_size: int, compress: bool) -> SmallSnapshot:
     return SmallSnapshot(data, before, digest, md5_b64(data), encoding)
 
 
-def hash_file(path: str) -> tuple[str, FileIdentity]:
-    """Digest of a whole file (also warms the page cache for the upload that follows)."""
+def hash_file(path: str, chunk: int = HASH_CHUNK) -> tuple[str, FileIdentity]:
+    """Digest of a whole file, read ``chunk`` bytes at a time (also warms the page cache for
+    the upload that follows)."""
     fd = _open(path)
     try:
         before = FileIdentity.of(os.fstat(fd))
         hasher = new_digest()
-        buffer = bytearray(HASH_CHUNK)
+        buffer = bytearray(chunk)
         view = memoryview(buffer)
         first = b""
         while True:

@@ -26,6 +26,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from .config import StoreConfig
 from .errors import (
@@ -37,7 +38,7 @@ from .errors import (
     TransientStoreError,
 )
 from .retry import Backoff, retry_transient
-from .s3direct import DirectUploads, Pace, open_direct_uploads
+from .s3direct import DirectUploads, Pace, open_direct_uploads, proxy_for
 from .s3errors import translate_error
 from .store import MultipartUpload, ObjectAttributes, ObjectInfo, UploadedPart
 
@@ -344,6 +345,19 @@ class S3Store:
             await self._exit_stack.aclose()
 
 
+def tls_verify_override(endpoint_url: str | None) -> dict[str, Any]:
+    """``verify=False`` for a plain-http endpoint reached without a proxy, else nothing.
+
+    There is no TLS on such a connection to verify, but aiobotocore still loads the CA
+    bundle before its first request (about 30 ms, in the way of a push's first
+    CreateMultipartUpload). Through a proxy the setting would also reach the proxy's own
+    TLS, so then botocore's default stands.
+    """
+    if endpoint_url and urlsplit(endpoint_url).scheme == "http" and not proxy_for(endpoint_url):
+        return {"verify": False}
+    return {}
+
+
 async def open_s3_store(
     bucket: str, config: StoreConfig, *, on_retry: RetryObserver | None = None,
     pace: Pace | None = None,
@@ -372,6 +386,7 @@ async def open_s3_store(
                 region_name=config.region,
                 endpoint_url=config.endpoint_url,
                 config=client_config,
+                **tls_verify_override(config.endpoint_url),
             )
         )
     except (bce.ProfileNotFound, bce.NoRegionError, bce.InvalidConfigError) as exc:

@@ -25,6 +25,7 @@ from .digest import (
     HASH_CHUNK,
     FileIdentity,
     gzip_to_temp,
+    hash_chunk_for,
     hash_file,
     read_small,
     stat_identity,
@@ -249,8 +250,9 @@ class Uploader:
     ) -> FileOutcome:
         temp: BinaryIO | None = None
         try:
-            # The hashing pass holds one chunk buffer (gzip: about two); pay for them.
-            grant = await self._budget.acquire(HASH_CHUNK * (2 if compress else 1))
+            # The hashing pass holds one read buffer (gzip: about two); pay for them.
+            chunk = hash_chunk_for(scanned.size)
+            grant = await self._budget.acquire(2 * HASH_CHUNK if compress else chunk)
             try:
                 if compress:
                     body_path, digest, identity, temp = await self.in_thread(
@@ -259,7 +261,7 @@ class Uploader:
                     body_size = os.path.getsize(body_path)
                     encoding: str | None = "gzip"
                 else:
-                    digest, identity = await self.in_thread(hash_file, scanned.path)
+                    digest, identity = await self.in_thread(hash_file, scanned.path, chunk)
                     body_path, body_size, encoding = scanned.path, identity.size, None
             finally:
                 self._budget.release(grant)
