@@ -74,12 +74,7 @@ def store(
     # Only the S3 parameter starts (or reuses) the SeaweedFS server.
     server = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("bucket")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
+    only_these_credentials(monkeypatch, server.access_key, server.secret_key)
     # "s3" sends bodies on the lean signed path (s3direct), "s3-botocore" through botocore.
     config = StoreConfig(
         endpoint_url=server.endpoint, region="us-east-1", addressing_style="path",
@@ -92,6 +87,16 @@ def store(
         return await open_s3_store(bucket, config)
 
     return StoreFactory("s3", open_s3)  # both S3 variants share the S3 expectations
+
+
+def only_these_credentials(monkeypatch: pytest.MonkeyPatch, key_id: str, secret: str) -> None:
+    """The standard chain finds these keys in the environment and nothing else."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
 
 
 async def _open_file(root: Path) -> ObjectStore:
@@ -348,11 +353,6 @@ def test_list_parts_of_unknown_upload(store: StoreFactory) -> None:
 def test_s3_check_bucket_tells_missing_bucket_and_bad_secret_apart(
     s3_server: Any, bucket: str, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
     config = StoreConfig(
         endpoint_url=s3_server.endpoint, region="us-east-1", addressing_style="path",
         max_attempts=2, direct_uploads=direct,
@@ -361,7 +361,7 @@ def test_s3_check_bucket_tells_missing_bucket_and_bad_secret_apart(
     async def check(name: str, secret: str) -> None:
         from asyncsync.s3 import open_s3_store
 
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        only_these_credentials(monkeypatch, s3_server.access_key, secret)
         store = await open_s3_store(name, config)
         try:
             await store.check_bucket()
@@ -399,10 +399,7 @@ def test_s3_check_bucket_in_another_region_names_the_region(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # SeaweedFS has one region; this is how AWS answers a bucket that lives elsewhere.
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example-secret")
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    only_these_credentials(monkeypatch, "AKIDEXAMPLE", "example-secret")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RegionRedirect)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -15,7 +15,6 @@ part: memory stays what the byte budget paid for.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import ssl
@@ -105,7 +104,7 @@ class DirectUploads:
         where = f"{op} {self._location}"
         headers: dict[str, str] = {}
         url = await self._signed("HEAD", op, self._path_prefix.rstrip("/") or "/", {}, headers)
-        try:
+        with _TransportErrors(where, op, "", self._endpoint):
             async with self._http.head(
                 url, headers=headers, proxy=self._proxy, allow_redirects=False
             ) as response:
@@ -124,14 +123,6 @@ class DirectUploads:
                 raise classify_response(
                     where, op=op, key="", status=response.status, code="", message=""
                 )
-        except StoreError:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise translate_transport_error(
-                exc, where=where, op=op, key="", endpoint=self._endpoint
-            ) from exc
 
     async def _signed(
         self, method: str, op: str, unquoted_path: str, query: Mapping[str, str],
@@ -158,7 +149,7 @@ class DirectUploads:
             body if len(body) <= STREAM_SLICE and self._pace is None
             else _slices(body, self._pace)
         )
-        try:
+        with _TransportErrors(where, op, key, self._endpoint):
             async with self._http.put(
                 url, data=data, headers=headers, proxy=self._proxy
             ) as response:
@@ -179,14 +170,6 @@ class DirectUploads:
                 raise classify_response(
                     where, op=op, key=key, status=response.status, code=code, message=message
                 )
-        except StoreError:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise translate_transport_error(
-                exc, where=where, op=op, key=key, endpoint=self._endpoint
-            ) from exc
 
     async def _frozen_credentials(self, op: str) -> tuple[str, str, str | None]:
         if self._credentials is None:
@@ -198,6 +181,27 @@ class DirectUploads:
 
     async def close(self) -> None:
         await self._http.close()
+
+
+class _TransportErrors:
+    """Around one request: a failure that is not a StoreError already (no answer, a dropped
+    connection, a timeout) leaves as one, its cause kept. Cancellation passes untouched."""
+
+    __slots__ = ("_where", "_op", "_key", "_endpoint")
+
+    def __init__(self, where: str, op: str, key: str, endpoint: str) -> None:
+        self._where, self._op, self._key, self._endpoint = where, op, key, endpoint
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if isinstance(exc, Exception) and not isinstance(exc, StoreError):
+            raise translate_transport_error(
+                exc, where=self._where, op=self._op, key=self._key, endpoint=self._endpoint
+            ) from exc
 
 
 _NO_CREDENTIALS = (
