@@ -87,6 +87,7 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 def clean(
     server: S3Server, bucket: str, src: Path, state: Path, policy: CleanupPolicy, *,
     endpoint: str | None = None, now: float | None = None,
+    store_class: type[HeadOnlyStore] = HeadOnlyStore,
 ) -> tuple[list[CleanupDecision], list[str]]:
     """Run clean_quiet_runs against the real store; return its decisions and HEADed keys."""
     from asyncsync.s3 import open_s3_store
@@ -94,7 +95,7 @@ def clean(
     async def main() -> tuple[list[CleanupDecision], list[str]]:
         config = StoreConfig(endpoint_url=endpoint or server.endpoint, region="us-east-1",
                              addressing_style="path", max_attempts=2)
-        store = HeadOnlyStore(await open_s3_store(bucket, config))
+        store = store_class(await open_s3_store(bucket, config))
         manifest = Manifest.open(state)
         try:
             decisions = await clean_quiet_runs(
@@ -421,18 +422,69 @@ def test_the_last_stat_before_unlinking_keeps_a_file_changed_after_hashing(
 ) -> None:
     from asyncsync.cleanup import _unlink_if_unchanged
     from asyncsync.digest import FileIdentity
+    from asyncsync.errors import SourceNotRegular
+    from asyncsync.source import SourcePath, open_source
+
+    def opened(path: Path) -> Any:
+        return open_source(SourcePath.of(str(path), str(tmp_path), os.lstat(path)))
 
     path = tmp_path / "last.pt"
     path.write_bytes(b"epoch 3")
     hashed = FileIdentity.of(os.stat(path))
-    path.write_bytes(b"epoch 4")  # training came back between the hash and the unlink
-    os.utime(path, ns=(hashed.mtime_ns, hashed.mtime_ns + 1))
-    assert not _unlink_if_unchanged(str(path), hashed)
+    with opened(path) as held:
+        path.write_bytes(b"epoch 4")  # training came back between the hash and the unlink
+        os.utime(path, ns=(hashed.mtime_ns, hashed.mtime_ns + 1))
+        assert not _unlink_if_unchanged(held, hashed)
     assert path.read_bytes() == b"epoch 4"
     link = tmp_path / "link.pt"
     os.symlink(path, link)
-    assert not _unlink_if_unchanged(str(link), FileIdentity.of(os.stat(link)))
+    with pytest.raises(SourceNotRegular):
+        opened(link)  # a symlink is never opened, so never deleted
     assert link.is_symlink()
-    assert _unlink_if_unchanged(str(path), FileIdentity.of(os.stat(path)))
-    assert not path.exists()
-    assert not _unlink_if_unchanged(str(path), hashed)  # already gone: nothing to do
+    with opened(path) as held:
+        # Renamed over by another file between the verification and the unlink: kept.
+        other = tmp_path / "other.pt"
+        other.write_bytes(b"epoch 4")
+        os.utime(other, ns=(hashed.mtime_ns, hashed.mtime_ns + 1))
+        os.rename(other, path)
+        assert not _unlink_if_unchanged(held, FileIdentity.of(os.fstat(held.fd)))
+    assert path.exists()
+    with opened(path) as held:
+        assert _unlink_if_unchanged(held, FileIdentity.of(os.stat(path)))
+        assert not path.exists()
+        assert not _unlink_if_unchanged(held, hashed)  # already gone: nothing to do
+
+
+@pytest.mark.s3
+def test_a_directory_swapped_for_a_symlink_redirects_no_delete_outside(
+    s3_env: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """Between the verification of weights/best.pt (its HEAD) and its deletion, something
+    writing in the run replaces weights/ by a symlink to a directory outside SRC holding the
+    same names: nothing outside is deleted or read, and the rest of the run is kept."""
+    src, state, outside = tmp_path / "runs", tmp_path / "state", tmp_path / "outside"
+    files = run_files()
+    write_tree(src / "exp", files)
+    write_tree(outside, {"weights/best.pt": b"not ours", "weights/last.pt": b"not ours"})
+    push(s3_env, src, bucket, state)
+    run = src / "exp"
+
+    class SwappingStore(HeadOnlyStore):
+        async def head_object(self, key: str) -> ObjectInfo | None:
+            info = await super().head_object(key)
+            if key.endswith("weights/best.pt"):
+                os.rename(run / "weights", run / "weights-old")
+                os.symlink(outside / "weights", run / "weights")
+            return info
+
+    decisions, _ = clean(s3_env, bucket, src, state, policy(), store_class=SwappingStore)
+    assert (outside / "weights" / "best.pt").read_bytes() == b"not ours"
+    assert (outside / "weights" / "last.pt").read_bytes() == b"not ours"
+    assert (run / "weights").is_symlink()
+    actions = {d.path: d.action for d in decisions}
+    # best.pt was verified through the descriptor that is unlinked: its own, wherever its
+    # directory went; last.pt is reached through the symlink now, so never read.
+    assert actions["exp/weights/best.pt"] == "deleted"
+    assert not (run / "weights-old" / "best.pt").exists()
+    assert actions["exp/weights/last.pt"] == "kept"
+    assert "replaced by a symlink" in reasons(decisions)["exp/weights/last.pt"]

@@ -23,9 +23,19 @@ from asyncsync.digest import (
     new_digest,
     read_part,
     read_small,
-    stat_identity,
 )
 from asyncsync.errors import SourceChanged, SourceVanished
+from asyncsync.source import SourcePath, SourceRoot
+
+
+def at(path: Path | str) -> SourcePath:
+    """A file of the tree rooted at its directory, as a scan would have seen it."""
+    path = str(path)
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return SourcePath(path, SourceRoot(os.path.dirname(path)), -1, -1)
+    return SourcePath.of(path, os.path.dirname(path), st)
 
 
 def identity_of(path: Path) -> FileIdentity:
@@ -61,15 +71,6 @@ def test_new_digest_is_xxh3_128() -> None:
     assert len(hasher.hexdigest()) == 32
 
 
-def test_stat_identity(tmp_path: Path) -> None:
-    path = tmp_path / "f"
-    path.write_bytes(b"12345")
-    assert stat_identity(str(path)) == identity_of(path)
-    assert stat_identity(str(path)).size == 5
-    with pytest.raises(SourceVanished, match="vanished before upload"):
-        stat_identity(str(tmp_path / "missing"))
-
-
 # -- read_small ------------------------------------------------------------------------------
 
 
@@ -78,7 +79,7 @@ def test_read_small_plain(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    snap = read_small(str(path), max_size=1_000_000, compress=False)
+    snap = read_small(at(path), max_size=1_000_000, compress=False)
     assert snap.body == data
     assert snap.digest == xxh(data)
     assert snap.body_md5_b64 == md5(data)
@@ -90,7 +91,7 @@ def test_read_small_plain(tmp_path: Path, size: int) -> None:
 def test_read_small_compressed(tmp_path: Path) -> None:
     path = tmp_path / "results.csv"
     path.write_bytes(TEXT)
-    snap = read_small(str(path), max_size=len(TEXT), compress=True)
+    snap = read_small(at(path), max_size=len(TEXT), compress=True)
     assert snap.content_encoding == "gzip"
     assert snap.body[:2] == b"\x1f\x8b"
     assert gzip.decompress(snap.body) == TEXT
@@ -106,20 +107,20 @@ def test_read_small_compressed(tmp_path: Path) -> None:
 def test_read_small_compression_is_deterministic(tmp_path: Path) -> None:
     path = tmp_path / "log.txt"
     path.write_bytes(TEXT)
-    first = read_small(str(path), max_size=10**6, compress=True)
+    first = read_small(at(path), max_size=10**6, compress=True)
     os.utime(path, ns=(1_000_000_000, 2_000_000_000))  # mtime must not leak into the body
-    second = read_small(str(path), max_size=10**6, compress=True)
+    second = read_small(at(path), max_size=10**6, compress=True)
     assert first.body == second.body
     assert first.body_md5_b64 == second.body_md5_b64
     other = tmp_path / "copy.txt"
     other.write_bytes(TEXT)  # the file name must not leak into the body either
-    assert read_small(str(other), max_size=10**6, compress=True).body == first.body
+    assert read_small(at(other), max_size=10**6, compress=True).body == first.body
 
 
 def test_read_small_compress_empty_file(tmp_path: Path) -> None:
     path = tmp_path / "empty.json"
     path.write_bytes(b"")
-    snap = read_small(str(path), max_size=10, compress=True)
+    snap = read_small(at(path), max_size=10, compress=True)
     assert gzip.decompress(snap.body) == b""
     assert snap.digest == xxh(b"")
 
@@ -127,16 +128,16 @@ def test_read_small_compress_empty_file(tmp_path: Path) -> None:
 def test_read_small_larger_than_max_size(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x" * 101)
-    assert read_small(str(path), max_size=101, compress=False).body == b"x" * 101
+    assert read_small(at(path), max_size=101, compress=False).body == b"x" * 101
     with pytest.raises(SourceChanged, match="grew past the multipart threshold") as info:
-        read_small(str(path), max_size=100, compress=False)
+        read_small(at(path), max_size=100, compress=False)
     assert str(path) in str(info.value)
 
 
 def test_read_small_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "gone.txt"
     with pytest.raises(SourceVanished, match="vanished before upload") as info:
-        read_small(str(missing), max_size=100, compress=False)
+        read_small(at(missing), max_size=100, compress=False)
     assert str(missing) in str(info.value)
 
 
@@ -148,7 +149,7 @@ def test_hash_file(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)
     path = tmp_path / "weights.pt"
     path.write_bytes(data)
-    digest, identity = hash_file(str(path))
+    digest, identity = hash_file(at(path))
     assert digest == xxh(data)
     assert identity == identity_of(path)
 
@@ -157,8 +158,8 @@ def test_the_read_size_changes_no_digest(tmp_path: Path) -> None:
     data = os.urandom(3 * LARGE_HASH_CHUNK + 5)
     path = tmp_path / "last.pt"
     path.write_bytes(data)
-    assert hash_file(str(path), LARGE_HASH_CHUNK) == hash_file(str(path), HASH_CHUNK)
-    assert hash_file(str(path), LARGE_HASH_CHUNK)[0] == xxh(data)
+    assert hash_file(at(path), LARGE_HASH_CHUNK) == hash_file(at(path), HASH_CHUNK)
+    assert hash_file(at(path), LARGE_HASH_CHUNK)[0] == xxh(data)
 
 
 def test_only_very_large_files_are_hashed_in_large_reads() -> None:
@@ -171,13 +172,13 @@ def test_only_very_large_files_are_hashed_in_large_reads() -> None:
 def test_hash_file_matches_read_small(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(TEXT)
-    assert hash_file(str(path))[0] == read_small(str(path), 10**6, compress=False).digest
-    assert hash_file(str(path))[0] == read_small(str(path), 10**6, compress=True).digest
+    assert hash_file(at(path))[0] == read_small(at(path), 10**6, compress=False).digest
+    assert hash_file(at(path))[0] == read_small(at(path), 10**6, compress=True).digest
 
 
 def test_hash_file_missing(tmp_path: Path) -> None:
     with pytest.raises(SourceVanished):
-        hash_file(str(tmp_path / "missing"))
+        hash_file(at(tmp_path / "missing"))
 
 
 # -- read_part -----------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def test_gzip_to_temp(tmp_path: Path) -> None:
     source.write_bytes(data)
     temp_dir = tmp_path / "tmp"
     temp_dir.mkdir()
-    name, digest, identity, handle = gzip_to_temp(str(source), str(temp_dir))
+    name, digest, identity, handle = gzip_to_temp(at(source), str(temp_dir))
     try:
         assert os.path.dirname(name) == str(temp_dir)
         assert os.path.basename(name).startswith("gzip-")
@@ -236,7 +237,7 @@ def test_gzip_to_temp(tmp_path: Path) -> None:
 def _gzip_twice(source: Path, temp_dir: Path) -> list[bytes]:
     bodies = []
     for _ in range(2):
-        name, digest, _, handle = gzip_to_temp(str(source), str(temp_dir))
+        name, digest, _, handle = gzip_to_temp(at(source), str(temp_dir))
         try:
             bodies.append(Path(name).read_bytes())
             assert digest == xxh(TEXT)
@@ -249,7 +250,7 @@ def test_gzip_to_temp_content_matches_read_small(tmp_path: Path) -> None:
     source = tmp_path / "results.csv"
     source.write_bytes(TEXT)
     bodies = _gzip_twice(source, tmp_path)
-    snap = read_small(str(source), max_size=10**6, compress=True)
+    snap = read_small(at(source), max_size=10**6, compress=True)
     assert gzip.decompress(bodies[0]) == gzip.decompress(bodies[1]) == TEXT
     assert gzip.decompress(snap.body) == TEXT
     assert snap.digest == xxh(TEXT)
@@ -268,7 +269,7 @@ def test_gzip_to_temp_missing_source_leaves_no_temp(tmp_path: Path) -> None:
     temp_dir = tmp_path / "tmp"
     temp_dir.mkdir()
     with pytest.raises(SourceVanished):
-        gzip_to_temp(str(tmp_path / "missing"), str(temp_dir))
+        gzip_to_temp(at(tmp_path / "missing"), str(temp_dir))
     assert os.listdir(temp_dir) == []
 
 
@@ -288,14 +289,14 @@ def test_complete_zip_archives_pass_and_torn_ones_are_refused(tmp_path: Path) ->
     whole = _zip_bytes()
     path = tmp_path / "last.pt"
     path.write_bytes(whole)
-    assert read_small(str(path), 1 << 30, False).body == whole
-    assert hash_file(str(path))[0] == xxhash.xxh3_128_hexdigest(whole)
+    assert read_small(at(path), 1 << 30, False).body == whole
+    assert hash_file(at(path))[0] == xxhash.xxh3_128_hexdigest(whole)
     for torn in (whole[: len(whole) // 2], whole[:-10], whole[:4] + b"\0" * 100):
         path.write_bytes(torn)
         with pytest.raises(SourceChanged, match="incomplete zip archive"):
-            read_small(str(path), 1 << 30, False)
+            read_small(at(path), 1 << 30, False)
         with pytest.raises(SourceChanged, match="incomplete zip archive"):
-            hash_file(str(path))
+            hash_file(at(path))
     # Files that merely contain the signature later on are not held to it.
     path.write_bytes(b"x" + whole[: len(whole) // 2])
-    assert read_small(str(path), 1 << 30, False).body.startswith(b"xPK")
+    assert read_small(at(path), 1 << 30, False).body.startswith(b"xPK")

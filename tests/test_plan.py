@@ -29,6 +29,7 @@ from asyncsync.plan import (
     wants_gzip,
 )
 from asyncsync.scan import ScannedFile
+from asyncsync.source import SourceRoot
 
 TiB = 1024 * GiB
 
@@ -38,6 +39,8 @@ SCANNED = ScannedFile(
     size=12345,
     mtime_ns=1_700_000_000_123_456_789,
     inode=4242,
+    device=64769,
+    root=SourceRoot("/data/run"),
 )
 
 

@@ -854,3 +854,85 @@ def test_an_early_open_that_failed_unawaited_leaves_no_stale_error_behind() -> N
         assert len(attempts) == 2
 
     asyncio.run(main())
+
+
+SECRET = b"outside SRC: a service-account token nobody meant to upload\n"
+
+
+@pytest.mark.parametrize(("swap", "follow"), [
+    ("files", False), ("files", True), ("directory", False), ("directory", True),
+])
+def test_files_swapped_for_symlinks_during_push_never_leak(
+    s3_server: S3Server, bucket: str, tmp_path: Path, swap: str, follow: bool
+) -> None:
+    """A second process writing in SRC swaps files (or their directory) for symlinks to
+    files outside SRC while push runs: no byte of them reaches the bucket, the swapped files
+    are reported, and the honest ones still go up."""
+    import random
+    import threading
+
+    src, outside = tmp_path / "runs", tmp_path / "outside"
+    directory = src / "train" / "weights"
+    honest = {f"f{i:03d}.txt": b"honest %03d\n" % i for i in range(120)}
+    honest.update({f"big{i}.pt": os.urandom(6 * MiB) for i in range(2)})
+    for name, data in honest.items():
+        write(directory / name, data)
+        write(outside / "weights" / name, SECRET * (len(data) // len(SECRET) + 1))
+    write(src / "train" / "args.yaml", b"epochs: 3\n")
+
+    def swap_everything() -> None:
+        if swap == "directory":
+            os.rename(directory, tmp_path / "weights-old")
+            os.symlink(outside / "weights", directory)
+            return
+        names = list(honest)
+        random.Random(7).shuffle(names)
+        for name in names:
+            link = directory / f".{name}.swap"
+            os.symlink(outside / "weights" / name, link)
+            os.rename(link, directory / name)  # `ln -s ... .tmp && mv -T .tmp name`
+
+    with FaultProxy(s3_server.endpoint) as proxy:
+        # Slow PUTs and two workers: the directory is listed long before most of its files
+        # are read, which is the window the swap goes through.
+        proxy.inject("delay", 10_000, method="PUT", delay=0.05)
+
+        def swap_once_uploads_run() -> None:
+            deadline = time.monotonic() + 60
+            while proxy.stats.by_method.get("PUT", 0) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            swap_everything()
+
+        swapper = threading.Thread(target=swap_once_uploads_run)
+        swapper.start()
+        options = ["--multipart-threshold", "5MiB", *(["--follow-symlinks"] if follow else [])]
+        env = s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint)
+        result = run_cli("push", src, f"s3://{bucket}/s", "--state-dir", tmp_path / "state",
+                         "--json", "--workers", "2", *options, env=env)
+        swapper.join()
+        proxy.clear_rules()
+        # What is there now is ignored as a symlink (or, followed, as pointing outside).
+        again = run_cli("push", src, f"s3://{bucket}/s", "--state-dir", tmp_path / "state",
+                        "--json", *options, env=env)
+    assert result.returncode == 0, result.stderr
+    client = s3_server.client()
+    keys = bucket_keys(client, bucket, "s/")
+    for key in keys:
+        body = read_object(client, bucket, key)
+        assert SECRET not in body, key
+        name = key.rpartition("/")[2]
+        assert body == (b"epochs: 3\n" if name == "args.yaml" else honest[name]), key
+    assert "s/train/args.yaml" in keys
+    uploaded = {path.rpartition("/")[2] for path in result.files("uploaded")}
+    reported = {r["path"].rpartition("/")[2]: r for r in result.records
+                if r["type"] == "file" and r["status"] == "skipped"}
+    # Every file is accounted for: sent before the swap reached it, or reported.
+    assert uploaded | set(reported) >= set(honest)
+    assert len(reported) > len(honest) // 2, result.stderr
+    for record in reported.values():
+        assert "symlink" in record["reason"] or "outside the source" in record["reason"]
+    assert open_uploads(client, bucket) == []  # a refused multipart upload is aborted
+    assert again.returncode == 0, again.stderr
+    assert not again.files("uploaded")
+    assert SECRET not in b"".join(read_object(client, bucket, k)
+                                  for k in bucket_keys(client, bucket, "s/"))

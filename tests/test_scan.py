@@ -506,3 +506,32 @@ def test_a_walk_in_a_worker_thread_is_compared_on_the_loop_thread(
                  for name, *_ in listing.unchanged or ()}
     assert unchanged == set(everything) - {"a/sub/y.bin"}
     assert all(listing.unchanged is not None for listing in found.values())
+
+
+def test_a_directory_swapped_for_a_symlink_after_its_parent_was_listed_is_not_entered(
+    tmp_path: Path,
+) -> None:
+    """The parent's listing saw a real directory; by the time it is listed itself it is a
+    symlink to a directory outside the root: its entries are never listed or yielded."""
+    from asyncsync.scan import ScanOptions, _Walker
+
+    root, outside = tmp_path / "src", tmp_path / "outside"
+    (root / "train" / "weights").mkdir(parents=True)
+    (root / "train" / "weights" / "last.pt").write_bytes(b"ours")
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"not ours")
+    for follow in (False, True):
+        walker = _Walker(str(root), ScanOptions(follow_symlinks=follow))
+        st = os.stat(root)
+        top, pending = walker.list_directory(str(root), "", frozenset(), (st.st_dev, st.st_ino))
+        (train,) = pending
+        _, below = walker.list_directory(*train)
+        (weights,) = below
+        os.rename(root / "train" / "weights", tmp_path / "moved")
+        os.symlink(outside, root / "train" / "weights")
+        listing, deeper = walker.list_directory(*weights)
+        assert deeper == []
+        assert [type(item).__name__ for item in listing.items] == ["ScanIssue"]
+        assert "replaced" in listing.items[0].message  # type: ignore[union-attr]
+        os.unlink(root / "train" / "weights")
+        os.rename(tmp_path / "moved", root / "train" / "weights")

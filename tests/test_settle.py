@@ -5,10 +5,13 @@ from __future__ import annotations
 from asyncsync.keys import PathFilter
 from asyncsync.scan import ScannedFile
 from asyncsync.settle import MAX_FAILURE_BACKOFF, SettleTracker
+from asyncsync.source import SourceRoot
+
+RUNS = SourceRoot("/runs")
 
 
 def scanned(relative: str, size: int = 10, mtime_ns: int = 1, inode: int = 7) -> ScannedFile:
-    return ScannedFile(f"/runs/{relative}", relative, size, mtime_ns, inode)
+    return ScannedFile(f"/runs/{relative}", relative, size, mtime_ns, inode, 1, RUNS)
 
 
 def tracker(settle: float = 5.0, interval: float = 300.0) -> SettleTracker:

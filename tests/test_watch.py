@@ -467,3 +467,42 @@ def test_second_sigint_exits_at_once(
         code = daemon.stop(signal.SIGINT, timeout=10)
         assert time.monotonic() - started < 5
     assert code == 128 + signal.SIGINT
+
+
+SECRET = b"outside SRC: a service-account token nobody meant to upload\n"
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_files_swapped_for_symlinks_before_they_settle_never_leak(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon], follow: bool
+) -> None:
+    """The report's case: watch sees ten regular files; before they settle each one is
+    replaced by a symlink to a file outside SRC. None of the outside bytes reach the
+    bucket, the swaps are reported, and an honest file written later still goes up."""
+    src, outside = tmp_path / "runs", tmp_path / "outside"
+    (src / "train").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(SECRET)
+    for i in range(10):
+        (src / "train" / f"f{i:02d}.txt").write_bytes(b"honest %d\n" % i)
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/w", tmp_path / "state", "--interval", "0.2",
+                    "--settle", "2", *(["--follow-symlinks"] if follow else []))
+    daemons.append(daemon)
+    time.sleep(1.0)  # scanned, not settled yet
+    for i in range(10):
+        link = src / "train" / ".tmp"
+        os.symlink(outside / "secret.txt", link)
+        os.rename(link, src / "train" / f"f{i:02d}.txt")  # ln -s ... .tmp && mv -T .tmp f
+    (src / "train" / "late.txt").write_bytes(b"written after the swap\n")
+    client = s3_server.client()
+    wait_for(lambda: object_or_none(client, bucket, "w/train/late.txt"), 30, "late.txt")
+    time.sleep(2.5)  # every swapped file's settle time has passed
+    assert daemon.stop() == 0
+    keys = bucket_keys(client, bucket, "w/")
+    assert keys == ["w/train/late.txt"], keys
+    assert read_object(client, bucket, "w/train/late.txt") == b"written after the swap\n"
+    log = daemon.log
+    for i in range(10):
+        assert f"train/f{i:02d}.txt: " in log
+    # Refused by the upload itself (the scan had seen regular files), not only by a scan.
+    assert ("outside the source; not read" if follow else "replaced by a symlink; not read") in log

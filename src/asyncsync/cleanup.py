@@ -7,6 +7,12 @@ link holds: the manifest recorded an upload of this very file (path, size, mtime
 its content hashed now has the recorded xxh3-128 digest, and a HEAD shows the object with
 that digest and size. Any doubt keeps the file. The bucket is only read; symlinks are never
 followed or deleted; directories emptied by a deletion go too, but only inside the run.
+
+The tree may be rewritten while cleanup runs, by anything that can write in it: the file is
+hashed through a descriptor opened beneath the source root without following any link, and
+deleted with unlinkat() relative to its directory's descriptor, after checking that its name
+there still names the verified inode. A directory swapped for a symlink can redirect neither
+the read nor the delete outside the run.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from .errors import (
     ConfigError,
     FatalStoreError,
     SourceChanged,
+    SourceNotRegular,
     SourceVanished,
     StoreError,
     TransientStoreError,
 )
 from .keys import InvalidKey, PathFilter, object_key
 from .manifest import Manifest, Scope
+from .source import OpenedSource, SourcePath, SourceRoot, open_parent, open_source
 from .store import META_DIGEST, META_SIZE, ObjectStore
 
 log = logging.getLogger("asyncsync")
@@ -95,6 +103,7 @@ class _LocalFile:
     relative: str
     run_relative: str
     identity: FileIdentity
+    device: int
 
 
 @dataclass
@@ -151,33 +160,46 @@ def _survey_run(run: str, root: str, threshold_ns: int) -> _RunSurvey:
                     return _RunSurvey(busy=f"{_relative(entry.path, root)} written recently")
                 survey.files.append(_LocalFile(
                     entry.path, _relative(entry.path, root), _relative(entry.path, run),
-                    FileIdentity.of(st),
+                    FileIdentity.of(st), st.st_dev,
                 ))
             # Symlinks, FIFOs and sockets are neither followed nor deleted; they also keep
             # their directory from being removed.
     return survey
 
 
-def _unlink_if_unchanged(path: str, hashed: FileIdentity) -> bool:
-    """Delete ``path`` if it is still the very regular file that was verified."""
+def _unlink_if_unchanged(opened: OpenedSource, hashed: FileIdentity) -> bool:
+    """Delete the opened file's name if it still names the very regular file that was
+    verified (the descriptor's inode), relative to the directory it was opened in."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+        st = opened.stat_name()
+    except SourceVanished:
         return False
-    if not stat.S_ISREG(st.st_mode) or FileIdentity.of(st) != hashed:
+    held = os.fstat(opened.fd)
+    if (
+        not stat.S_ISREG(st.st_mode) or FileIdentity.of(st) != hashed
+        or (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
+    ):
         return False
-    os.unlink(path)
+    os.unlink(opened.name, dir_fd=opened.parent)
     return True
 
 
-def _remove_empty_directories(directories: list[str]) -> None:
+def _remove_empty_directories(directories: list[str], root: str) -> None:
     """rmdir what is empty now, deepest first: rmdir itself refuses a directory that still
-    holds anything (a kept file, a symlink, a file written meanwhile), so nothing is lost."""
+    holds anything (a kept file, a symlink, a file written meanwhile), so nothing is lost.
+    Each is removed by name from its parent's descriptor, reached from ``root`` without
+    following links: rmdir of a name that is a symlink now fails (ENOTDIR)."""
     for directory in sorted(directories, key=lambda d: d.count(os.sep), reverse=True):
         try:
-            os.rmdir(directory)
+            parent, name = open_parent(directory, root)
+        except (OSError, SourceVanished, SourceNotRegular):
+            continue
+        try:
+            os.rmdir(name, dir_fd=parent)
         except OSError:
             continue
+        finally:
+            os.close(parent)
         log.debug("cleanup: removed empty directory %s", directory)
 
 
@@ -191,6 +213,7 @@ class _Verifier:
     scope: Scope
     store: ObjectStore
     policy: CleanupPolicy
+    root: SourceRoot  # what every file is opened (and deleted) beneath
     store_down: str | None = None
 
     async def decide(self, local: _LocalFile) -> CleanupDecision:
@@ -209,27 +232,40 @@ class _Verifier:
         ident = local.identity
         if not record.same_stat(local.path, ident.size, ident.mtime_ns, ident.inode):
             return kept("modified after upload")
+        source = SourcePath(local.path, self.root, local.device, ident.inode)
         try:
-            content, identity = await anyio.to_thread.run_sync(digest.hash_file, local.path)
+            opened = await anyio.to_thread.run_sync(open_source, source)
         except (SourceVanished, SourceChanged):
             return kept("modified while verifying")
+        except SourceNotRegular as exc:
+            return kept(str(exc))
         except OSError as exc:
             return kept(f"cannot read: {exc.strerror}")
-        if identity != local.identity:
-            return kept("modified after upload")
-        # Same stat but other bytes: rewritten with its old size and mtime put back.
-        if content != record.digest:
-            return kept("modified after upload (content differs)")
-        problem = await self._bucket_problem(key, content, identity.size)
-        if problem:
-            return kept(problem)
-        if self.policy.dry_run:
-            return CleanupDecision(local.relative, "would-delete", "verified in bucket")
         try:
-            if not await anyio.to_thread.run_sync(_unlink_if_unchanged, local.path, identity):
+            # The bytes verified and the inode deleted are those of this one descriptor.
+            try:
+                content, identity = await anyio.to_thread.run_sync(digest.hash_opened, opened)
+            except (SourceVanished, SourceChanged):
                 return kept("modified while verifying")
-        except OSError as exc:
-            return kept(f"cannot delete: {exc.strerror}")
+            except OSError as exc:
+                return kept(f"cannot read: {exc.strerror}")
+            if identity != local.identity:
+                return kept("modified after upload")
+            # Same stat but other bytes: rewritten with its old size and mtime put back.
+            if content != record.digest:
+                return kept("modified after upload (content differs)")
+            problem = await self._bucket_problem(key, content, identity.size)
+            if problem:
+                return kept(problem)
+            if self.policy.dry_run:
+                return CleanupDecision(local.relative, "would-delete", "verified in bucket")
+            try:
+                if not await anyio.to_thread.run_sync(_unlink_if_unchanged, opened, identity):
+                    return kept("modified while verifying")
+            except OSError as exc:
+                return kept(f"cannot delete: {exc.strerror}")
+        finally:
+            opened.close()
         return CleanupDecision(local.relative, "deleted", "verified in bucket")
 
     async def _bucket_problem(self, key: str, content: str, size: int) -> str | None:
@@ -270,7 +306,7 @@ async def clean_quiet_runs(
     threshold_ns = math.floor((now - policy.delete_after) * 1e9)
     # Resolved like push's source, so that paths compare equal to the manifest's `source`.
     root = str(await anyio.to_thread.run_sync(source.resolve))
-    verifier = _Verifier(prefix, manifest, scope, store, policy)
+    verifier = _Verifier(prefix, manifest, scope, store, policy, SourceRoot(root))
     decisions: list[CleanupDecision] = []
     for run in await anyio.to_thread.run_sync(_find_runs, root, policy.run_depth):
         survey = await anyio.to_thread.run_sync(_survey_run, run, root, threshold_ns)
@@ -284,5 +320,6 @@ async def clean_quiet_runs(
             decisions.append(decision)
             deleted = deleted or decision.action == "deleted"
         if deleted:
-            await anyio.to_thread.run_sync(_remove_empty_directories, survey.directories)
+            await anyio.to_thread.run_sync(_remove_empty_directories, survey.directories,
+                                           root)
     return decisions

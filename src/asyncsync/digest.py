@@ -7,7 +7,9 @@ is blocking and meant to run in a worker thread; xxhash and hashlib release the 
 large buffers, so threads really do hash in parallel.
 
 A read is consistent when the file's identity (size, mtime_ns, inode) is the same before
-and after it: otherwise it raises `SourceChanged` and the caller reads again later.
+and after it: otherwise it raises `SourceChanged` and the caller reads again later. Source
+files are opened through `source.open_source`, never by path: a file swapped for a symlink
+is not read.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Any, BinaryIO
 
 import xxhash
 
-from .errors import SourceChanged, SourceVanished
+from .errors import SourceChanged
+from .source import OpenedSource, SourceFile, open_source
 
 # Buffer of one hashing pass; the transfer stage pays for it from the byte budget.
 HASH_CHUNK = 1024 * 1024
@@ -65,20 +68,6 @@ class FileIdentity:
         return cls(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def stat_identity(path: str) -> FileIdentity:
-    try:
-        return FileIdentity.of(os.stat(path))
-    except FileNotFoundError as exc:
-        raise SourceVanished(f"{path}: vanished before upload") from exc
-
-
-def _open(path: str) -> int:
-    try:
-        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError as exc:
-        raise SourceVanished(f"{path}: vanished before upload") from exc
-
-
 ZIP_SIGNATURE = b"PK\x03\x04"
 
 
@@ -95,16 +84,14 @@ def check_zip_complete(path: str, source: BinaryIO | bytes) -> None:
         raise SourceChanged(f"{path}: incomplete zip archive (still being written?)") from exc
 
 
-def _check_unchanged(path: str, before: FileIdentity, fd: int) -> None:
-    after = FileIdentity.of(os.fstat(fd))
+def check_unchanged(opened: OpenedSource, before: FileIdentity) -> None:
+    """The open file is still ``before``, and its name in its directory still names it."""
+    after = FileIdentity.of(os.fstat(opened.fd))
     if after != before:
-        raise SourceChanged(f"{path}: changed while it was read")
-    try:
-        on_disk = FileIdentity.of(os.stat(path))
-    except FileNotFoundError as exc:
-        raise SourceVanished(f"{path}: vanished while it was read") from exc
-    if on_disk != before:  # replaced (renamed over) while we held the old inode
-        raise SourceChanged(f"{path}: replaced while it was read")
+        raise SourceChanged(f"{opened.path}: changed while it was read")
+    if FileIdentity.of(opened.stat_name()) != before:
+        # Replaced (renamed over, or swapped for a link) while we held the old inode.
+        raise SourceChanged(f"{opened.path}: replaced while it was read")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +105,11 @@ class SmallSnapshot:
     content_encoding: str | None
 
 
-def read_small(path: str, max_size: int, compress: bool) -> SmallSnapshot:
+def read_small(source: SourceFile, max_size: int, compress: bool) -> SmallSnapshot:
     """Read a whole file of at most ``max_size`` bytes (it grew past that: SourceChanged)."""
-    fd = _open(path)
-    try:
+    path = source.path
+    with open_source(source) as opened:
+        fd = opened.fd
         before = FileIdentity.of(os.fstat(fd))
         if before.size > max_size:
             raise SourceChanged(f"{path}: grew past the multipart threshold")
@@ -135,9 +123,7 @@ def read_small(path: str, max_size: int, compress: bool) -> SmallSnapshot:
             chunks.append(chunk)
             remaining -= len(chunk)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        _check_unchanged(path, before, fd)
-    finally:
-        os.close(fd)
+        check_unchanged(opened, before)
     if len(data) != before.size:
         raise SourceChanged(f"{path}: size changed while it was read")
     if data.startswith(ZIP_SIGNATURE):
@@ -151,29 +137,32 @@ def read_small(path: str, max_size: int, compress: bool) -> SmallSnapshot:
     return SmallSnapshot(data, before, digest, md5_b64(data), encoding)
 
 
-def hash_file(path: str, chunk: int = HASH_CHUNK) -> tuple[str, FileIdentity]:
+def hash_file(source: SourceFile, chunk: int = HASH_CHUNK) -> tuple[str, FileIdentity]:
     """Digest of a whole file, read ``chunk`` bytes at a time (also warms the page cache for
     the upload that follows)."""
-    fd = _open(path)
-    try:
-        before = FileIdentity.of(os.fstat(fd))
-        hasher = new_digest()
-        buffer = bytearray(chunk)
-        view = memoryview(buffer)
-        first = b""
-        while True:
-            n = os.readv(fd, [buffer])
-            if not n:
-                break
-            if not first:
-                first = bytes(view[:4])
-            hasher.update(view[:n])
-        if first == ZIP_SIGNATURE:
-            with open(fd, "rb", closefd=False) as archive:
-                check_zip_complete(path, archive)
-        _check_unchanged(path, before, fd)
-    finally:
-        os.close(fd)
+    with open_source(source) as opened:
+        return hash_opened(opened, chunk)
+
+
+def hash_opened(opened: OpenedSource, chunk: int = HASH_CHUNK) -> tuple[str, FileIdentity]:
+    """`hash_file` of a file already open (cleanup hashes the descriptor it deletes by)."""
+    path, fd = opened.path, opened.fd
+    before = FileIdentity.of(os.fstat(fd))
+    hasher = new_digest()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    first = b""
+    while True:
+        n = os.readv(fd, [buffer])
+        if not n:
+            break
+        if not first:
+            first = bytes(view[:4])
+        hasher.update(view[:n])
+    if first == ZIP_SIGNATURE:
+        with open(fd, "rb", closefd=False) as archive:
+            check_zip_complete(path, archive)
+    check_unchanged(opened, before)
     return hasher.hexdigest(), before
 
 
@@ -193,34 +182,34 @@ def read_part(fd: int, offset: int, length: int) -> bytes:
     return b"".join(pieces)
 
 
-def gzip_to_temp(path: str, temp_dir: str) -> tuple[str, str, FileIdentity, BinaryIO]:
+def gzip_to_temp(
+    source: SourceFile, temp_dir: str
+) -> tuple[str, str, FileIdentity, BinaryIO]:
     """Compress a (large) file into an anonymous temp file, in one read.
 
     Returns the temp file's path, the digest of the original content, the original's
     identity, and the open temp file (the caller closes it, which deletes it).
     """
-    fd = _open(path)
-    try:
+    with open_source(source) as opened:
+        fd = opened.fd
         before = FileIdentity.of(os.fstat(fd))
         hasher = new_digest()
         temp = tempfile.NamedTemporaryFile(dir=temp_dir, prefix="gzip-", suffix=".gz")
         try:
-            with open(fd, "rb", closefd=False) as source, gzip.GzipFile(
+            with open(fd, "rb", closefd=False) as reader, gzip.GzipFile(
                 # No name and no mtime in the header: same content, same bytes.
                 filename="", fileobj=temp, mode="wb", compresslevel=6, mtime=0
             ) as sink:
                 while True:
-                    chunk = source.read(HASH_CHUNK)
+                    chunk = reader.read(HASH_CHUNK)
                     if not chunk:
                         break
                     hasher.update(chunk)
                     sink.write(chunk)
             temp.flush()
-            _check_unchanged(path, before, fd)
+            check_unchanged(opened, before)
         except BaseException:
             temp.close()
             raise
-    finally:
-        os.close(fd)
     return temp.name, hasher.hexdigest(), before, temp  # type: ignore[return-value]
 

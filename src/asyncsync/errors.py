@@ -75,6 +75,12 @@ class SourceVanished(AsyncsyncError):
     """The file disappeared between the scan and its upload."""
 
 
+class SourceNotRegular(AsyncsyncError):
+    """The file (or a directory on its path) is no longer what the scan saw but a symlink,
+    a FIFO or the like: it was not read, and is not uploaded. The message is the reason
+    alone; the caller names the file."""
+
+
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error that made a task group fail, not the cancellations it caused."""
     for exc in group.exceptions:

@@ -23,7 +23,6 @@ from .digest import (
     md5_b64,
     new_digest,
     read_part,
-    stat_identity,
 )
 from .errors import (
     ChecksumNotConfirmed,
@@ -36,6 +35,7 @@ from .errors import (
 from .manifest import PendingUpload, RecordedPart
 from .plan import part_count, part_size_for, part_window_for
 from .scan import ScannedFile
+from .source import OpenedSource, open_source, stat_source
 from .store import META_DIGEST, ObjectAttributes, ObjectStore, UploadedPart
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class LargeUpload:
     The `Uploader` runs it and lends it its store, manifest, budget and worker threads."""
 
     def __init__(
-        self, uploader: Uploader, scanned: ScannedFile, key: str, body_path: str,
+        self, uploader: Uploader, scanned: ScannedFile, key: str, body_path: str | None,
         body_size: int, identity: FileIdentity, digest: str, encoding: str | None,
     ) -> None:
         self.up = uploader
@@ -170,7 +170,14 @@ class LargeUpload:
         # (a private snapshot: it cannot change under us).
         hasher = new_digest() if self.encoding is None else None
         finished: dict[int, UploadedPart] = dict(done)
-        fd = os.open(self.body_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        source: OpenedSource | None = None
+        if self.body_path is None:
+            # The file itself: opened beneath its root, and it must still be the file the
+            # hashing pass read (a symlink swapped in meanwhile is never read).
+            source = await self.up.in_thread(open_source, self.scanned)
+            fd = source.fd
+        else:  # our own gzip temp file
+            fd = os.open(self.body_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             async with asyncio.TaskGroup() as tasks:
                 for number in range(1, count + 1):
@@ -206,7 +213,10 @@ class LargeUpload:
         except BaseExceptionGroup as group:
             raise first_error(group) from None
         finally:
-            os.close(fd)
+            if source is not None:
+                source.close()
+            else:
+                os.close(fd)
         if hasher is not None and hasher.hexdigest() != self.digest:
             raise SourceChanged(f"{self.scanned.path}: changed while it was uploaded")
         return [finished[n] for n in sorted(finished)]
@@ -248,7 +258,8 @@ class LargeUpload:
         self.up._on_bytes(len(data))
 
     def _check_still_same(self) -> None:
-        if stat_identity(self.scanned.path) != self.identity:
+        now = stat_source(self.scanned.path, self.scanned.root)
+        if FileIdentity.of(now) != self.identity or now.st_dev != self.scanned.device:
             raise SourceChanged(f"{self.scanned.path}: changed while it was uploaded")
 
     async def _abort(self, store: ObjectStore, upload_id: str) -> None:

@@ -10,6 +10,7 @@ uploads for long). Only regular files are yielded; everything else becomes a `Sc
 from __future__ import annotations
 
 import asyncio
+import errno
 import marshal
 import operator
 import os
@@ -23,6 +24,7 @@ import xxhash
 
 from .inline import InlineGate
 from .keys import PathFilter
+from .source import SourceRoot
 
 
 @dataclass(slots=True)
@@ -32,6 +34,8 @@ class ScannedFile:
     size: int
     mtime_ns: int
     inode: int
+    device: int
+    root: SourceRoot  # what the file is opened beneath: a read never leaves it
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,9 @@ _relative = operator.attrgetter("relative")
 _subdir_relative = operator.itemgetter(1)
 
 DirIdentity = tuple[int, int]  # (st_dev, st_ino)
+# A directory still to visit: its path, its relative path plus '/', the identities of the
+# directories above it (symlink loops), and its own identity as its parent's listing saw it.
+PendingDirectory = tuple[str, str, frozenset[DirIdentity], DirIdentity]
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,7 @@ class _Walker:
         self.options = options
         self.cache = cache
         self.real_root = os.path.realpath(root)
+        self.source_root = SourceRoot(root, options.follow_symlinks)
         # Hot path: tens of thousands of entries per second go through list_directory.
         self.filtering = bool(options.path_filter.include or options.path_filter.exclude)
 
@@ -185,36 +193,59 @@ class _Walker:
 
     def list_directory(
         self, directory: str, prefix: str, ancestors: frozenset[DirIdentity],
-        known: KnownFiles | None = None,
-    ) -> tuple[Listing, list[tuple[str, str, frozenset[DirIdentity]]]]:
+        identity: DirIdentity, known: KnownFiles | None = None,
+    ) -> tuple[Listing, list[PendingDirectory]]:
         """One directory (``prefix``: its relative path plus '/', or '' for the root): its
-        files and issues, and the subdirectories to visit later, each with the identities
-        of the directories above it (for symlink loop detection)."""
+        files and issues, and the subdirectories to visit later (see `PendingDirectory`)."""
         items: list[ScanItem] = []
-        subdirs: list[tuple[str, str, frozenset[DirIdentity]]] = []
+        subdirs: list[PendingDirectory] = []
         listing = Listing(directory, prefix, items)
         base = os.path.join(directory, "")
+        here = prefix.rstrip("/") or "."
         try:
-            fd, entries = _open_and_list(directory)
+            # Below the root a directory is never entered through a symlink unless links are
+            # followed; one swapped in since its parent was listed is caught by its identity.
+            fd, entries, opened = _open_and_list(
+                directory, nofollow=bool(prefix) and not self.options.follow_symlinks
+            )
         except FileNotFoundError:
-            items.append(ScanIssue(prefix.rstrip("/") or ".", "directory vanished during the scan"))
+            items.append(ScanIssue(here, "directory vanished during the scan"))
             return listing, []
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                items.append(ScanIssue(here, "directory replaced by a symlink during the scan; "
+                                       "not entered"))
+                return listing, []
             message = f"cannot list directory: {exc.strerror}"
-            items.append(ScanIssue(prefix.rstrip("/") or ".", message, failed=True))
+            items.append(ScanIssue(here, message, failed=True))
             return listing, []
+        if (opened.st_dev, opened.st_ino) != identity:
+            os.close(fd)
+            items.append(ScanIssue(here, "directory replaced during the scan; not entered"))
+            return listing, []
+        device = opened.st_dev
+        devices: dict[str, int] = {}  # the files on another device (bind mounts): rare
         try:
-            files = self._stat_entries(entries, base, prefix, ancestors, items, subdirs)
+            files = self._stat_entries(entries, base, prefix, ancestors, items, subdirs,
+                                       device, devices)
         finally:
             os.close(fd)
         if known is not None:
             files = self._compare(files, known, listing, subdirs)
         if self.cache is not None:
             files = self._compare_with_cache(files, prefix)
-        items.extend([
-            ScannedFile(base + name, prefix + name, size, mtime_ns, inode)
-            for name, size, mtime_ns, inode in files
-        ])
+        root = self.source_root
+        if devices:
+            items.extend([
+                ScannedFile(base + name, prefix + name, size, mtime_ns, inode,
+                            devices.get(name, device), root)
+                for name, size, mtime_ns, inode in files
+            ])
+        else:
+            items.extend([
+                ScannedFile(base + name, prefix + name, size, mtime_ns, inode, device, root)
+                for name, size, mtime_ns, inode in files
+            ])
         if self.cache is None:
             # A stable order (push's output, tests), sorting only what is yielded; a cached
             # rescan only looks for changes, in any order.
@@ -225,10 +256,11 @@ class _Walker:
     def _stat_entries(
         self, entries: list[os.DirEntry[str]], base: str, prefix: str,
         ancestors: frozenset[DirIdentity], items: list[ScanItem],
-        subdirs: list[tuple[str, str, frozenset[DirIdentity]]],
+        subdirs: list[PendingDirectory], device: int, devices: dict[str, int],
     ) -> list[FileStat]:
-        """stat() the entries of one directory (still open): its regular files that the
-        filter accepts are returned; issues and subdirectories are appended."""
+        """stat() the entries of one directory (still open, on ``device``): its regular
+        files that the filter accepts are returned (those on another device also go into
+        ``devices``); issues and subdirectories are appended."""
         follow = self.options.follow_symlinks
         skip = self.options.skip_paths
         filtering, accepts = self.filtering, self.options.path_filter.accepts
@@ -255,17 +287,19 @@ class _Walker:
             if kind == _REGULAR:
                 if not filtering or accepts(rel):
                     files.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+                    if st.st_dev != device:
+                        devices[name] = st.st_dev
             elif kind == _DIRECTORY:
+                identity = (st.st_dev, st.st_ino)
                 if not follow:
-                    subdirs.append((base + name, rel + "/", ancestors))
+                    subdirs.append((base + name, rel + "/", ancestors, identity))
                     continue
                 # Only a followed symlink can lead back to a directory above it (hard links
                 # to directories do not exist); aliases elsewhere are simply followed.
-                identity = (st.st_dev, st.st_ino)
                 if identity in ancestors:
                     items.append(ScanIssue(rel, "skipped symlink loop"))
                     continue
-                subdirs.append((base + name, rel + "/", ancestors | {identity}))
+                subdirs.append((base + name, rel + "/", ancestors | {identity}, identity))
             elif self._accepts(rel):
                 items.append(ScanIssue(rel, f"skipped: {_describe_special(st.st_mode)}"))
         return files
@@ -273,7 +307,7 @@ class _Walker:
     @staticmethod
     def _compare(
         files: list[FileStat], known: KnownFiles, listing: Listing,
-        subdirs: list[tuple[str, str, frozenset[DirIdentity]]],
+        subdirs: list[PendingDirectory],
     ) -> list[FileStat]:
         """Move the files ``known`` vouches for to ``listing.unchanged``; the rest stay."""
         if not files:
@@ -285,7 +319,7 @@ class _Walker:
             listing.unchanged = files  # a re-run's common case: one lookup per directory
             return []
         rows = known.rows(directory, prefix, [file[0] for file in files],
-                          [rel[len(prefix):-1] for _, rel, _ in subdirs])
+                          [pending[1][len(prefix):-1] for pending in subdirs])
         unchanged: list[FileStat] = []
         changed: list[FileStat] = []
         for file in files:
@@ -312,14 +346,18 @@ class _Walker:
         return changed
 
 
-def _open_and_list(directory: str) -> tuple[int, list[os.DirEntry[str]]]:
+def _open_and_list(
+    directory: str, *, nofollow: bool
+) -> tuple[int, list[os.DirEntry[str]], os.stat_result]:
     """The directory's entries, listed through a descriptor that stays open: each entry is
     then stat()ed relative to it, so the kernel resolves a name, not the whole path again
-    (15% of a no-op re-run). The caller closes the descriptor."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    (15% of a no-op re-run). Also what the descriptor is. The caller closes it."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
+    fd = os.open(directory, flags)
     try:
+        opened = os.fstat(fd)
         with os.scandir(fd) as it:
-            return fd, list(it)
+            return fd, list(it), opened
     except BaseException:
         os.close(fd)
         raise
@@ -353,7 +391,8 @@ async def scan_listings(
     (the lookup may use objects bound to the loop's thread, a SQLite connection)."""
     walker = _Walker(root, options or ScanOptions(), cache)
     root_stat = os.stat(root)
-    stack = [(root, "", frozenset({(root_stat.st_dev, root_stat.st_ino)}))]
+    root_identity = (root_stat.st_dev, root_stat.st_ino)
+    stack: list[PendingDirectory] = [(root, "", frozenset({root_identity}), root_identity)]
     loop = asyncio.get_running_loop()
     # A slow disk (NFS, a cold cache) must not stall the uploads on this loop.
     inline = InlineGate(slow_seconds=_INLINE_CHUNK_SECONDS, strikes=3)
@@ -394,8 +433,7 @@ def _compare_items(listing: Listing, known: KnownFiles) -> None:
 
 
 def _walk_some(
-    walker: _Walker, stack: list[tuple[str, str, frozenset[DirIdentity]]],
-    known: KnownFiles | None,
+    walker: _Walker, stack: list[PendingDirectory], known: KnownFiles | None,
 ) -> list[Listing]:
     """List directories off the stack (in the worker thread; the event loop waits for this
     call, so the stack is never touched by both) until enough files are found."""

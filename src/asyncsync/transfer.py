@@ -28,12 +28,12 @@ from .digest import (
     hash_chunk_for,
     hash_file,
     read_small,
-    stat_identity,
 )
 from .errors import (
     FatalStoreError,
     ManifestError,
     SourceChanged,
+    SourceNotRegular,
     SourceVanished,
     StoreError,
 )
@@ -47,6 +47,7 @@ from .plan import (
     wants_gzip,
 )
 from .scan import ScannedFile
+from .source import stat_source
 from .store import META_DIGEST, META_SIZE, ObjectAttributes, ObjectStore
 
 log = logging.getLogger("asyncsync")
@@ -131,14 +132,21 @@ class Uploader:
                 log.info("%s: changed while uploading, reading it again", scanned.relative)
                 await asyncio.sleep(min(0.2 * (attempt + 1), 2.0))
                 try:
-                    now = stat_identity(scanned.path)
+                    now = stat_source(scanned.path, scanned.root)
                 except SourceVanished:
                     return FileOutcome(scanned.relative, key, "skipped", "vanished", 0)
+                except SourceNotRegular as not_regular:
+                    return FileOutcome(scanned.relative, key, "skipped", str(not_regular), 0)
                 scanned = replace(
-                    scanned, size=now.size, mtime_ns=now.mtime_ns, inode=now.inode
+                    scanned, size=now.st_size, mtime_ns=now.st_mtime_ns, inode=now.st_ino,
+                    device=now.st_dev,
                 )
             except SourceVanished:
                 return FileOutcome(scanned.relative, key, "skipped", "vanished", scanned.size)
+            except SourceNotRegular as exc:
+                # Swapped for a symlink (or a FIFO...) since the scan: never read. The next
+                # scan sees what it is now.
+                return FileOutcome(scanned.relative, key, "skipped", str(exc), scanned.size)
             except (FatalStoreError, ManifestError):
                 raise
             except StoreError as exc:
@@ -208,11 +216,11 @@ class Uploader:
         try:
             if scanned.size <= INLINE_READ_MAX and not compress and self._inline_reads.open:
                 started = time.perf_counter()
-                snap = read_small(scanned.path, self._config.multipart_threshold, False)
+                snap = read_small(scanned, self._config.multipart_threshold, False)
                 self._inline_reads.record(time.perf_counter() - started)
             else:
                 snap = await self.in_thread(
-                    read_small, scanned.path, self._config.multipart_threshold, compress
+                    read_small, scanned, self._config.multipart_threshold, compress
                 )
             unchanged = self._unchanged(scanned, key, decision, snap.identity, snap.digest)
             if unchanged:
@@ -256,13 +264,14 @@ class Uploader:
             try:
                 if compress:
                     body_path, digest, identity, temp = await self.in_thread(
-                        gzip_to_temp, scanned.path, str(self._temp_dir)
+                        gzip_to_temp, scanned, str(self._temp_dir)
                     )
                     body_size = os.path.getsize(body_path)
                     encoding: str | None = "gzip"
                 else:
-                    digest, identity = await self.in_thread(hash_file, scanned.path, chunk)
-                    body_path, body_size, encoding = scanned.path, identity.size, None
+                    digest, identity = await self.in_thread(hash_file, scanned, chunk)
+                    # The body is read from the source again, opened as safely (multipart).
+                    body_path, body_size, encoding = None, identity.size, None
             finally:
                 self._budget.release(grant)
             unchanged = self._unchanged(scanned, key, decision, identity, digest)

@@ -37,6 +37,7 @@ from .plan import plan_file
 from .push import EndpointUnreachable, StoreSession, open_store, scope_for, state_dir_inside
 from .scan import ScanIssue, ScannedFile, ScanOptions, StatCache, scan_directories
 from .settle import SettleTracker
+from .source import SourceRoot
 from .store import ObjectStore
 from .transfer import FileOutcome, Uploader
 
@@ -351,7 +352,11 @@ class Watcher:
                 self.tracker.forget(key)
         elif outcome.status == "skipped":
             self.tracker.forget(key)
-            log.info("%s: %s", outcome.relative, outcome.reason)
+            # Vanished, or swapped for a symlink and so never read: whatever is there now,
+            # the next scan looks at it afresh.
+            self._stat_cache.forget(outcome.relative)
+            (log.info if outcome.reason == "vanished" else log.warning)(
+                "%s: %s", outcome.relative, outcome.reason)
         elif outcome.failure == "changed":
             self.tracker.unsettle(key, now)
             log.info("%s: changed while uploading; waiting for it to settle", outcome.relative)
@@ -429,6 +434,7 @@ class Watcher:
     def _on_events(self, changes: Iterable[tuple[object, str]]) -> None:
         now = time.time()
         source = str(self.push.source)
+        root = SourceRoot(source, self.push.follow_symlinks)
         accepts = PathFilter(self.push.include, self.push.exclude).accepts
         for _, path in changes:
             relative = os.path.relpath(path, source).replace(os.sep, "/")
@@ -441,7 +447,8 @@ class Watcher:
                     self.tracker.forget(object_key(self.push.destination.prefix, relative))
                 continue
             if stat.S_ISREG(st.st_mode):
-                item = ScannedFile(path, relative, st.st_size, st.st_mtime_ns, st.st_ino)
+                item = ScannedFile(path, relative, st.st_size, st.st_mtime_ns, st.st_ino,
+                                   st.st_dev, root)
                 if (key := self._key(item)) is not None:
                     assert self._manifest is not None
                     self._observe(key, item, self._manifest.lookup(self.scope, key), now)

@@ -12,6 +12,7 @@ import pytest
 
 from asyncsync.integrations import staging
 from asyncsync.integrations.staging import CheckpointStaging
+from asyncsync.source import OpenedSource
 
 
 class Received:
@@ -71,9 +72,9 @@ def test_a_checkpoint_rewritten_during_its_copy_is_dropped(
     stage, received = one_checkpoint
     real_copy = staging.copy_checkpoint
 
-    def copy_then_rewrite(source: Path, staged: Path) -> None:
+    def copy_then_rewrite(source: OpenedSource, staged: Path) -> None:
         real_copy(source, staged)
-        source.write_bytes(b"v2, written by something else")
+        Path(source.path).write_bytes(b"v2, written by something else")
 
     monkeypatch.setattr(staging, "copy_checkpoint", copy_then_rewrite)
     stage.snapshot()
@@ -88,7 +89,7 @@ def test_a_failed_copy_is_reported_and_leaves_nothing_behind(
 ) -> None:
     stage, received = one_checkpoint
 
-    def disk_full(source: Path, staged: Path) -> None:
+    def disk_full(source: OpenedSource, staged: Path) -> None:
         staged.write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
@@ -108,7 +109,7 @@ def test_wait_blocks_until_the_copy_is_made(
     release = threading.Event()
     real_copy = staging.copy_checkpoint
 
-    def held_copy(source: Path, staged: Path) -> None:
+    def held_copy(source: OpenedSource, staged: Path) -> None:
         assert release.wait(30)
         real_copy(source, staged)
 

@@ -25,6 +25,7 @@ import pytest
 from asyncsync.errors import ConfigError
 from asyncsync.integrations import staging
 from asyncsync.integrations.ultralytics import UltralyticsSync, attach
+from asyncsync.source import OpenedSource
 
 from ..conftest import S3Server, bucket_keys, read_object, run_cli
 
@@ -337,7 +338,7 @@ def test_checkpoints_are_copied_off_the_training_thread_until_the_next_save(
     copiers: list[str] = []
     real_copy = staging.copy_checkpoint
 
-    def held_copy(source: Path, staged: Path) -> None:
+    def held_copy(source: OpenedSource, staged: Path) -> None:
         copiers.append(threading.current_thread().name)
         assert release.wait(30)
         real_copy(source, staged)

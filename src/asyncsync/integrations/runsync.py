@@ -35,6 +35,7 @@ from ..push import StoreSession, mirror, open_store, scope_for
 from ..record import RECORD_PATH, RunRecord, now_iso, read_results
 from ..report import Reporter
 from ..scan import FileStat, ScanIssue, ScannedFile
+from ..source import SourceRoot
 from ..transfer import FileOutcome, Uploader
 from .staging import CheckpointStaging
 
@@ -355,7 +356,9 @@ class RunSync:
     async def _send_snapshot(self, relative: str, staged: Path) -> None:
         try:
             st = os.stat(staged)
-            item = ScannedFile(str(staged), relative, st.st_size, st.st_mtime_ns, st.st_ino)
+            # The staging directory is ours: the copy is opened beneath it.
+            item = ScannedFile(str(staged), relative, st.st_size, st.st_mtime_ns, st.st_ino,
+                               st.st_dev, SourceRoot(str(staged.parent)))
             await self._send(item)
             self.manifest.commit()
         finally:

@@ -5,11 +5,14 @@ epoch, so uploading them from the run directory would race the next save. `Check
 copies each changed checkpoint into a staging directory outside the run, in a thread of its
 own (a checkpoint with its optimizer state is hundreds of MB: copied on the trainer's thread
 it cost a short GPU epoch 10%), and hands each finished copy to ``on_copied`` for upload.
-The trainer must not save again before `wait` has returned.
+The trainer must not save again before `wait` has returned. A checkpoint is copied from a
+descriptor opened beneath the run directory without following links (`source.open_source`):
+a checkpoint swapped for a symlink is never copied.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -20,7 +23,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from ..digest import FileIdentity
+from ..digest import FileIdentity, check_unchanged
+from ..errors import SourceChanged, SourceNotRegular, SourceVanished
+from ..source import OpenedSource, SourcePath, SourceRoot, open_source
 
 # (path relative to the run directory, the staged copy): the copy is the receiver's to
 # upload and delete.
@@ -37,6 +42,7 @@ class _Snapshot(NamedTuple):
     relative: str
     source: Path
     identity: FileIdentity
+    device: int
     staged: Path
 
 
@@ -74,7 +80,8 @@ class CheckpointStaging:
             if not entry.is_file(follow_symlinks=False):
                 continue
             relative = Path(entry.path).relative_to(self.run_dir).as_posix()
-            identity = FileIdentity.of(entry.stat(follow_symlinks=False))
+            st = entry.stat(follow_symlinks=False)
+            identity = FileIdentity.of(st)
             if self._snapshotted.get(relative) == identity:
                 continue
             taken = self._taken.get(relative)
@@ -86,7 +93,7 @@ class CheckpointStaging:
             self._taken[relative] = now
             self._count += 1
             staged = self.directory / f"{self._count:06d}-{entry.name}"
-            changed.append(_Snapshot(relative, Path(entry.path), identity, staged))
+            changed.append(_Snapshot(relative, Path(entry.path), identity, st.st_dev, staged))
         if changed:
             # One copier thread: snapshots of a key reach on_copied in the order taken.
             self._copies.append(self._copier.submit(self._copy, changed))
@@ -109,19 +116,27 @@ class CheckpointStaging:
     def _copy(self, snapshots: list[_Snapshot]) -> None:
         started = time.perf_counter()
         copied = 0
+        root = SourceRoot(str(self.run_dir))
         for snapshot in snapshots:
+            source = SourcePath(str(snapshot.source), root, snapshot.device,
+                                snapshot.identity.inode)
             try:
-                copy_checkpoint(snapshot.source, snapshot.staged)
-                after = FileIdentity.of(os.stat(snapshot.source))
+                with open_source(source) as opened:
+                    if FileIdentity.of(os.fstat(opened.fd)) != snapshot.identity:
+                        raise SourceChanged(f"{snapshot.relative}: changed before its copy")
+                    copy_checkpoint(opened, snapshot.staged)
+                    check_unchanged(opened, snapshot.identity)
+            except (SourceChanged, SourceVanished, SourceNotRegular) as exc:
+                # Written while copying (or swapped), so not a consistent copy: the trainer
+                # waits for these copies before it saves, so something else wrote it. The
+                # next snapshot or the final flush has the file.
+                snapshot.staged.unlink(missing_ok=True)
+                if isinstance(exc, SourceNotRegular):
+                    log.warning("%s: %s", snapshot.relative, exc)
+                continue
             except OSError as exc:
                 snapshot.staged.unlink(missing_ok=True)
                 self._on_failed("checkpoint snapshot", exc)
-                continue
-            if after != snapshot.identity:
-                # Written while copying, so not a consistent copy: the trainer waits for
-                # these copies before it saves, so something else wrote it. The next
-                # snapshot or the final flush has the file.
-                snapshot.staged.unlink(missing_ok=True)
                 continue
             copied += snapshot.identity.size
             self._on_copied(snapshot.relative, snapshot.staged)
@@ -130,10 +145,21 @@ class CheckpointStaging:
                       time.perf_counter() - started)
 
 
-def copy_checkpoint(source: Path, staged: Path) -> None:
-    """A real copy (the trainer truncates the original in place next epoch). On Linux
-    shutil copies with sendfile, in the kernel, so the training's threads keep the GIL."""
-    shutil.copyfile(source, staged)
+def copy_checkpoint(source: OpenedSource, staged: Path) -> None:
+    """A real copy of the open checkpoint (the trainer truncates the original in place next
+    epoch). sendfile copies in the kernel, so the training's threads keep the GIL."""
+    with open(staged, "wb") as out:
+        offset = 0
+        try:
+            while sent := os.sendfile(out.fileno(), source.fd, offset, 1 << 30):
+                offset += sent
+        except OSError as exc:
+            if offset or exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            # A filesystem without sendfile: copy through a buffer.
+            while chunk := os.pread(source.fd, 8 << 20, offset):
+                out.write(chunk)
+                offset += len(chunk)
 
 
 def _make_staging(state_dir: Path, run_dir: Path) -> Path:
