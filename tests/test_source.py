@@ -148,3 +148,20 @@ def test_follow_symlinks_through_a_directory_link_inside(tree: tuple[Path, Path]
     swap_for_symlink(src / "latest", outside)
     with pytest.raises(SourceNotRegular):
         open_source(source)
+
+
+def test_the_run_record_reads_no_results_csv_through_a_symlink(
+    tree: tuple[Path, Path],
+) -> None:
+    from asyncsync.record import training_progress
+
+    src, outside = tree
+    (src / "train" / "results.csv").write_bytes(b"epoch,loss\n1,0.5\n2,0.4\n")
+    (outside / "results.csv").write_bytes(b"token,value\n" + SECRET + b",x\n")
+    (src / "leak").mkdir()
+    os.symlink(outside / "results.csv", src / "leak" / "results.csv")
+    progress = {run["path"]: run for run in training_progress(src)}
+    assert progress["train"]["epochs"] == 2
+    assert progress["train"]["metrics"] == {"epoch": "2", "loss": "0.4"}
+    assert progress["leak"] == {"path": "leak", "epochs": 0, "metrics": {}}
+    assert SECRET.decode() not in repr(progress)

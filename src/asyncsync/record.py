@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import StoreError
+from .errors import SourceNotRegular, SourceVanished, StoreError
 from .push import EndpointUnreachable, StoreSession
+from .source import read_beneath
 from .store import ObjectAttributes
 
 log = logging.getLogger("asyncsync")
@@ -34,11 +35,13 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def read_results(results: Path) -> dict[str, Any]:
-    """Epochs done and the last row of metrics of one ultralytics results.csv."""
+def read_results(results: Path, root: Path) -> dict[str, Any]:
+    """Epochs done and the last row of metrics of one ultralytics results.csv, read beneath
+    ``root`` without following links (the record is published: a results.csv swapped for a
+    symlink to some other file must not put that file's last line in the bucket)."""
     try:
-        text = results.read_text(errors="replace")
-    except OSError:
+        text = read_beneath(str(results), str(root)).decode(errors="replace")
+    except (OSError, SourceNotRegular, SourceVanished):
         return {"epochs": 0, "metrics": {}}
     rows = list(csv.DictReader(io.StringIO(text)))
     last = {k.strip(): (v or "").strip() for k, v in rows[-1].items() if k} if rows else {}
@@ -48,7 +51,8 @@ def read_results(results: Path) -> dict[str, Any]:
 def training_progress(directory: Path) -> list[dict[str, Any]]:
     """`read_results` for every results.csv under ``directory``, with its run's path."""
     return [
-        {"path": results.parent.relative_to(directory).as_posix(), **read_results(results)}
+        {"path": results.parent.relative_to(directory).as_posix(),
+         **read_results(results, directory)}
         for results in sorted(directory.rglob("results.csv"))
     ]
 

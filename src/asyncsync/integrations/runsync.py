@@ -418,7 +418,7 @@ class RunSync:
     async def _write_record(self, **fields: Any) -> None:
         results = self.run_dir / "results.csv"
         if results.is_file():
-            fields.update(read_results(results))
+            fields.update(read_results(results, self.run_dir))
         await self.record.write(**fields)
 
     async def _finish(self, fields: dict[str, Any]) -> None:
