@@ -59,6 +59,18 @@ def offline_env(**extra: str) -> dict[str, str]:
         (["push", "{src}", "s3://bucket-a", "--endpoint-url", "localhost:9000"], "endpoint URL"),
         (["push", "{src}", "s3://bucket-a", "--no-such-option"], "--no-such-option"),
         (["push", "{src}"], "required"),
+        (["push", "{src}", "s3://bucket-a", "--read-timeout", "0"], "--read-timeout 0: must be"),
+        (["push", "{src}", "s3://bucket-a", "--connect-timeout", "nan"],
+         "--connect-timeout nan: must be a finite number"),
+        (["push", "{src}", "file://{src}/mirror"], "lies inside SRC"),
+        (["watch", "{src}", "s3://bucket-a", "--settle", "nan"], "--settle nan: must be a finite"),
+        (["watch", "{src}", "s3://bucket-a", "--checkpoint-interval", "1e400"],
+         "--checkpoint-interval 1e400: must be a finite"),
+        (["watch", "{src}", "s3://bucket-a", "--interval", "0"],
+         "--interval 0: must be at least 0.5 s (each full scan stats every file under SRC)"),
+        (["watch", "{src}", "s3://bucket-a", "--delete-after", "0"],
+         "--allow-short-delete-after"),
+        (["run", "{src}", "s3://bucket-a", "--grace", "inf", "--", "true"], "--grace inf"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -129,6 +141,122 @@ def test_unreachable_endpoint_fails_after_retries(tmp_path: Path) -> None:
     assert result.returncode == 1
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "unreachable" in errors[0] and "connect" in errors[0]
+
+
+class SilentServer:
+    """A store that hangs: accepts every connection, never reads a byte, never answers."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        # A small window fills at once: a body sent to it stalls instead of vanishing into
+        # the kernel's buffers.
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        self._listener.settimeout(0.1)
+        self.port = int(self._listener.getsockname()[1])
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._held.append(connection)
+
+    def hang_up(self) -> None:
+        """Close what was accepted (unread data makes that a reset)."""
+        while self._held:
+            self._held.pop().close()
+
+    def __enter__(self) -> SilentServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+        self.hang_up()
+
+
+@pytest.mark.parametrize("path", [[], ["--no-direct-uploads"]], ids=["direct", "botocore"])
+def test_store_that_never_answers_fails_within_the_timeouts(
+    tmp_path: Path, path: list[str]
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    with SilentServer() as server:
+        started = time.monotonic()
+        result = run_cli("push", src, "s3://bucket/x", "--state-dir", tmp_path / "s",
+                         "--endpoint-url", f"http://127.0.0.1:{server.port}", *path,
+                         "--read-timeout", "1", "--connect-timeout", "1", "--retries", "2",
+                         env=offline_env(), timeout=60)
+        took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr  # unreachable store: README's exit 1
+    assert took < 15, took  # 2 attempts of 1 s, backoff, start-up
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr
+    assert f"no answer from 127.0.0.1:{server.port} within 1 s" in errors[0]
+    assert "store unreachable" in errors[0] and "cannot connect" not in errors[0]
+
+
+def test_credentials_in_the_endpoint_url_are_refused_unechoed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    for endpoint in ("http://minio:hunter2-secret@127.0.0.1:9000",
+                     "ftp://minio:hunter2-secret@127.0.0.1:99999/x"):
+        for where in (["--endpoint-url", endpoint], []):
+            env = offline_env()
+            if not where:
+                env["AWS_ENDPOINT_URL"] = endpoint
+            result = run_cli("push", src, "s3://bucket-a/x", "--state-dir", tmp_path / "s",
+                             *where, env=env)
+            assert result.returncode == 2, result.stderr
+            assert error_lines(result.stderr) == [
+                "asyncsync: error: endpoint URL ...@" + endpoint.rpartition("@")[2].split("/")[0]
+                + ": credentials in the endpoint URL are not allowed; "
+                "use the AWS credential chain"
+            ]
+            assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_workers_beyond_the_open_file_limit_exit_2(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+
+    def low_hard_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    result = run_cli("push", src, "s3://bucket-a/x", "--state-dir", tmp_path / "s",
+                     "--workers", "200", env=offline_env(), preexec_fn=low_hard_limit)
+    assert result.returncode == 2, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("asyncsync: error: --workers 200: needs about ")
+    assert "the limit is 256" in errors[0] and "ulimit -n" in errors[0]
+
+
+def test_workers_raise_the_soft_open_file_limit(tmp_path: Path) -> None:
+    """Soft limit too low, hard limit high enough: raised, and push goes on (here to an
+    endpoint that refuses connections: exit 1, not a usage error)."""
+    src = tmp_path / "src"
+    make_tree(src)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard} is too low to raise toward")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    result = run_cli("push", src, "s3://bucket-a/x", "--state-dir", tmp_path / "s",
+                     "--workers", "200", "--retries", "1", env=offline_env(),
+                     preexec_fn=low_soft_limit)
+    assert result.returncode == 1, result.stderr
+    assert "--workers" not in result.stderr and "cannot connect" in result.stderr
 
 
 def _without_root_privileges() -> list[str]:

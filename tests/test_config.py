@@ -7,11 +7,17 @@ from pathlib import Path
 import pytest
 
 from asyncsync.config import (
+    MIN_DELETE_AFTER,
     Destination,
     GiB,
     MiB,
+    check_delete_after,
+    check_destination_outside,
     default_state_dir,
+    descriptors_needed,
+    ensure_open_files,
     parse_destination,
+    parse_seconds,
     parse_size,
     validate_endpoint,
     validate_source,
@@ -283,3 +289,145 @@ def test_validate_endpoint_rejects(url: str, fragment: str) -> None:
     message = str(info.value)
     assert message.startswith(f"endpoint URL {url!r}")
     assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("http://minio-user:hunter2@minio:9000", "minio:9000"),
+        ("https://minio-user:hunter2/x@s3.example.com/path", "s3.example.com"),
+        ("http://minio-user@host", "host"),
+        ("minio-user:hunter2@host:9000", "host:9000"),  # no scheme: checked first all the same
+        ("ftp://minio-user:hunter2@h:99999", "h:99999"),
+    ],
+)
+def test_validate_endpoint_refuses_credentials_without_echoing_them(url: str, host: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_endpoint(url)
+    assert str(info.value) == (
+        f"endpoint URL ...@{host}: credentials in the endpoint URL are not allowed; "
+        "use the AWS credential chain"
+    )
+    assert "hunter2" not in str(info.value) and "minio-user" not in str(info.value)
+
+
+# -- seconds ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("10", 10.0), ("0.5", 0.5), (" 3 ", 3.0), ("0", 0.0), (7, 7.0)]
+)
+def test_parse_seconds(value: str | float, expected: float) -> None:
+    assert parse_seconds(value, what="--settle") == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("nan", "--settle nan: must be a finite number of seconds"),
+        ("inf", "--settle inf: must be a finite number of seconds"),
+        ("-inf", "--settle -inf: must be a finite number of seconds"),
+        ("1e400", "--settle 1e400: must be a finite number of seconds"),
+        (float("nan"), "--settle nan: must be a finite number of seconds"),
+        ("-1", "--settle -1: must not be negative"),
+        ("abc", "--settle abc: not a number of seconds"),
+        ("", "--settle : not a number of seconds"),
+        (True, "--settle True: not a number of seconds"),
+    ],
+)
+def test_parse_seconds_rejects(value: str | float, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_seconds(value, what="--settle")
+    assert str(info.value) == fragment
+
+
+def test_parse_seconds_minimum_and_positive() -> None:
+    assert parse_seconds("1", what="--interval", minimum=1.0) == 1.0
+    with pytest.raises(ConfigError) as info:
+        parse_seconds("0.2", what="--interval", minimum=1.0, why="each scan stats every file")
+    assert str(info.value) == (
+        "--interval 0.2: must be at least 1 s (each scan stats every file)"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_seconds("0", what="--read-timeout", positive=True)
+    assert str(info.value) == "--read-timeout 0: must be more than 0 s"
+    assert parse_seconds("0.25", what="--read-timeout", positive=True) == 0.25
+
+
+# -- --delete-after --------------------------------------------------------------------------
+
+
+def test_short_delete_after_needs_the_explicit_flag() -> None:
+    assert check_delete_after(MIN_DELETE_AFTER, "10m", allow_short=False) == MIN_DELETE_AFTER
+    assert check_delete_after(7 * 86400, "7d", allow_short=False) == 7 * 86400
+    for seconds, text in ((0.0, "0"), (59.0, "59s"), (MIN_DELETE_AFTER - 1, "599")):
+        with pytest.raises(ConfigError) as info:
+            check_delete_after(seconds, text, allow_short=False)
+        message = str(info.value)
+        assert message.startswith(f"--delete-after {text}: under 10 minutes")
+        assert "--allow-short-delete-after" in message
+        assert check_delete_after(seconds, text, allow_short=True) == seconds
+    with pytest.raises(ConfigError, match="finite"):
+        check_delete_after(float("inf"), "9" * 400, allow_short=True)
+
+
+# -- file:// destination inside SRC ---------------------------------------------------------
+
+
+def test_file_destination_inside_source_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "data" / "run"
+    src.mkdir(parents=True)
+    for inside in (src, src / "mirror", src / "a" / ".." / "b"):
+        with pytest.raises(ConfigError) as info:
+            check_destination_outside(src, parse_destination(f"file://{inside}"))
+        assert "lies inside SRC" in str(info.value)
+    # Through a symlink that leads back into SRC.
+    (tmp_path / "link").symlink_to(src)
+    with pytest.raises(ConfigError):
+        check_destination_outside(src, parse_destination(f"file://{tmp_path / 'link' / 'm'}"))
+    # Components, not a string prefix: run2 is beside run, not in it; a parent is fine too.
+    for outside in (tmp_path / "data" / "run2", tmp_path / "data", tmp_path / "elsewhere"):
+        check_destination_outside(src, parse_destination(f"file://{outside}"))
+    check_destination_outside(src, parse_destination("s3://bucket/run"))
+
+
+# -- open files ------------------------------------------------------------------------------
+
+
+def test_descriptors_needed_counts_files_connections_and_headroom() -> None:
+    direct = descriptors_needed(32, 44, direct_uploads=True)
+    botocore = descriptors_needed(32, 44, direct_uploads=False)
+    assert direct - botocore == 32  # botocore's control pool beside the upload pool
+    assert botocore > 2 * 32 + 44  # a file and its directory per worker, plus headroom
+    assert descriptors_needed(64, 76, direct_uploads=True) > direct
+
+
+def test_open_file_limit_is_raised_toward_the_hard_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard} is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    try:
+        ensure_open_files(400, workers=10)  # enough already: left alone
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (512, hard)
+        ensure_open_files(2000, workers=500)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (2000, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_open_file_limit_beyond_the_hard_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 4096))
+    monkeypatch.setattr(resource, "setrlimit", lambda _, limits: calls.append(limits))
+    with pytest.raises(ConfigError) as info:
+        ensure_open_files(5000, workers=1200)
+    assert calls == [(4096, 4096)]  # raised as far as it goes, still not enough
+    assert str(info.value) == (
+        "--workers 1200: needs about 5000 open files, but the limit is 4096; "
+        "use fewer workers or raise the limit (ulimit -n 5000)"
+    )

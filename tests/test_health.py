@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from asyncsync.errors import ConfigError
-from asyncsync.health import HealthServer, parse_listen_address
+from asyncsync.health import HealthServer, parse_listen_address, public_reason
 from asyncsync.metrics import Metrics
 
 
@@ -57,6 +58,75 @@ def test_readyz_follows_the_readiness_callback() -> None:
             assert (status, body) == (503, "manifest locked")
 
     asyncio.run(main())
+
+
+SECRET_REASON = (
+    "store unreachable: cannot reach http://10.1.2.3:8333 (bucket s3://secret-bucket/runs,"
+    " key exp/weights/last.pt): connection refused"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# "" binds IPv4 and IPv6, each on a port of its own when asked for port 0: a free port is
+# asked for by number, so that 127.0.0.1 reaches it.
+@pytest.mark.parametrize("host", ["0.0.0.0", ""])
+def test_readyz_off_loopback_names_no_endpoint_bucket_or_key(
+    host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bound to every interface, anyone who reaches the port may ask: the answer says what
+    is wrong in general words, the detail goes to the log (once, not per probe)."""
+    state = {"reason": SECRET_REASON}
+
+    def ready() -> tuple[bool, str]:
+        return False, state["reason"]
+
+    async def main() -> None:
+        async with HealthServer(host, free_port(), Metrics(), ready) as server:
+            # Asked from loopback too: what the server is bound to decides, not who asks.
+            for _ in range(3):
+                status, _, body = await get(server, "/readyz")
+                assert (status, body) == (503, "not ready: store unreachable")
+            state["reason"] = "manifest not open"
+            assert (await get(server, "/readyz"))[2] == "not ready: manifest not open"
+            state["reason"] = "/var/lib/asyncsync/manifest.db: locked"
+            assert (await get(server, "/readyz"))[2] == "not ready"
+
+    with caplog.at_level(logging.INFO, logger="asyncsync.health"):
+        asyncio.run(main())
+    assert caplog.text.count(SECRET_REASON) == 1
+    assert "not loopback: /readyz gives no details" in caplog.text
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_readyz_on_loopback_gives_the_reason(host: str) -> None:
+    async def main() -> None:
+        # By number again: "localhost" may resolve to ::1 as well, each on its own port 0.
+        server = HealthServer(host, free_port(), Metrics(), lambda: (False, SECRET_REASON))
+        async with server:
+            assert await get(server, "/readyz") == (
+                503, "text/plain; charset=utf-8", SECRET_REASON)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("reason", "public"),
+    [
+        ("store unreachable", "not ready: store unreachable"),
+        ("store unreachable: s3://b/k", "not ready: store unreachable"),
+        ("manifest not open", "not ready: manifest not open"),
+        ("store unreachableness at http://h", "not ready"),
+        ("secret-bucket: store unreachable", "not ready"),
+        ("", "not ready"),
+    ],
+)
+def test_public_reason_keeps_only_known_words(reason: str, public: str) -> None:
+    assert public_reason(reason) == public
 
 
 def test_readyz_is_503_when_the_callback_raises(caplog: pytest.LogCaptureFixture) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +110,88 @@ def test_open_twice_is_fine(state_dir: Path) -> None:
     m = Manifest.open(state_dir)
     assert m.lookup(SCOPE, "nothing") is None
     m.close()
+
+
+# -- permissions: the manifest names the store and holds upload ids ---------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    """umask 000: whatever is private must be so by its own mode, not by the umask."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_a_fresh_state_dir_is_0700_and_the_manifest_files_0600(
+    state_dir: Path, loose_umask: None
+) -> None:
+    m = Manifest.open(state_dir)
+    try:
+        m.record_object(SCOPE, record("k"))
+        m.commit()
+        wal, shm = Path(f"{m.path}-wal"), Path(f"{m.path}-shm")
+        assert wal.exists() and shm.exists()  # WAL mode, open: both are there
+        assert mode(state_dir) == 0o700
+        assert {name: mode(path) for name, path in
+                (("db", m.path), ("wal", wal), ("shm", shm))} == {
+            "db": 0o600, "wal": 0o600, "shm": 0o600}
+        # Parents created on the way are not the manifest's: the umask decides for them.
+        assert mode(state_dir.parent) == 0o777
+    finally:
+        m.close()
+    assert mode(state_dir) == 0o700 and mode(m.path) == 0o600
+
+
+def test_a_strict_umask_still_leaves_the_manifest_usable(tmp_path: Path) -> None:
+    """0600 is meant exactly: a umask that takes the owner's write bit must not leave a
+    read-only manifest behind."""
+    old = os.umask(0o277)
+    try:
+        m = Manifest.open(tmp_path / "state")
+        m.record_object(SCOPE, record("k"))
+        m.close()
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "state") == 0o700
+    assert mode(tmp_path / "state" / MANIFEST_FILE) == 0o600
+
+
+def test_an_existing_state_dir_keeps_its_mode_and_old_manifest_files_are_tightened(
+    tmp_path: Path, loose_umask: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A manifest left 0644 by an older asyncsync, in a directory someone chose 0755: the
+    files become 0600, the directory stays as its owner made it (and the log says so)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    m = Manifest.open(state)
+    m.record_object(SCOPE, record("k"))
+    m.commit()
+    wal, shm = Path(f"{m.path}-wal"), Path(f"{m.path}-shm")
+    # Another process still has the database open, so its -wal and -shm stay for the next open.
+    holder = sqlite3.connect(m.path)
+    holder.execute("SELECT count(*) FROM objects").fetchone()
+    m.close()
+    try:
+        for path in (m.path, wal, shm):
+            path.chmod(0o644)
+        with caplog.at_level(logging.DEBUG, logger="asyncsync.manifest"):
+            again = Manifest.open(state)
+        try:
+            assert again.lookup(SCOPE, "k") == record("k")
+            assert (mode(m.path), mode(wal), mode(shm)) == (0o600, 0o600, 0o600)
+            assert mode(state) == 0o755
+            assert "mode 755" in caplog.text
+        finally:
+            again.close()
+    finally:
+        holder.close()
 
 
 # -- objects ---------------------------------------------------------------------------------
@@ -325,6 +410,7 @@ def test_state_dir_is_a_regular_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         Manifest.open(blocker)
     assert repr(str(blocker)) in str(info.value)
+    assert "is not a directory" in str(info.value)
 
 
 def test_newer_schema_version_is_refused(tmp_path: Path) -> None:

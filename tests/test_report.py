@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import pytest
+
+from asyncsync.cli import configure_logging
+from asyncsync.names import printable
 from asyncsync.report import Reporter
+from asyncsync.scan import ScanIssue
 from asyncsync.transfer import FileOutcome
+
+from .conftest import S3Server, read_object, run_cli
 
 
 def test_unchanged_files_in_bulk_print_the_records_outcome_prints() -> None:
@@ -35,3 +45,143 @@ def test_unchanged_files_without_json_print_nothing_and_count() -> None:
     reporter = Reporter(out=out, err=io.StringIO())
     reporter.unchanged_files("", "k/", [("a", 5, 1, 2)])
     assert out.getvalue() == "" and reporter.unchanged == 1 and reporter.scanned_bytes == 5
+
+
+# -- names are data: escaped in logs and on the terminal, exact in JSON ---------------------
+
+FORGED = "a\nasyncsync: error: forged"
+ESCAPE = "\x1b[31mred\x1b[0m.txt"
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("plain/ünïcode ファイル +#%&=.txt", "plain/ünïcode ファイル +#%&=.txt"),
+        ("emoji 👩\u200d💻 nbsp\u00a0x", "emoji 👩\u200d💻 nbsp\u00a0x"),
+        (FORGED, "a\\nasyncsync: error: forged"),
+        ("cr\rtab\tnul\x00", "cr\\rtab\\tnul\\x00"),
+        (ESCAPE, "\\x1b[31mred\\x1b[0m.txt"),
+        ("del\x7f c1\x85\x9b", "del\\x7f c1\\x85\\x9b"),
+        ("line\u2028para\u2029", "line\\u2028para\\u2029"),
+        ("gpj.\u202eexe \u2066iso\u2069 \u200f", "gpj.\\u202eexe \\u2066iso\\u2069 \\u200f"),
+        ("undecodable \udcff", "undecodable \\udcff"),
+    ],
+)
+def test_printable_escapes_controls_and_keeps_the_rest(name: str, shown: str) -> None:
+    assert printable(name) == shown
+    assert printable(shown) == shown  # escaping twice changes nothing
+    assert shown.isprintable() or "\u00a0" in shown or "\u200d" in shown
+
+
+@pytest.fixture
+def text_log() -> Iterator[Callable[[], str]]:
+    """The CLI's text logging at -v; returns what it wrote. Restored afterwards."""
+    yield from _cli_logging("text")
+
+
+@pytest.fixture
+def json_log() -> Iterator[Callable[[], str]]:
+    yield from _cli_logging("json")
+
+
+def _cli_logging(log_format: str) -> Iterator[Callable[[], str]]:
+    logger = logging.getLogger("asyncsync")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    configure_logging(1, False, log_format)
+    stream = io.StringIO()
+    handler = logger.handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    try:
+        yield stream.getvalue
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def outcomes(reporter: Reporter) -> None:
+    reporter.outcome(FileOutcome(FORGED, f"p/{FORGED}", "uploaded", "new", 3, bytes_sent=3))
+    reporter.outcome(FileOutcome(ESCAPE, f"p/{ESCAPE}", "failed", "error", 3,
+                                 error=f"{ESCAPE}: cannot read: Permission denied"))
+    reporter.issue(ScanIssue(FORGED, "is a FIFO; skipped", failed=False))
+
+
+def test_a_newline_in_a_name_forges_no_log_line(text_log: Callable[[], str]) -> None:
+    outcomes(Reporter(err=io.StringIO()))
+    logging.getLogger("asyncsync.elsewhere").warning("%s: gone", FORGED)  # any call site
+    err = text_log()
+    assert err.splitlines() == [
+        "asyncsync: info: uploaded a\\nasyncsync: error: forged -> "
+        "p/a\\nasyncsync: error: forged (3 B, new)",
+        "asyncsync: error: \\x1b[31mred\\x1b[0m.txt: \\x1b[31mred\\x1b[0m.txt: cannot read: "
+        "Permission denied",
+        "asyncsync: warning: a\\nasyncsync: error: forged: is a FIFO; skipped",
+        "asyncsync: warning: a\\nasyncsync: error: forged: gone",
+    ]
+    assert "\x1b" not in err
+
+
+def test_a_traceback_keeps_its_lines_with_controls_escaped(
+    text_log: Callable[[], str]
+) -> None:
+    try:
+        raise ValueError(f"bad {ESCAPE}")
+    except ValueError:
+        logging.getLogger("asyncsync").error("internal error", exc_info=True)
+    err = text_log()
+    lines = err.splitlines()
+    assert lines[0] == "asyncsync: error: internal error"
+    assert lines[1] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: bad \\x1b[31mred\\x1b[0m.txt"
+    assert "\x1b" not in err
+
+
+def test_json_logs_escape_the_message_too(json_log: Callable[[], str]) -> None:
+    outcomes(Reporter(err=io.StringIO()))
+    logging.getLogger("asyncsync").warning("%s", "x\u2028y\u202ez\x85")
+    lines = json_log().split("\n")[:-1]  # split on "\n" only: U+2028 must not be in a line
+    entries = [json.loads(line) for line in lines]
+    assert [entry["message"] for entry in entries] == [
+        "uploaded a\\nasyncsync: error: forged -> p/a\\nasyncsync: error: forged (3 B, new)",
+        "\\x1b[31mred\\x1b[0m.txt: \\x1b[31mred\\x1b[0m.txt: cannot read: Permission denied",
+        "a\\nasyncsync: error: forged: is a FIFO; skipped",
+        "x\\u2028y\\u202ez\\x85",
+    ]
+    assert all(line.isprintable() for line in lines)
+
+
+def test_json_output_keeps_names_exact() -> None:
+    out = io.StringIO()
+    outcomes(Reporter(json_lines=True, out=out, err=io.StringIO()))
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [record["path"] for record in records] == [FORGED, ESCAPE, FORGED]
+    assert records[0]["key"] == f"p/{FORGED}"
+    assert records[1]["error"] == f"{ESCAPE}: cannot read: Permission denied"
+
+
+@pytest.mark.s3
+def test_push_of_hostile_names_escapes_them_on_stderr_and_keeps_them_in_the_bucket(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / FORGED).write_bytes(b"forged\n")
+    (src / ESCAPE).write_bytes(b"red\n")
+    result = run_cli("push", src, f"s3://{bucket}/names", "--state-dir", tmp_path / "state",
+                     "-v", env=s3_server.env())
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert not [line for line in lines if line.startswith("asyncsync: error:")], result.stderr
+    assert "\x1b" not in result.stderr
+    assert "uploaded a\\nasyncsync: error: forged -> names/a\\nasyncsync: error: forged" in (
+        result.stderr)
+    assert "uploaded \\x1b[31mred\\x1b[0m.txt -> names/\\x1b[31mred\\x1b[0m.txt" in (
+        result.stderr)
+    client = s3_server.client()
+    assert read_object(client, bucket, f"names/{FORGED}") == b"forged\n"
+    assert read_object(client, bucket, f"names/{ESCAPE}") == b"red\n"
+    # --json output names the files exactly as they are.
+    again = run_cli("push", src, f"s3://{bucket}/names", "--state-dir", tmp_path / "state",
+                    "--json", "-vv", env=s3_server.env())
+    assert again.returncode == 0, again.stderr
+    assert again.files("unchanged") == sorted([FORGED, ESCAPE])
+    assert "\x1b" not in again.stderr

@@ -8,10 +8,13 @@ training is exercised by the Ultralytics integration's own tests.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -43,7 +46,7 @@ for epoch in range(1, epochs + 1):
         time.sleep(600)
 """
 
-FAST = ["--settle", "0.3", "--interval", "0.2", "--checkpoint-interval", "0"]
+FAST = ["--settle", "0.3", "--interval", "0.5", "--checkpoint-interval", "0"]
 
 
 def train(tmp_path: Path, epochs: int, crash: str = "none") -> list[str]:
@@ -106,10 +109,121 @@ def test_sigterm_is_passed_to_the_training_and_everything_is_flushed(
     assert record(s3_server, bucket, "s")["status"] == "crashed"
 
 
-def test_run_needs_a_command_and_a_runnable_one(tmp_path: Path, s3_server: S3Server) -> None:
+def test_run_needs_a_command_and_a_runnable_one(
+    tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
     missing = run_cli("run", tmp_path / "runs", "s3://bucket-a/x", env=s3_server.env())
     assert missing.returncode == 2 and "no command to run" in missing.stderr
-    wrong = run_cli("run", tmp_path / "runs", "s3://bucket-a/x", "--state-dir",
+    wrong = run_cli("run", tmp_path / "runs", f"s3://{bucket}/x", "--state-dir",
                     tmp_path / "s", "--", str(tmp_path / "no-such-program"),
                     env=s3_server.env())
     assert wrong.returncode == 1 and "cannot start" in wrong.stderr
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ": error: " in line]
+
+
+def touch(marker: Path) -> list[str]:
+    return ["sh", "-c", f"touch '{marker}'"]
+
+
+def test_a_missing_bucket_stops_run_before_the_training_starts(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    marker = tmp_path / "trained"
+    missing = f"no-such-bucket-{uuid.uuid4().hex[:12]}"
+    result = run_cli("run", tmp_path / "runs", f"s3://{missing}/x", "--state-dir",
+                     tmp_path / "s", "--", *touch(marker), env=s3_server.env(), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert not marker.exists()
+    assert result.stderr.strip().splitlines() == error_lines(result.stderr), result.stderr
+    (line,) = error_lines(result.stderr)
+    assert f"s3://{missing}" in line and "does not exist" in line and "not started" in line
+
+
+def test_wrong_credentials_stop_run_before_the_training_starts(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "trained"
+    secret = "wrong-secret-value-789"
+    result = run_cli("run", tmp_path / "runs", f"s3://{bucket}/x", "--state-dir",
+                     tmp_path / "s", "--", *touch(marker),
+                     env=s3_server.env(AWS_SECRET_ACCESS_KEY=secret), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert not marker.exists()
+    (line,) = error_lines(result.stderr)
+    assert "secret key does not match" in line and "not started" in line
+    assert secret not in result.stderr
+    assert bucket_keys(s3_server.client(), bucket) == []
+
+
+def test_an_unreachable_store_does_not_hold_the_training_back(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_DEFAULT_REGION="us-east-1",
+               AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    marker = tmp_path / "trained"
+    # The training writes nothing under DIR, so nothing is left unsent: its exit code stands.
+    result = run_cli("run", tmp_path / "runs", "s3://bucket-a/x", "--state-dir", tmp_path / "s",
+                     "--retries", "2", "--", *touch(marker), env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert marker.exists()
+    assert "starting the training anyway" in result.stderr
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only a zombie waiting for init to reap it."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return any(line.split()[1:2] == ["Z"] for line in status.splitlines()
+               if line.startswith("State:"))
+
+
+def test_a_second_sigint_kills_the_training_and_leaves_nothing_behind(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    stubborn = ("import os, signal, sys, time\n"
+                "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
+                "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+                "time.sleep(120)\n")
+    stderr_path = tmp_path / "stderr"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [ASYNCSYNC, "run", str(tmp_path / "runs"), f"s3://{bucket}/k", "--state-dir",
+             str(tmp_path / "state"), *FAST, "--", sys.executable, "-c", stubborn,
+             str(pid_file)],
+            env=s3_server.env(), stdout=subprocess.DEVNULL, stderr=stderr,
+        )
+    child = 0
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        process.send_signal(signal.SIGINT)
+        while "passing it to the training" not in stderr_path.read_text():
+            assert time.monotonic() < deadline, stderr_path.read_text()
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert process.poll() is None and not _gone(child)  # the first one was ignored
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 128 + signal.SIGINT, stderr_path.read_text()
+        assert time.monotonic() - started < 5
+        deadline = time.monotonic() + 10
+        while not _gone(child):
+            assert time.monotonic() < deadline, f"training {child} still running"
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if child and not _gone(child):
+            os.kill(child, signal.SIGKILL)

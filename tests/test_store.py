@@ -16,6 +16,7 @@ import hashlib
 import http.server
 import os
 import threading
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from asyncsync.errors import (
 )
 from asyncsync.localstore import STATE_DIR, FileStore, open_file_store
 from asyncsync.store import META_DIGEST, META_SIZE, ObjectAttributes, ObjectStore, UploadedPart
+
+from .test_cli import SilentServer
 
 MiB = 1024 * 1024
 
@@ -453,6 +456,90 @@ def test_tls_verification_is_left_out_only_where_no_tls_is_spoken(
     if proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy)
     assert tls_verify_override(endpoint) == expected
+
+
+# -- S3 only: a store that stops answering ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("direct", "size"),
+    [(True, 16 * MiB), (True, 100_000), (True, 1000), (False, 1000)],
+    ids=["direct-stalled-body", "direct-streamed", "direct-small", "botocore-small"],
+)
+def test_uploads_to_a_store_that_never_answers_time_out(
+    monkeypatch: pytest.MonkeyPatch, direct: bool, size: int
+) -> None:
+    """aiohttp's sock_read starts only once the body is sent: a body the store stops taking
+    (16 MiB into a closed window), or one waiting for a 100 Continue that never comes
+    (botocore), must still fail within the read timeout."""
+    only_these_credentials(monkeypatch, "AKIDEXAMPLE", "example-secret")
+    body = os.urandom(size)
+
+    async def upload(server: SilentServer) -> None:
+        from asyncsync.s3 import open_s3_store
+
+        config = StoreConfig(
+            endpoint_url=f"http://127.0.0.1:{server.port}", region="us-east-1",
+            addressing_style="path", max_attempts=1, direct_uploads=direct,
+            connect_timeout=1, read_timeout=1,
+        )
+        store = await open_s3_store("hung", config)
+        try:
+            await asyncio.wait_for(
+                store.upload_part("k", "u", 1, body, md5_b64=md5_b64(body)), 20
+            )
+        finally:
+            # aiohttp closes a failed connection gracefully: with body bytes still queued
+            # it stays open until the store reads them. A reset ends it before the loop closes.
+            server.hang_up()
+            await asyncio.sleep(0.2)
+            await store.close()
+
+    with SilentServer() as server:
+        started = time.monotonic()
+        with pytest.raises(TransientStoreError) as error:
+            asyncio.run(upload(server))
+        took = time.monotonic() - started
+    assert str(error.value) == (
+        f"UploadPart s3://hung/k: no answer from 127.0.0.1:{server.port} within 1 s"
+    )
+    assert took < 10, took
+
+
+def test_timeouts_and_connection_failures_are_named_by_host() -> None:
+    import aiohttp
+    from botocore import exceptions as bce
+
+    from asyncsync.s3errors import endpoint_host, translate_error
+
+    def message(exc: BaseException, endpoint: str = "http://10.0.0.5:9000") -> str:
+        translated = translate_error(exc, op="PutObject", key="k", location="s3://b",
+                                     endpoint=endpoint, timeouts=(3.0, 45.5))
+        assert isinstance(translated, TransientStoreError)
+        return str(translated)
+
+    url = "http://10.0.0.5:9000/b/k"
+    assert message(bce.ConnectTimeoutError(endpoint_url=url)) == (
+        "PutObject s3://b/k: no answer from 10.0.0.5:9000 within 3 s"
+    )
+    assert message(bce.ReadTimeoutError(endpoint_url=url)) == (
+        "PutObject s3://b/k: no answer from 10.0.0.5:9000 within 45.5 s"
+    )
+    assert message(aiohttp.ServerTimeoutError("Connection timeout to host x")).endswith(
+        "within 3 s"
+    )
+    assert message(aiohttp.ServerTimeoutError("Timeout on reading data from socket")).endswith(
+        "within 45.5 s"
+    )
+    assert message(TimeoutError()).endswith("within 45.5 s")
+    assert message(bce.EndpointConnectionError(endpoint_url=url)) == (
+        "PutObject s3://b/k: cannot connect to 10.0.0.5:9000"
+    )
+    # Host and port only: never a path, a user or a password.
+    assert endpoint_host("https://user:pw@s3.example.com/base") == "s3.example.com:443"
+    assert endpoint_host("http://[::1]:8333") == "[::1]:8333"
+    assert endpoint_host("HTTP://minio") == "minio:80"
+    assert endpoint_host("") == "the endpoint"
 
 
 # -- FileStore only ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from .conftest import (
 pytestmark = pytest.mark.s3
 
 MiB = 1024 * 1024
-FAST = ["--interval", "0.2", "--settle", "0.5", "--checkpoint-interval", "0"]
+FAST = ["--interval", "0.5", "--settle", "0.5", "--checkpoint-interval", "0"]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
@@ -191,7 +191,7 @@ def test_sigterm_right_after_the_last_write_flushes_it(
 ) -> None:
     src = tmp_path / "runs"
     (src / "exp").mkdir(parents=True)
-    daemon = Daemon(s3_server, src, f"s3://{bucket}/t", tmp_path / "state", "--interval", "0.2",
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/t", tmp_path / "state", "--interval", "0.5",
                     "--settle", "60", "--checkpoint-interval", "600")
     daemons.append(daemon)
     time.sleep(1.0)
@@ -323,7 +323,7 @@ def test_checkpoints_are_paced(
     per interval, and the newest version goes up at the latest at shutdown."""
     src = tmp_path / "runs"
     (src / "exp").mkdir(parents=True)
-    daemon = Daemon(s3_server, src, f"s3://{bucket}/p", tmp_path / "state", "--interval", "0.2",
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/p", tmp_path / "state", "--interval", "0.5",
                     "--settle", "0.3", "--checkpoint-interval", "30", "-v")
     daemons.append(daemon)
     client = s3_server.client()
@@ -401,8 +401,9 @@ def test_cleanup_deletes_only_verified_files(
     for name, data in files.items():
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_bytes(data)
-    daemon = Daemon(s3_server, src, f"s3://{bucket}/c", tmp_path / "state", "--interval", "0.2",
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/c", tmp_path / "state", "--interval", "0.5",
                     "--settle", "0.3", "--checkpoint-interval", "600", "--delete-after", "3",
+                    "--allow-short-delete-after",
                     "--keep", "best.pt")
     daemons.append(daemon)
     client = s3_server.client()
@@ -485,7 +486,7 @@ def test_files_swapped_for_symlinks_before_they_settle_never_leak(
     (outside / "secret.txt").write_bytes(SECRET)
     for i in range(10):
         (src / "train" / f"f{i:02d}.txt").write_bytes(b"honest %d\n" % i)
-    daemon = Daemon(s3_server, src, f"s3://{bucket}/w", tmp_path / "state", "--interval", "0.2",
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/w", tmp_path / "state", "--interval", "0.5",
                     "--settle", "2", *(["--follow-symlinks"] if follow else []))
     daemons.append(daemon)
     time.sleep(1.0)  # scanned, not settled yet
@@ -506,3 +507,29 @@ def test_files_swapped_for_symlinks_before_they_settle_never_leak(
         assert f"train/f{i:02d}.txt: " in log
     # Refused by the upload itself (the scan had seen regular files), not only by a scan.
     assert ("outside the source; not read" if follow else "replaced by a symlink; not read") in log
+
+
+def test_gzip_of_a_large_log_on_a_fresh_state_directory(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A compressible file above the multipart threshold is compressed into the state
+    directory's temp directory, which watch (unlike push) never created."""
+    import gzip
+
+    src = tmp_path / "runs"
+    (src / "train").mkdir(parents=True)
+    log_text = b"".join(b"epoch %d step %d loss 0.%04d\n" % (i // 1000, i, i % 9999)
+                        for i in range(600_000))
+    assert len(log_text) > 17 * MiB
+    (src / "train" / "train.log").write_bytes(log_text)
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/g", tmp_path / "fresh-state", "--gzip",
+                    "--settle", "1", "--interval", "1")
+    daemons.append(daemon)
+    client = s3_server.client()
+    wait_for(lambda: object_or_none(client, bucket, "g/train/train.log"), 60, "train.log")
+    assert daemon.stop() == 0
+    head = client.head_object(Bucket=bucket, Key="g/train/train.log")
+    assert head["ContentEncoding"] == "gzip"
+    assert gzip.decompress(read_object(client, bucket, "g/train/train.log")) == log_text
+    assert "cannot read" not in daemon.log
+    assert oct((tmp_path / "fresh-state" / "tmp").stat().st_mode & 0o777) == "0o700"

@@ -20,24 +20,34 @@ from typing import Any
 
 from . import __version__
 from .config import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_MEMORY,
     DEFAULT_MULTIPART_THRESHOLD,
     DEFAULT_PART_CONCURRENCY,
+    DEFAULT_READ_TIMEOUT,
     DEFAULT_RETRIES,
     DEFAULT_WORKERS,
+    MIN_DELETE_AFTER,
     MIN_PART_SIZE,
+    MIN_SCAN_INTERVAL,
     CleanupSettings,
     PushConfig,
     StoreConfig,
     TransferConfig,
     WatchConfig,
+    check_delete_after,
+    check_destination_outside,
     default_state_dir,
+    descriptors_needed,
+    ensure_open_files,
     parse_destination,
+    parse_seconds,
     parse_size,
     validate_endpoint,
     validate_source,
 )
 from .errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, AsyncsyncError, ConfigError
+from .names import PrintableFormatter, printable
 
 log = logging.getLogger("asyncsync")
 
@@ -122,18 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
 def add_watch_options(parser: argparse.ArgumentParser) -> None:
     """Options of the daemon (watch, and later run)."""
     when = parser.add_argument_group("when to upload")
-    when.add_argument("--interval", type=_seconds, default=10.0, metavar="SECONDS",
-                      help="full stat scan period (default 10; with inotify events, "
-                      "--rescan-interval applies instead)")
-    when.add_argument("--rescan-interval", type=_seconds, default=120.0, metavar="SECONDS",
+    when.add_argument("--interval", default=10.0, metavar="SECONDS",
+                      help="full stat scan period (default 10, at least "
+                      f"{MIN_SCAN_INTERVAL:g}; with inotify events, --rescan-interval "
+                      "applies instead)")
+    when.add_argument("--rescan-interval", default=120.0, metavar="SECONDS",
                       help="safety-net full scan period while inotify events are used "
-                      "(default 120)")
+                      f"(default 120, at least {MIN_SCAN_INTERVAL:g})")
     when.add_argument("--no-events", dest="events", action="store_false",
                       help="do not use inotify; rely on the periodic scan alone")
-    when.add_argument("--settle", type=_seconds, default=5.0, metavar="SECONDS",
+    when.add_argument("--settle", default=5.0, metavar="SECONDS",
                       help="upload a file once its size and mtime held still this long "
                       "(default 5)")
-    when.add_argument("--checkpoint-interval", type=_seconds, default=300.0, metavar="SECONDS",
+    when.add_argument("--checkpoint-interval", default=300.0, metavar="SECONDS",
                       help="upload checkpoints at most this often; 0 = every settled version "
                       "(default 300)")
     when.add_argument("--checkpoint-glob", action="append", metavar="GLOB",
@@ -141,7 +152,7 @@ def add_watch_options(parser: argparse.ArgumentParser) -> None:
     when.add_argument("--history-glob", action="append", metavar="GLOB",
                       help="append-only files whose previous object is kept when they shrink "
                       "or are recreated (repeatable; default *.csv)")
-    when.add_argument("--grace", type=_seconds, default=30.0, metavar="SECONDS",
+    when.add_argument("--grace", default=30.0, metavar="SECONDS",
                       help="on SIGTERM/SIGINT, wait this long for uploads (default 30)")
     daemon = parser.add_argument_group("daemon")
     daemon.add_argument("--metrics-addr", metavar="HOST:PORT",
@@ -154,6 +165,9 @@ def add_watch_options(parser: argparse.ArgumentParser) -> None:
     cleanup.add_argument("--delete-after", metavar="DURATION",
                          help="delete a run's local files once the run has been quiet this "
                          "long (e.g. 2h, 7d) and each file is verified in the bucket")
+    cleanup.add_argument("--allow-short-delete-after", action="store_true",
+                         help="allow a --delete-after under "
+                         f"{MIN_DELETE_AFTER / 60:g} minutes (e.g. for a scratch disk)")
     cleanup.add_argument("--keep", action="append", default=[], metavar="GLOB",
                          help="never delete these (repeatable; e.g. weights/best.pt)")
     cleanup.add_argument("--delete-dry-run", action="store_true",
@@ -161,16 +175,6 @@ def add_watch_options(parser: argparse.ArgumentParser) -> None:
     cleanup.add_argument("--run-depth", type=_positive_int, default=1, metavar="N",
                          help="runs are directories N levels below SRC (default 1; "
                          "runs/detect/train is 2)")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
 
 
 def add_transfer_options(parser: argparse.ArgumentParser) -> None:
@@ -188,6 +192,12 @@ def add_transfer_options(parser: argparse.ArgumentParser) -> None:
     store.add_argument("--retries", type=_positive_int, default=DEFAULT_RETRIES, metavar="N",
                        help="attempts per request for transient errors "
                        f"(default {DEFAULT_RETRIES})")
+    store.add_argument("--connect-timeout", default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
+                       help="give up on a connection attempt after this long (default "
+                       f"{DEFAULT_CONNECT_TIMEOUT:g})")
+    store.add_argument("--read-timeout", default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
+                       help="give up on a request after this long without an answer, or "
+                       f"with its body stalled (default {DEFAULT_READ_TIMEOUT:g})")
     transfer = parser.add_argument_group("transfer")
     transfer.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS, metavar="N",
                           help=f"files transferred at once (default {DEFAULT_WORKERS})")
@@ -250,6 +260,10 @@ def push_config(args: argparse.Namespace, *, source_may_be_missing: bool = False
                           "must be at least 5MiB (S3's smallest part)")
     if part_size is not None and not MIN_PART_SIZE <= part_size <= 5 * 2**30:
         raise ConfigError(f"--part-size {args.part_size}: must be between 5MiB and 5GiB")
+    check_destination_outside(source, destination)
+    connect_timeout = parse_seconds(args.connect_timeout, what="--connect-timeout",
+                                    positive=True)
+    read_timeout = parse_seconds(args.read_timeout, what="--read-timeout", positive=True)
     endpoint = validate_endpoint(
         args.endpoint_url
         or os.environ.get("AWS_ENDPOINT_URL_S3")
@@ -258,9 +272,14 @@ def push_config(args: argparse.Namespace, *, source_may_be_missing: bool = False
     # Enough connections that the pool never caps the workers: every worker, plus the parts
     # the byte budget lets be in flight at once (aiobotocore's default is 10).
     connections = args.workers + max(args.part_concurrency, max_memory // MIN_PART_SIZE)
+    ensure_open_files(
+        descriptors_needed(args.workers, connections, direct_uploads=args.direct_uploads),
+        workers=args.workers,
+    )
     store = StoreConfig(
         endpoint_url=endpoint, region=args.region, profile=args.profile,
         addressing_style=args.addressing_style, max_attempts=args.retries,
+        connect_timeout=connect_timeout, read_timeout=read_timeout,
         max_connections=connections, direct_uploads=args.direct_uploads,
     )
     transfer = TransferConfig(
@@ -277,8 +296,9 @@ def push_config(args: argparse.Namespace, *, source_may_be_missing: bool = False
     )
 
 
-class _LowercaseLevelFormatter(logging.Formatter):
-    """'asyncsync: warning: ...', the way compilers and coreutils print diagnostics."""
+class _LowercaseLevelFormatter(PrintableFormatter):
+    """'asyncsync: warning: ...', the way compilers and coreutils print diagnostics; every
+    message escaped (`names.PrintableFormatter`)."""
 
     def format(self, record: logging.LogRecord) -> str:
         record.levelname = record.levelname.lower()
@@ -294,7 +314,10 @@ class _JsonFormatter(logging.Formatter):
         entry = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
-            "message": record.getMessage(),
+            # json.dumps escapes C0 controls but, with ensure_ascii=False, leaves C1 controls,
+            # U+2028/U+2029 (line breaks to str.splitlines and some log shippers) and bidi
+            # overrides raw: the message is escaped as in the text format.
+            "message": printable(record.getMessage()),
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -355,19 +378,31 @@ def watch_config(args: argparse.Namespace) -> WatchConfig:
     if args.delete_after is not None:
         from .cleanup import parse_duration
 
+        delete_after = check_delete_after(
+            parse_duration(args.delete_after), args.delete_after,
+            allow_short=args.allow_short_delete_after,
+        )
         cleanup = CleanupSettings(
-            delete_after=parse_duration(args.delete_after), keep=tuple(args.keep),
+            delete_after=delete_after, keep=tuple(args.keep),
             dry_run=args.delete_dry_run, run_depth=args.run_depth,
         )
-    elif args.keep or args.delete_dry_run:
-        raise ConfigError("--keep and --delete-dry-run need --delete-after")
+    elif args.keep or args.delete_dry_run or args.allow_short_delete_after:
+        raise ConfigError(
+            "--keep, --delete-dry-run and --allow-short-delete-after need --delete-after"
+        )
+    scans = "each full scan stats every file under SRC"
     return WatchConfig(
         push=push_config(args, source_may_be_missing=True),
-        interval=max(args.interval, 0.1), rescan_interval=max(args.rescan_interval, 0.1),
-        events=args.events, settle=args.settle, checkpoint_interval=args.checkpoint_interval,
+        interval=parse_seconds(args.interval, what="--interval", minimum=MIN_SCAN_INTERVAL,
+                               why=scans),
+        rescan_interval=parse_seconds(args.rescan_interval, what="--rescan-interval",
+                                      minimum=MIN_SCAN_INTERVAL, why=scans),
+        events=args.events, settle=parse_seconds(args.settle, what="--settle"),
+        checkpoint_interval=parse_seconds(args.checkpoint_interval,
+                                          what="--checkpoint-interval"),
         checkpoint_globs=tuple(args.checkpoint_glob or ("*.pt",)),
         history_globs=tuple(args.history_glob or ("*.csv",)),
-        grace=args.grace,
+        grace=parse_seconds(args.grace, what="--grace"),
         metrics_addr=parse_listen_address(args.metrics_addr) if args.metrics_addr else None,
         low_priority=args.low_priority, cleanup=cleanup,
     )

@@ -4,9 +4,12 @@
 (no thread), so /healthz answering at all is the proof that the loop is alive; /readyz asks a
 readiness callback (store reachable, manifest open, ...) and answers 503 with its reason, which
 makes Kubernetes stop routing to the pod without restarting it; /metrics serves the process's
-`Metrics`. `parse_listen_address` turns the CLI's ``--metrics-addr HOST:PORT`` into the pair the
-server binds. Problems an operator must fix (a malformed address, a port already taken) are
-raised as `ConfigError`, one line naming the address and the cause.
+`Metrics`. The reason names the endpoint, bucket or path at fault, so it is only said on a
+server bound to loopback alone; bound to any other address, /readyz says "not ready" and at most
+which part is at fault, and the detail goes to the log. `parse_listen_address` turns the CLI's
+``--metrics-addr HOST:PORT`` into the pair the server binds. Problems an operator must fix (a
+malformed address, a port already taken) are raised as `ConfigError`, one line naming the
+address and the cause.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ ReadinessCheck = Callable[[], tuple[bool, str]]
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 _PORT = re.compile(r"[0-9]{1,5}")
 _EXAMPLES = "expected HOST:PORT, e.g. 127.0.0.1:9100, 0.0.0.0:9100, :9100 or [::1]:9100"
+
+# What /readyz may say about an unready daemon on a non-loopback address: these leading words of
+# a reason (watch's readiness(): "store unreachable: <what failed, naming the endpoint>",
+# "manifest not open") name no endpoint, bucket, key or path. Any other reason is just
+# "not ready".
+PUBLIC_REASONS = ("store unreachable", "manifest not open")
 
 # In-flight probes and scrapes take milliseconds; a scraper that keeps a slow request open
 # must not hold up the daemon's shutdown for aiohttp's default minute.
@@ -84,6 +93,26 @@ def format_listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def public_reason(reason: str) -> str:
+    """What /readyz says on a non-loopback address for an unready daemon with this reason:
+    "not ready", followed by a `PUBLIC_REASONS` entry when the reason starts with one."""
+    for public in PUBLIC_REASONS:
+        if reason == public or reason.startswith(public + ":"):
+            return f"not ready: {public}"
+    return "not ready"
+
+
+def _is_loopback(host: object) -> bool:
+    """Whether a bound socket's address (as getsockname gives it) is a loopback address."""
+    try:
+        address = ipaddress.ip_address(str(host))
+    except ValueError:
+        return False  # not an IP address (a UNIX socket path, say): not known to be local
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 class HealthServer:
     """/healthz, /readyz and /metrics on ``host:port``, inside the running event loop.
 
@@ -97,6 +126,10 @@ class HealthServer:
         self._ready = ready
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
+        # Whether /readyz may give the readiness reason itself: only while every socket is
+        # bound to loopback, where only this machine can ask.
+        self._detailed = False
+        self._withheld = ""  # the last reason answered without its detail, logged once
 
     @property
     def address(self) -> str:
@@ -139,7 +172,14 @@ class HealthServer:
         # With host "" and port 0 each interface family gets its own free port; the first
         # one is as good as any for a caller that asked for "some port".
         self._port = int(runner.addresses[0][1])
-        log.info("serving /healthz, /readyz and /metrics on %s", self._bound_address())
+        # Judged by the sockets actually bound, so that "localhost" counts as loopback and
+        # "" (every interface) does not. The client's address is not used instead: behind a
+        # proxy in the pod (a service mesh sidecar) remote requests arrive from 127.0.0.1.
+        self._detailed = all(_is_loopback(address[0]) for address in runner.addresses)
+        log.info(
+            "serving /healthz, /readyz and /metrics on %s%s", self._bound_address(),
+            "" if self._detailed else " (not loopback: /readyz gives no details; they are logged)",
+        )
 
     async def stop(self) -> None:
         """Close the listening socket and any open connections. Safe to call twice."""
@@ -178,8 +218,15 @@ class HealthServer:
             log.warning("readiness check raised", exc_info=True)
             return web.Response(status=503, text=f"readiness check failed: {type(exc).__name__}")
         if ready:
+            self._withheld = ""
             return web.Response(text="ready")
-        return web.Response(status=503, text=reason or "not ready")
+        if self._detailed:
+            return web.Response(status=503, text=reason or "not ready")
+        if reason and reason != self._withheld:
+            # Probes come every few seconds: log a reason when it changes, not per probe.
+            log.info("/readyz: not ready: %s", reason)
+        self._withheld = reason
+        return web.Response(status=503, text=public_reason(reason))
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         # The content type carries a charset, which aiohttp's content_type= refuses; set the

@@ -9,12 +9,19 @@ part size, each part's ETag and MD5) so that a run killed half-way resumes where
 All access happens on the event loop thread: statements are short, and small-file rows
 are committed in batches (a crash loses at most the last batch, which only means those
 files are hashed again next time); multipart progress is committed at once.
+
+The manifest names the store's endpoint, buckets and keys and holds live upload ids, so it is
+private to its owner: a state directory created here is 0700, and the database with its -wal
+and -shm files is 0600 whatever the umask. A state directory that existed already is the
+user's choice and is left as it is.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.db"
 # Written after a clean close: the manifest file's size, mtime and inode at that moment.
@@ -186,16 +195,12 @@ class Manifest:
 
     @classmethod
     def open(cls, state_dir: Path) -> Manifest:
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ManifestError(
-                f"state directory {str(state_dir)!r} cannot be created: {exc.strerror}"
-            ) from exc
+        _make_state_dir(state_dir)
         if not os.access(state_dir, os.W_OK | os.X_OK):
             raise ManifestError(f"state directory {str(state_dir)!r} is not writable")
         path = state_dir / MANIFEST_FILE
         closed_cleanly = _take_clean_mark(path)
+        _make_private(path)
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -466,6 +471,52 @@ class Manifest:
             return list(self._db.execute(sql, args).fetchall())
         except sqlite3.Error as exc:
             raise ManifestError(_describe(exc, self.path)) from exc
+
+
+def _make_state_dir(state_dir: Path) -> None:
+    """Create the state directory 0700 (its parents as the umask says), or accept it as it is."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        if not state_dir.is_dir():
+            raise ManifestError(f"state directory {str(state_dir)!r} is not a directory") from None
+        mode = stat.S_IMODE(state_dir.stat().st_mode)
+        if mode & 0o077:
+            # The files inside are 0600 all the same; the directory's mode was chosen by
+            # whoever made it (a shared mount, a volume), so it is not changed behind
+            # their back.
+            log.debug("state directory %r is mode %o; its manifest files are 0600",
+                      str(state_dir), mode)
+        return
+    except OSError as exc:
+        raise ManifestError(
+            f"state directory {str(state_dir)!r} cannot be created: {exc.strerror}"
+        ) from exc
+    # mkdir's mode passes through the umask; 0700 is meant whatever it is.
+    os.chmod(state_dir, 0o700)
+
+
+def _make_private(path: Path) -> None:
+    """The manifest and its -wal and -shm files 0600: created so before SQLite opens the
+    database (SQLite gives a new -wal or -shm file the database file's mode), and tightened
+    when an older asyncsync left them readable."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # SQLite's own open fails too, and is what reports it
+    else:
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask took away (0600 is meant, no less)
+        finally:
+            os.close(fd)
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if stat.S_IMODE(name.stat().st_mode) & 0o077:
+                os.chmod(name, 0o600)
+        except OSError:
+            pass  # missing, or not ours to change (then not ours to open either, mostly)
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:

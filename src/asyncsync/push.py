@@ -156,8 +156,6 @@ async def run_push(config: PushConfig, reporter: Reporter) -> None:
     manifest = Manifest.open(config.state_dir)
     session = StoreSession(open_store(config, reporter.retried), config.store.max_attempts)
     temp_dir = config.state_dir / "tmp"
-    if config.transfer.gzip:
-        temp_dir.mkdir(parents=True, exist_ok=True)
     uploader = Uploader(
         store=session.get, manifest=manifest, scope=scope_for(config), config=config.transfer,
         budget=ByteBudget(config.transfer.max_memory), temp_dir=temp_dir,

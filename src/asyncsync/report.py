@@ -2,6 +2,11 @@
 
 stdout carries only machine-readable output (`--json`); logs, warnings and the progress
 bar go to stderr. The progress bar is drawn only when stderr is a terminal.
+
+File names and keys in log lines go through `names.printable`: a newline or an escape
+sequence in a name is shown escaped, never acted on, whatever handler the records reach
+(the CLI's text formatter escapes every message as well, which covers the other modules'
+log lines). JSON lines carry names exactly: json.dumps escapes what JSON needs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from .errors import TransientStoreError
+from .names import printable
 from .scan import FileStat, ScanIssue
 from .transfer import FileOutcome
 
@@ -96,15 +102,15 @@ class Reporter:
 
     def retried(self, exc: TransientStoreError, attempt: int, pause: float) -> None:
         self.retries += 1
-        log.info("retry %d in %.2fs: %s", attempt, pause, exc)
+        log.info("retry %d in %.2fs: %s", attempt, pause, printable(str(exc)))
 
     def issue(self, issue: ScanIssue) -> None:
         if issue.failed:
             self.failed += 1
-            log.error("%s: %s", issue.relative, issue.message)
+            log.error("%s: %s", printable(issue.relative), printable(issue.message))
         else:
             self.ignored += 1
-            log.warning("%s: %s", issue.relative, issue.message)
+            log.warning("%s: %s", printable(issue.relative), printable(issue.message))
         self._emit(
             {"type": "file", "path": issue.relative,
              "status": "failed" if issue.failed else "ignored", "reason": issue.message}
@@ -116,20 +122,21 @@ class Reporter:
         if status == "uploaded":
             self.uploaded += 1
             self.resumed_parts += outcome.resumed_parts
-            log.info("uploaded %s -> %s (%s, %s)", outcome.relative, outcome.key,
-                     human_bytes(outcome.size), outcome.reason)
+            log.info("uploaded %s -> %s (%s, %s)", printable(outcome.relative),
+                     printable(outcome.key), human_bytes(outcome.size), outcome.reason)
         elif status == "unchanged":
             self.unchanged += 1
-            log.debug("unchanged %s", outcome.relative)
+            log.debug("unchanged %s", printable(outcome.relative))
         elif status == "would-upload":
             self.would_upload += 1
-            log.info("would upload %s -> %s (%s)", outcome.relative, outcome.key, outcome.reason)
+            log.info("would upload %s -> %s (%s)", printable(outcome.relative),
+                     printable(outcome.key), outcome.reason)
         elif status == "skipped":
             self.ignored += 1
-            log.warning("%s: %s", outcome.relative, outcome.reason)
+            log.warning("%s: %s", printable(outcome.relative), printable(outcome.reason))
         else:
             self.failed += 1
-            log.error("%s: %s", outcome.relative, outcome.error)
+            log.error("%s: %s", printable(outcome.relative), printable(str(outcome.error)))
         if not self.json_lines:
             return  # a no-op run passes here once per file: build nothing it will not print
         record: dict[str, Any] = {

@@ -72,6 +72,7 @@ class S3Store:
         self._backoff = Backoff(config.backoff_base, config.backoff_cap)
         self._on_retry = on_retry
         self._endpoint = str(getattr(client.meta, "endpoint_url", "") or "")
+        self._timeouts = (config.connect_timeout, config.read_timeout)
         self._location = f"s3://{bucket}" + (f" at {self._endpoint}" if self._endpoint else "")
         # Whether uploads take CRC32 part checksums: None until a store's answer says.
         self._crc32_parts: bool | None = None
@@ -88,7 +89,8 @@ class S3Store:
                 raise
             except Exception as exc:
                 raise translate_error(
-                    exc, op=op, key=key, location=f"s3://{self._bucket}", endpoint=self._endpoint
+                    exc, op=op, key=key, location=f"s3://{self._bucket}", endpoint=self._endpoint,
+                    timeouts=self._timeouts,
                 ) from exc
 
         return await self._retried(attempt)
@@ -318,7 +320,7 @@ class S3Store:
                 except Exception as exc:
                     raise translate_error(
                         exc, op="GetObject", key=key, location=f"s3://{self._bucket}",
-                        endpoint=self._endpoint,
+                        endpoint=self._endpoint, timeouts=self._timeouts,
                     ) from exc
                 if not chunk:
                     return
@@ -358,6 +360,18 @@ def tls_verify_override(endpoint_url: str | None) -> dict[str, Any]:
     return {}
 
 
+def _send_bodies_at_once(client: Any) -> None:
+    """No ``Expect: 100-continue`` on PutObject and UploadPart.
+
+    aiohttp waits for the store's 100 Continue before it sends the body, and starts the read
+    timeout only once the body is sent: a store that accepts the connection and never
+    answers would hold every upload forever. The lean path (s3direct) never asks either.
+    """
+    from botocore.handlers import add_expect_header
+
+    client.meta.events.unregister("before-call.s3", add_expect_header)
+
+
 async def open_s3_store(
     bucket: str, config: StoreConfig, *, on_retry: RetryObserver | None = None,
     pace: Pace | None = None,
@@ -393,6 +407,7 @@ async def open_s3_store(
         raise FatalStoreError(f"AWS configuration: {exc}", op="configure") from exc
     except ValueError as exc:  # e.g. a malformed endpoint URL
         raise FatalStoreError(f"AWS configuration: {exc}", op="configure") from exc
+    _send_bodies_at_once(client)
     direct = None
     if config.direct_uploads:
         try:

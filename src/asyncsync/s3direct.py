@@ -15,6 +15,7 @@ part: memory stays what the byte budget paid for.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import ssl
@@ -38,6 +39,10 @@ CRC32_HEADER = "x-amz-checksum-crc32"
 Pace = Callable[[int], Awaitable[None]]
 # Slices of a body handed to the transport at a time; it waits for the socket in between.
 STREAM_SLICE = 256 * 1024
+# A body this small leaves in one write that never waits for the socket (aiohttp drains
+# past 64 KiB), so sock_read times the whole request; larger ones are streamed in slices
+# under a stall deadline (`_Stall`).
+WHOLE_BODY = 32 * 1024
 
 _XML_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 
@@ -56,6 +61,7 @@ class DirectUploads:
         endpoint: str,
         proxy: str | None = None,
         pace: Pace | None = None,
+        timeouts: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         parts = urlsplit(base)
         self._http = http
@@ -69,6 +75,7 @@ class DirectUploads:
         self._credentials = credentials
         self._location = f"s3://{bucket}"
         self._endpoint = endpoint
+        self._timeouts = timeouts  # (connect, read) seconds
 
     async def put_object(
         self, key: str, body: bytes, *, md5_b64: str, attributes: ObjectAttributes
@@ -104,7 +111,7 @@ class DirectUploads:
         where = f"{op} {self._location}"
         headers: dict[str, str] = {}
         url = await self._signed("HEAD", op, self._path_prefix.rstrip("/") or "/", {}, headers)
-        with _TransportErrors(where, op, "", self._endpoint):
+        with _TransportErrors(where, op, "", self._endpoint, self._timeouts):
             async with self._http.head(
                 url, headers=headers, proxy=self._proxy, allow_redirects=False
             ) as response:
@@ -145,31 +152,34 @@ class DirectUploads:
     ) -> str:
         where = f"{op} {self._location}/{key}"
         url = await self._signed("PUT", op, self._path_prefix + key, query, headers)
-        data: bytes | AsyncIterator[memoryview] = (
-            body if len(body) <= STREAM_SLICE and self._pace is None
-            else _slices(body, self._pace)
-        )
-        with _TransportErrors(where, op, key, self._endpoint):
-            async with self._http.put(
-                url, data=data, headers=headers, proxy=self._proxy
-            ) as response:
-                payload = await response.read()
-                if response.status == 200:
-                    etag = response.headers.get("ETag")
-                    if not etag:
-                        raise StoreError(f"{where}: the store sent no ETag", op=op, key=key)
-                    if confirm_crc32 is not None and (
-                        response.headers.get(CRC32_HEADER) != confirm_crc32
-                    ):
-                        raise ChecksumNotConfirmed(
-                            f"{where}: the store did not confirm the part's CRC32", op=op,
-                            key=key,
-                        )
-                    return etag
-                code, message = _error_fields(payload)
-                raise classify_response(
-                    where, op=op, key=key, status=response.status, code=code, message=message
+        with _TransportErrors(where, op, key, self._endpoint, self._timeouts):
+            async with asyncio.timeout(None) as deadline, _Stall(
+                deadline, self._timeouts[1]
+            ) as stall:
+                data: bytes | AsyncIterator[memoryview] = (
+                    body if len(body) <= WHOLE_BODY and self._pace is None
+                    else _slices(body, self._pace, stall)
                 )
+                async with self._http.put(
+                    url, data=data, headers=headers, proxy=self._proxy
+                ) as response:
+                    payload = await response.read()
+                    if response.status == 200:
+                        etag = response.headers.get("ETag")
+                        if not etag:
+                            raise StoreError(f"{where}: the store sent no ETag", op=op, key=key)
+                        if confirm_crc32 is not None and (
+                            response.headers.get(CRC32_HEADER) != confirm_crc32
+                        ):
+                            raise ChecksumNotConfirmed(
+                                f"{where}: the store did not confirm the part's CRC32", op=op,
+                                key=key,
+                            )
+                        return etag
+                    code, message = _error_fields(payload)
+                    raise classify_response(
+                        where, op=op, key=key, status=response.status, code=code, message=message
+                    )
 
     async def _frozen_credentials(self, op: str) -> tuple[str, str, str | None]:
         if self._credentials is None:
@@ -187,10 +197,13 @@ class _TransportErrors:
     """Around one request: a failure that is not a StoreError already (no answer, a dropped
     connection, a timeout) leaves as one, its cause kept. Cancellation passes untouched."""
 
-    __slots__ = ("_where", "_op", "_key", "_endpoint")
+    __slots__ = ("_where", "_op", "_key", "_endpoint", "_timeouts")
 
-    def __init__(self, where: str, op: str, key: str, endpoint: str) -> None:
+    def __init__(
+        self, where: str, op: str, key: str, endpoint: str, timeouts: tuple[float, float]
+    ) -> None:
         self._where, self._op, self._key, self._endpoint = where, op, key, endpoint
+        self._timeouts = timeouts
 
     def __enter__(self) -> None:
         return None
@@ -200,8 +213,44 @@ class _TransportErrors:
     ) -> None:
         if isinstance(exc, Exception) and not isinstance(exc, StoreError):
             raise translate_transport_error(
-                exc, where=self._where, op=self._op, key=self._key, endpoint=self._endpoint
+                exc, where=self._where, op=self._op, key=self._key, endpoint=self._endpoint,
+                timeouts=self._timeouts,
             ) from exc
+
+
+class _Stall:
+    """Fails a request whose body stops moving for ``limit`` seconds.
+
+    aiohttp starts sock_read only once the body is sent, so a store that stops reading it
+    (its window closed, the socket buffers full) would hold the upload forever. Each slice
+    handed over pushes the deadline on; time spent waiting for our own bandwidth share does
+    not count, and once the body is out sock_read takes over.
+    """
+
+    __slots__ = ("_deadline", "_limit", "_open")
+
+    def __init__(self, deadline: asyncio.Timeout, limit: float) -> None:
+        self._deadline, self._limit, self._open = deadline, limit, False
+
+    async def __aenter__(self) -> _Stall:
+        self._open = True
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._open = False
+
+    def _settable(self) -> bool:
+        # The body runs in aiohttp's writer task: it may go on after the answer came, or
+        # after the deadline fired, when the deadline is no longer ours to move.
+        return self._open and not self._deadline.expired()
+
+    def moving(self) -> None:
+        if self._limit > 0 and self._settable():
+            self._deadline.reschedule(asyncio.get_running_loop().time() + self._limit)
+
+    def waiting(self) -> None:
+        if self._settable():
+            self._deadline.reschedule(None)
 
 
 _NO_CREDENTIALS = (
@@ -210,13 +259,16 @@ _NO_CREDENTIALS = (
 )
 
 
-async def _slices(body: bytes, pace: Pace | None) -> AsyncIterator[memoryview]:
+async def _slices(body: bytes, pace: Pace | None, stall: _Stall) -> AsyncIterator[memoryview]:
     view = memoryview(body)
     for start in range(0, len(view), STREAM_SLICE):
         piece = view[start:start + STREAM_SLICE]
         if pace is not None:
+            stall.waiting()
             await pace(len(piece))
+        stall.moving()
         yield piece
+    stall.waiting()
 
 
 def _error_fields(payload: bytes) -> tuple[str, str]:
@@ -258,6 +310,7 @@ async def open_direct_uploads(
     return DirectUploads(
         http, base=base, signer=SigV4Signer(region), credentials=credentials, bucket=bucket,
         endpoint=str(client.meta.endpoint_url or ""), proxy=proxy_for(base), pace=pace,
+        timeouts=(config.connect_timeout, config.read_timeout),
     )
 
 

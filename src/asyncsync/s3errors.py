@@ -7,6 +7,7 @@ wrong here, so a SlowDown or an expired key means the same thing whichever path 
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 from .errors import (
     FatalStoreError,
@@ -38,9 +39,11 @@ _TRANSIENT_CODES = {
 }
 
 def translate_error(
-    exc: BaseException, *, op: str, key: str, location: str, endpoint: str = ""
+    exc: BaseException, *, op: str, key: str, location: str, endpoint: str = "",
+    timeouts: tuple[float, float] = (0.0, 0.0),
 ) -> StoreError:
-    """Map a botocore/aiohttp exception to the domain hierarchy (the caller keeps the cause)."""
+    """Map a botocore/aiohttp exception to the domain hierarchy (the caller keeps the cause).
+    ``timeouts`` are the (connect, read) seconds the request was given, for the message."""
     from botocore import exceptions as bce
 
     where = f"{op} {location}/{key}" if key else f"{op} {location}"
@@ -59,26 +62,67 @@ def translate_error(
         )
     if isinstance(exc, bce.ProfileNotFound):
         return FatalStoreError(f"AWS profile not found: {exc}", op=op)
-    if isinstance(exc, bce.EndpointConnectionError):
-        target = endpoint or "the endpoint"
-        return TransientStoreError(f"{where}: cannot connect to {target}", op=op, key=key)
-    return translate_transport_error(exc, where=where, op=op, key=key, endpoint=endpoint)
+    return translate_transport_error(
+        exc, where=where, op=op, key=key, endpoint=endpoint, timeouts=timeouts
+    )
 
 
 def translate_transport_error(
-    exc: BaseException, *, where: str, op: str, key: str, endpoint: str
+    exc: BaseException, *, where: str, op: str, key: str, endpoint: str,
+    timeouts: tuple[float, float] = (0.0, 0.0),
 ) -> StoreError:
     """Connection-level failures (no HTTP answer): all worth retrying."""
     import aiohttp
     from botocore import exceptions as bce
 
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        target = endpoint or "the endpoint"
-        return TransientStoreError(f"{where}: cannot connect to {target}", op=op, key=key)
+    waited = _timed_out(exc, timeouts)
+    if waited is not None:
+        within = f" within {waited:g} s" if waited else ""
+        return TransientStoreError(
+            f"{where}: no answer from {endpoint_host(endpoint)}{within}", op=op, key=key
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError | bce.EndpointConnectionError):
+        return TransientStoreError(
+            f"{where}: cannot connect to {endpoint_host(endpoint)}", op=op, key=key
+        )
     if isinstance(exc, bce.BotoCoreError | asyncio.TimeoutError | OSError | aiohttp.ClientError):
         detail = str(exc) or "no answer"
         return TransientStoreError(f"{where}: {type(exc).__name__}: {detail}", op=op, key=key)
     return StoreError(f"{where}: {type(exc).__name__}: {exc}", op=op, key=key)
+
+
+def _timed_out(exc: BaseException, timeouts: tuple[float, float]) -> float | None:
+    """The timeout (connect or read, in seconds) ``exc`` ran into, or None if it is not
+    a timeout. Checked before connection errors: botocore's ConnectTimeoutError is one."""
+    import aiohttp
+    from botocore import exceptions as bce
+
+    connect, read = timeouts
+    if isinstance(exc, bce.ConnectTimeoutError):
+        return connect
+    if isinstance(exc, bce.ReadTimeoutError):
+        return read
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        # aiohttp says which by the message ("Connection timeout to host ..."), as
+        # aiobotocore reads it too; ConnectionTimeoutError is only in aiohttp >= 3.10.
+        return connect if str(exc).lower().startswith("connect") else read
+    if isinstance(exc, asyncio.TimeoutError):  # s3direct's stalled-body deadline
+        return read
+    return None
+
+
+def endpoint_host(endpoint: str) -> str:
+    """'host:port' of an endpoint URL for messages: never its user or password, if any."""
+    parts = urlsplit(endpoint)
+    if not parts.hostname:
+        return "the endpoint"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port = port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return f"{host}:{port}" if port else host
 
 
 def classify_response(

@@ -96,6 +96,7 @@ class Uploader:
         self._config = config
         self._budget = budget
         self._temp_dir = temp_dir
+        self._temp_ready = False
         self._dry_run = dry_run
         self._on_bytes = on_bytes
         # A pool of our own for file reads and hashing: submitting to it directly costs a
@@ -108,6 +109,14 @@ class Uploader:
             max_workers=max(4, min(64, config.workers + config.part_concurrency)),
             thread_name_prefix="asyncsync-io",
         )
+
+    def _gzip_dir(self) -> Path:
+        """The temp directory, made on first need by the uploader itself (watch once forgot
+        to make it, and every large compressible file failed with "cannot read")."""
+        if not self._temp_ready:
+            self._temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._temp_ready = True
+        return self._temp_dir
 
     async def in_thread(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run blocking file work off the event loop."""
@@ -264,7 +273,7 @@ class Uploader:
             try:
                 if compress:
                     body_path, digest, identity, temp = await self.in_thread(
-                        gzip_to_temp, scanned, str(self._temp_dir)
+                        gzip_to_temp, scanned, str(self._gzip_dir())
                     )
                     body_size = os.path.getsize(body_path)
                     encoding: str | None = "gzip"

@@ -139,7 +139,9 @@ class Watcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=pause)
             if self._stopping.is_set():
-                return False
+                # `run`'s training may create DIR and end within one pause: its files
+                # still get the shutdown flush.
+                return source.is_dir()
         return True
 
     async def _check_store_at_start(self) -> None:

@@ -30,7 +30,7 @@ from asyncsync.source import OpenedSource
 from ..conftest import S3Server, bucket_keys, read_object, run_cli
 
 TRAIN = Path(__file__).with_name("yolo_train.py")
-RUN_OPTIONS = ["--settle", "0.5", "--interval", "0.3", "--checkpoint-interval", "0"]
+RUN_OPTIONS = ["--settle", "0.5", "--interval", "0.5", "--checkpoint-interval", "0"]
 
 
 @pytest.fixture(scope="module")

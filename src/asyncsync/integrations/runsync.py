@@ -30,6 +30,7 @@ from ..config import PushConfig
 from ..errors import AsyncsyncError
 from ..keys import InvalidKey, object_key
 from ..manifest import Manifest
+from ..names import PrintableFormatter
 from ..plan import Action, plan_file
 from ..push import StoreSession, mirror, open_store, scope_for
 from ..record import RECORD_PATH, RunRecord, now_iso, read_results
@@ -70,7 +71,7 @@ def _ensure_visible_logging() -> None:
     if root_logger.hasHandlers():
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("asyncsync: %(message)s"))
+    handler.setFormatter(PrintableFormatter("asyncsync: %(message)s"))
     root_logger.addHandler(handler)
     if root_logger.level == logging.NOTSET:
         root_logger.setLevel(logging.INFO)
@@ -306,7 +307,6 @@ class RunSync:
         self.session = StoreSession(open_store(config, lambda *a: None),
                                     config.store.max_attempts, sticky=False)
         temp_dir = config.state_dir / "tmp"
-        temp_dir.mkdir(parents=True, exist_ok=True)
         self.uploader = Uploader(
             store=self.session.get, manifest=self.manifest, scope=self.scope,
             config=config.transfer, budget=ByteBudget(config.transfer.max_memory),

@@ -167,7 +167,7 @@ def _make_staging(state_dir: Path, run_dir: Path) -> Path:
     parent = state_dir / "staging"
     if parent.resolve().is_relative_to(run_dir):
         parent = Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _remove_stale_staging(parent)
     return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{run_dir.name}-", dir=parent))
 
