@@ -153,33 +153,37 @@ class DirectUploads:
         where = f"{op} {self._location}/{key}"
         url = await self._signed("PUT", op, self._path_prefix + key, query, headers)
         with _TransportErrors(where, op, key, self._endpoint, self._timeouts):
+            if len(body) <= WHOLE_BODY and self._pace is None:
+                # One write that never waits: sock_read times the whole request, and a
+                # small object (most of a run) pays for no deadline of its own.
+                return await self._send(where, op, key, url, headers, body, confirm_crc32)
             async with asyncio.timeout(None) as deadline, _Stall(
                 deadline, self._timeouts[1]
             ) as stall:
-                data: bytes | AsyncIterator[memoryview] = (
-                    body if len(body) <= WHOLE_BODY and self._pace is None
-                    else _slices(body, self._pace, stall)
-                )
-                async with self._http.put(
-                    url, data=data, headers=headers, proxy=self._proxy
-                ) as response:
-                    payload = await response.read()
-                    if response.status == 200:
-                        etag = response.headers.get("ETag")
-                        if not etag:
-                            raise StoreError(f"{where}: the store sent no ETag", op=op, key=key)
-                        if confirm_crc32 is not None and (
-                            response.headers.get(CRC32_HEADER) != confirm_crc32
-                        ):
-                            raise ChecksumNotConfirmed(
-                                f"{where}: the store did not confirm the part's CRC32", op=op,
-                                key=key,
-                            )
-                        return etag
-                    code, message = _error_fields(payload)
-                    raise classify_response(
-                        where, op=op, key=key, status=response.status, code=code, message=message
+                return await self._send(where, op, key, url, headers,
+                                        _slices(body, self._pace, stall), confirm_crc32)
+
+    async def _send(
+        self, where: str, op: str, key: str, url: URL, headers: dict[str, str],
+        data: bytes | AsyncIterator[memoryview], confirm_crc32: str | None,
+    ) -> str:
+        async with self._http.put(url, data=data, headers=headers, proxy=self._proxy) as response:
+            payload = await response.read()
+            if response.status == 200:
+                etag = response.headers.get("ETag")
+                if not etag:
+                    raise StoreError(f"{where}: the store sent no ETag", op=op, key=key)
+                if confirm_crc32 is not None and (
+                    response.headers.get(CRC32_HEADER) != confirm_crc32
+                ):
+                    raise ChecksumNotConfirmed(
+                        f"{where}: the store did not confirm the part's CRC32", op=op, key=key,
                     )
+                return etag
+            code, message = _error_fields(payload)
+            raise classify_response(
+                where, op=op, key=key, status=response.status, code=code, message=message
+            )
 
     async def _frozen_credentials(self, op: str) -> tuple[str, str, str | None]:
         if self._credentials is None:

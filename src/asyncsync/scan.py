@@ -24,7 +24,7 @@ import xxhash
 
 from .inline import InlineGate
 from .keys import PathFilter
-from .source import SourceRoot
+from .source import SourceRoot, describe_mode
 
 
 @dataclass(slots=True)
@@ -114,16 +114,6 @@ class ScanOptions:
     # Directory names never descended into, relative to the root (e.g. the state directory
     # when it lives inside the tree: the manifest never uploads itself).
     skip_paths: frozenset[str] = frozenset()
-
-
-def _describe_special(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
 
 
 class StatCache:
@@ -301,7 +291,7 @@ class _Walker:
                     continue
                 subdirs.append((base + name, rel + "/", ancestors | {identity}, identity))
             elif self._accepts(rel):
-                items.append(ScanIssue(rel, f"skipped: {_describe_special(st.st_mode)}"))
+                items.append(ScanIssue(rel, f"skipped: {describe_mode(st.st_mode)}"))
         return files
 
     @staticmethod

@@ -161,3 +161,22 @@ def test_staging_inside_the_run_directory_moves_to_the_temp_dir(tmp_path: Path) 
         assert not stage.directory.resolve().is_relative_to(run.resolve())
     finally:
         stage.close()
+
+
+def test_a_checkpoint_swapped_for_a_symlink_before_its_copy_is_not_copied(
+    one_checkpoint: tuple[CheckpointStaging, Received], tmp_path: Path,
+) -> None:
+    stage, received = one_checkpoint
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not the training's")
+    release = threading.Event()
+    stage._copier.submit(release.wait, 30)  # the copier is busy: the snapshot waits
+    stage.snapshot()
+    link = stage.weights_dir / ".swap"
+    os.symlink(secret, link)
+    os.rename(link, stage.weights_dir / "last.pt")
+    release.set()
+    stage.wait()
+    stage.close()
+    assert received.copied == []
+    assert not received.failed
