@@ -1,4 +1,4 @@
-"""Unit tests for asyncsync.budget.ByteBudget: the bound on bytes in flight."""
+"""Unit tests for asyncsync.pipeline.budget.ByteBudget: the bound on bytes in flight."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from asyncsync.budget import ByteBudget
+from asyncsync.pipeline.budget import ByteBudget
 
 
 def test_capacity_must_be_positive() -> None:

@@ -1,4 +1,5 @@
-"""asyncsync.cleanup: local files of quiet runs are deleted only when provably in the bucket.
+"""asyncsync.commands.cleanup: local files of quiet runs are deleted only when provably in
+the bucket.
 
 Files go up the real way (the installed `asyncsync push` against SeaweedFS); cleanup then runs
 against the manifest that push wrote and a real S3 store wrapped so that anything but HEAD
@@ -17,11 +18,16 @@ from typing import Any
 
 import pytest
 
-from asyncsync.cleanup import CleanupDecision, CleanupPolicy, clean_quiet_runs, parse_duration
+from asyncsync.commands.cleanup import (
+    CleanupDecision,
+    CleanupPolicy,
+    clean_quiet_runs,
+    parse_duration,
+)
 from asyncsync.config import StoreConfig
 from asyncsync.errors import ConfigError
-from asyncsync.manifest import Manifest, Scope
-from asyncsync.store import ObjectInfo, ObjectStore
+from asyncsync.pipeline.manifest import Manifest, Scope
+from asyncsync.stores.protocol import ObjectInfo, ObjectStore
 
 from .conftest import S3Server, bucket_keys, read_object, run_cli
 
@@ -90,7 +96,7 @@ def clean(
     store_class: type[HeadOnlyStore] = HeadOnlyStore,
 ) -> tuple[list[CleanupDecision], list[str]]:
     """Run clean_quiet_runs against the real store; return its decisions and HEADed keys."""
-    from asyncsync.s3 import open_s3_store
+    from asyncsync.stores.s3 import open_s3_store
 
     async def main() -> tuple[list[CleanupDecision], list[str]]:
         config = StoreConfig(endpoint_url=endpoint or server.endpoint, region="us-east-1",
@@ -420,10 +426,10 @@ def test_keep_matches_relative_to_the_run_or_the_source_root() -> None:
 def test_the_last_stat_before_unlinking_keeps_a_file_changed_after_hashing(
     tmp_path: Path,
 ) -> None:
-    from asyncsync.cleanup import _unlink_if_unchanged
-    from asyncsync.digest import FileIdentity
+    from asyncsync.commands.cleanup import _unlink_if_unchanged
     from asyncsync.errors import SourceNotRegular
-    from asyncsync.source import SourcePath, open_source
+    from asyncsync.pipeline.digest import FileIdentity
+    from asyncsync.pipeline.source import SourcePath, open_source
 
     def opened(path: Path) -> Any:
         return open_source(SourcePath.of(str(path), str(tmp_path), os.lstat(path)))

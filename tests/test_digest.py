@@ -1,4 +1,4 @@
-"""Unit tests for asyncsync.digest: consistent reads, xxh3-128 digests, gzip bodies."""
+"""Unit tests for asyncsync.pipeline.digest: consistent reads, xxh3-128 digests, gzip bodies."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from asyncsync.digest import (
+from asyncsync.errors import SourceChanged, SourceVanished
+from asyncsync.pipeline.digest import (
     HASH_CHUNK,
     LARGE_HASH_CHUNK,
     LARGE_HASH_FROM,
@@ -24,8 +25,7 @@ from asyncsync.digest import (
     read_part,
     read_small,
 )
-from asyncsync.errors import SourceChanged, SourceVanished
-from asyncsync.source import SourcePath, SourceRoot
+from asyncsync.pipeline.source import SourcePath, SourceRoot
 
 
 def at(path: Path | str) -> SourcePath:

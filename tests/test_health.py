@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from asyncsync.errors import ConfigError
-from asyncsync.health import HealthServer, parse_listen_address, public_reason
-from asyncsync.metrics import Metrics
+from asyncsync.service.health import HealthServer, parse_listen_address, public_reason
+from asyncsync.service.metrics import Metrics
 
 
 def always_ready() -> tuple[bool, str]:
@@ -96,7 +96,7 @@ def test_readyz_off_loopback_names_no_endpoint_bucket_or_key(
             state["reason"] = "/var/lib/asyncsync/manifest.db: locked"
             assert (await get(server, "/readyz"))[2] == "not ready"
 
-    with caplog.at_level(logging.INFO, logger="asyncsync.health"):
+    with caplog.at_level(logging.INFO, logger="asyncsync.service.health"):
         asyncio.run(main())
     assert caplog.text.count(SECRET_REASON) == 1
     assert "not loopback: /readyz gives no details" in caplog.text
@@ -139,7 +139,7 @@ def test_readyz_is_503_when_the_callback_raises(caplog: pytest.LogCaptureFixture
             assert status == 503
             assert body == "readiness check failed: RuntimeError"
 
-    with caplog.at_level(logging.WARNING, logger="asyncsync.health"):
+    with caplog.at_level(logging.WARNING, logger="asyncsync.service.health"):
         asyncio.run(main())
     assert "readiness check raised" in caplog.text
 

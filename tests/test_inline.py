@@ -1,4 +1,4 @@
-"""Unit tests for asyncsync.inline: when blocking work may stay on the event loop."""
+"""Unit tests for asyncsync.pipeline.inline: when blocking work may stay on the event loop."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from asyncsync.inline import InlineGate
+from asyncsync.pipeline.inline import InlineGate
 
 
 def test_the_gate_closes_after_repeated_slow_calls_only() -> None:
@@ -35,9 +35,9 @@ def test_small_reads_leave_the_event_loop_once_the_disk_is_slow(
 ) -> None:
     """A push reads small files on the loop's thread; when reads keep taking longer than
     10 ms (a network filesystem), the rest go to the worker threads, and all arrive."""
-    from asyncsync import transfer
+    from asyncsync.commands.push import run_push
     from asyncsync.config import PushConfig, parse_destination
-    from asyncsync.push import run_push
+    from asyncsync.pipeline import transfer
     from asyncsync.report import Reporter
 
     source = tmp_path / "runs"

@@ -1,4 +1,4 @@
-"""Unit tests for asyncsync.keys: object keys and the include/exclude filter."""
+"""Unit tests for asyncsync.pipeline.keys: object keys and the include/exclude filter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from asyncsync.keys import MAX_KEY_BYTES, InvalidKey, PathFilter, object_key
+from asyncsync.pipeline.keys import MAX_KEY_BYTES, InvalidKey, PathFilter, object_key
 
 # -- object_key ----------------------------------------------------------------------------
 

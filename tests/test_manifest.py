@@ -1,4 +1,4 @@
-"""Unit tests for asyncsync.manifest: the SQLite record of what is in the bucket."""
+"""Unit tests for asyncsync.pipeline.manifest: the SQLite record of what is in the bucket."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from asyncsync.errors import ConfigError, ManifestError
-from asyncsync.manifest import (
+from asyncsync.pipeline.manifest import (
     CLEAN_MARK,
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -181,7 +181,7 @@ def test_an_existing_state_dir_keeps_its_mode_and_old_manifest_files_are_tighten
     try:
         for path in (m.path, wal, shm):
             path.chmod(0o644)
-        with caplog.at_level(logging.DEBUG, logger="asyncsync.manifest"):
+        with caplog.at_level(logging.DEBUG, logger="asyncsync.pipeline.manifest"):
             again = Manifest.open(state)
         try:
             assert again.lookup(SCOPE, "k") == record("k")

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import asyncsync
-from asyncsync.metrics import FAILURE_REASONS, Metrics
+from asyncsync.service.metrics import FAILURE_REASONS, Metrics
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -1,4 +1,4 @@
-"""Unit tests for asyncsync.plan: per-file decisions and multipart sizing."""
+"""Unit tests for asyncsync.pipeline.plan: per-file decisions and multipart sizing."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from asyncsync.config import (
     MiB,
     TransferConfig,
 )
-from asyncsync.manifest import ObjectRecord
-from asyncsync.plan import (
+from asyncsync.pipeline.manifest import ObjectRecord
+from asyncsync.pipeline.plan import (
     Action,
     Decision,
     part_count,
@@ -28,8 +28,8 @@ from asyncsync.plan import (
     uses_multipart,
     wants_gzip,
 )
-from asyncsync.scan import ScannedFile
-from asyncsync.source import SourceRoot
+from asyncsync.pipeline.scan import ScannedFile
+from asyncsync.pipeline.source import SourceRoot
 
 TiB = 1024 * GiB
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import xxhash
 
+from asyncsync.commands.push import EndpointUnreachable, StoreSession
 from asyncsync.errors import TransientStoreError
-from asyncsync.push import EndpointUnreachable, StoreSession
 
 from .conftest import (
     S3Server,

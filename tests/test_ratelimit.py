@@ -1,4 +1,4 @@
-"""Unit tests for asyncsync.ratelimit: the process-wide token bucket and --max-bandwidth."""
+"""Unit tests for asyncsync.pipeline.ratelimit: the token bucket and --max-bandwidth."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from asyncsync.errors import ConfigError
-from asyncsync.ratelimit import RateLimiter, parse_rate
+from asyncsync.pipeline.ratelimit import RateLimiter, parse_rate
 
 RATE = 1_000_000  # 1 MB/s: half a second of traffic is enough to measure
 

@@ -12,9 +12,9 @@ import pytest
 
 from asyncsync.cli import configure_logging
 from asyncsync.names import printable
+from asyncsync.pipeline.scan import ScanIssue
+from asyncsync.pipeline.transfer import FileOutcome
 from asyncsync.report import Reporter
-from asyncsync.scan import ScanIssue
-from asyncsync.transfer import FileOutcome
 
 from .conftest import S3Server, read_object, run_cli
 

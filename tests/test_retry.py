@@ -1,4 +1,4 @@
-"""Unit tests for asyncsync.retry: capped exponential backoff with full jitter."""
+"""Unit tests for asyncsync.stores.retry: capped exponential backoff with full jitter."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from asyncsync.errors import (
     StoreError,
     TransientStoreError,
 )
-from asyncsync.retry import Backoff, retry_transient
+from asyncsync.stores.retry import Backoff, retry_transient
 
 FAST = Backoff(base=0.001, cap=0.004)
 

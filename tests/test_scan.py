@@ -1,4 +1,4 @@
-"""Unit tests for asyncsync.scan.scan_tree: the streaming directory walk."""
+"""Unit tests for asyncsync.pipeline.scan.scan_tree: the streaming directory walk."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from asyncsync.keys import PathFilter
-from asyncsync.scan import (
+from asyncsync.pipeline.keys import PathFilter
+from asyncsync.pipeline.scan import (
     FileStat,
     Listing,
     ScanIssue,
@@ -380,7 +380,7 @@ def test_a_slow_chunk_sends_the_rest_of_the_walk_to_a_worker_thread(
     walk moves to a worker thread, with the same files in the same order."""
     import threading
 
-    from asyncsync import scan as scan_module
+    from asyncsync.pipeline import scan as scan_module
 
     expected = relatives(scan(tree))
     threads: list[str] = []
@@ -483,7 +483,7 @@ def test_a_walk_in_a_worker_thread_is_compared_on_the_loop_thread(
     the same outcome as inline."""
     import threading
 
-    from asyncsync import scan as scan_module
+    from asyncsync.pipeline import scan as scan_module
 
     monkeypatch.setattr(scan_module, "_DIRECTORIES_PER_CALL", 1)
     monkeypatch.setattr(scan_module, "_INLINE_CHUNK_SECONDS", 0.0)
@@ -513,7 +513,7 @@ def test_a_directory_swapped_for_a_symlink_after_its_parent_was_listed_is_not_en
 ) -> None:
     """The parent's listing saw a real directory; by the time it is listed itself it is a
     symlink to a directory outside the root: its entries are never listed or yielded."""
-    from asyncsync.scan import ScanOptions, _Walker
+    from asyncsync.pipeline.scan import ScanOptions, _Walker
 
     root, outside = tmp_path / "src", tmp_path / "outside"
     (root / "train" / "weights").mkdir(parents=True)

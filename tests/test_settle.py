@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from asyncsync.keys import PathFilter
-from asyncsync.scan import ScannedFile
-from asyncsync.settle import MAX_FAILURE_BACKOFF, SettleTracker
-from asyncsync.source import SourceRoot
+from asyncsync.pipeline.keys import PathFilter
+from asyncsync.pipeline.scan import ScannedFile
+from asyncsync.pipeline.settle import MAX_FAILURE_BACKOFF, SettleTracker
+from asyncsync.pipeline.source import SourceRoot
 
 RUNS = SourceRoot("/runs")
 

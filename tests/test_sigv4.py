@@ -10,7 +10,7 @@ from botocore import auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from asyncsync.sigv4 import SigV4Signer, canonical_query, quote_path
+from asyncsync.stores.sigv4 import SigV4Signer, canonical_query, quote_path
 
 NOW = time.mktime((2026, 11, 27, 12, 30, 5, 0, 0, 0)) - time.timezone
 

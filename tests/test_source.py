@@ -1,4 +1,4 @@
-"""Unit tests for asyncsync.source: a read never leaves the tree, whatever is swapped in."""
+"""Unit tests for asyncsync.pipeline.source: a read never leaves the tree."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from asyncsync.digest import hash_file, read_small
 from asyncsync.errors import SourceChanged, SourceNotRegular, SourceVanished
-from asyncsync.source import SourcePath, SourceRoot, open_parent, open_source, stat_source
+from asyncsync.pipeline.digest import hash_file, read_small
+from asyncsync.pipeline.source import SourcePath, SourceRoot, open_parent, open_source, stat_source
 
 SECRET = b"the node's service-account token"
 
@@ -153,7 +153,7 @@ def test_follow_symlinks_through_a_directory_link_inside(tree: tuple[Path, Path]
 def test_the_run_record_reads_no_results_csv_through_a_symlink(
     tree: tuple[Path, Path],
 ) -> None:
-    from asyncsync.record import training_progress
+    from asyncsync.commands.record import training_progress
 
     src, outside = tree
     (src / "train" / "results.csv").write_bytes(b"epoch,loss\n1,0.5\n2,0.4\n")

@@ -33,8 +33,14 @@ from asyncsync.errors import (
     StoreError,
     TransientStoreError,
 )
-from asyncsync.localstore import STATE_DIR, FileStore, open_file_store
-from asyncsync.store import META_DIGEST, META_SIZE, ObjectAttributes, ObjectStore, UploadedPart
+from asyncsync.stores.local import STATE_DIR, FileStore, open_file_store
+from asyncsync.stores.protocol import (
+    META_DIGEST,
+    META_SIZE,
+    ObjectAttributes,
+    ObjectStore,
+    UploadedPart,
+)
 
 from .test_cli import SilentServer
 
@@ -85,7 +91,7 @@ def store(
     )
 
     async def open_s3() -> ObjectStore:
-        from asyncsync.s3 import open_s3_store
+        from asyncsync.stores.s3 import open_s3_store
 
         return await open_s3_store(bucket, config)
 
@@ -362,7 +368,7 @@ def test_s3_check_bucket_tells_missing_bucket_and_bad_secret_apart(
     )
 
     async def check(name: str, secret: str) -> None:
-        from asyncsync.s3 import open_s3_store
+        from asyncsync.stores.s3 import open_s3_store
 
         only_these_credentials(monkeypatch, s3_server.access_key, secret)
         store = await open_s3_store(name, config)
@@ -412,7 +418,7 @@ def test_s3_check_bucket_in_another_region_names_the_region(
     )
 
     async def check() -> None:
-        from asyncsync.s3 import open_s3_store
+        from asyncsync.stores.s3 import open_s3_store
 
         store = await open_s3_store("far-away", config)
         try:
@@ -448,7 +454,7 @@ def test_tls_verification_is_left_out_only_where_no_tls_is_spoken(
     monkeypatch: pytest.MonkeyPatch, endpoint: str | None, proxy: str | None,
     expected: dict[str, bool],
 ) -> None:
-    from asyncsync.s3 import tls_verify_override
+    from asyncsync.stores.s3 import tls_verify_override
 
     for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY",
                  "no_proxy", "ALL_PROXY", "all_proxy"):
@@ -476,7 +482,7 @@ def test_uploads_to_a_store_that_never_answers_time_out(
     body = os.urandom(size)
 
     async def upload(server: SilentServer) -> None:
-        from asyncsync.s3 import open_s3_store
+        from asyncsync.stores.s3 import open_s3_store
 
         config = StoreConfig(
             endpoint_url=f"http://127.0.0.1:{server.port}", region="us-east-1",
@@ -510,7 +516,7 @@ def test_timeouts_and_connection_failures_are_named_by_host() -> None:
     import aiohttp
     from botocore import exceptions as bce
 
-    from asyncsync.s3errors import endpoint_host, translate_error
+    from asyncsync.stores.s3errors import endpoint_host, translate_error
 
     def message(exc: BaseException, endpoint: str = "http://10.0.0.5:9000") -> str:
         translated = translate_error(exc, op="PutObject", key="k", location="s3://b",
@@ -705,7 +711,7 @@ def test_file_store_complete_checks_parts(tmp_path: Path) -> None:
 def test_file_store_maps_os_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from asyncsync import localstore
+    from asyncsync.stores import local as localstore
 
     root, factory = file_store(tmp_path)
     real_write_all = localstore._write_all

@@ -243,7 +243,7 @@ def _size(text: str | None, what: str) -> int | None:
 
 def push_config(args: argparse.Namespace, *, source_may_be_missing: bool = False) -> PushConfig:
     """Validate the arguments once; everything downstream reads the frozen result."""
-    from .ratelimit import parse_rate
+    from .pipeline.ratelimit import parse_rate
 
     destination = parse_destination(args.destination)
     if source_may_be_missing and not Path(args.source).exists():
@@ -344,8 +344,8 @@ def configure_logging(verbose: int, quiet: bool, log_format: str = "text") -> No
 
 
 def run_push_command(args: argparse.Namespace) -> int:
-    from .budget import release_large_buffers_promptly
-    from .push import run_push
+    from .commands.push import run_push
+    from .pipeline.budget import release_large_buffers_promptly
     from .report import Reporter
 
     config = push_config(args)
@@ -372,11 +372,11 @@ def run_push_command(args: argparse.Namespace) -> int:
 
 
 def watch_config(args: argparse.Namespace) -> WatchConfig:
-    from .health import parse_listen_address
+    from .service.health import parse_listen_address
 
     cleanup = None
     if args.delete_after is not None:
-        from .cleanup import parse_duration
+        from .commands.cleanup import parse_duration
 
         delete_after = check_delete_after(
             parse_duration(args.delete_after), args.delete_after,
@@ -409,8 +409,8 @@ def watch_config(args: argparse.Namespace) -> WatchConfig:
 
 
 def run_watch_command(args: argparse.Namespace) -> int:
-    from .budget import release_large_buffers_promptly
-    from .watch import Watcher
+    from .commands.watch import Watcher
+    from .pipeline.budget import release_large_buffers_promptly
 
     config = watch_config(args)
     release_large_buffers_promptly()
@@ -428,8 +428,8 @@ def run_watch_command(args: argparse.Namespace) -> int:
 
 
 def run_run_command(args: argparse.Namespace) -> int:
-    from .budget import release_large_buffers_promptly
-    from .runner import run_training
+    from .commands.run import run_training
+    from .pipeline.budget import release_large_buffers_promptly
 
     command = args.training_command
     if not command:

@@ -21,8 +21,8 @@ from typing import Any, TextIO
 
 from .errors import TransientStoreError
 from .names import printable
-from .scan import FileStat, ScanIssue
-from .transfer import FileOutcome
+from .pipeline.scan import FileStat, ScanIssue
+from .pipeline.transfer import FileOutcome
 
 log = logging.getLogger("asyncsync")
 # A str as a JSON string literal, as json.dumps(..., ensure_ascii=False) writes it.

@@ -12,7 +12,7 @@ import pytest
 
 from asyncsync.integrations import staging
 from asyncsync.integrations.staging import CheckpointStaging
-from asyncsync.source import OpenedSource
+from asyncsync.pipeline.source import OpenedSource
 
 
 class Received:

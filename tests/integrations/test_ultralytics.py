@@ -25,7 +25,7 @@ import pytest
 from asyncsync.errors import ConfigError
 from asyncsync.integrations import staging
 from asyncsync.integrations.ultralytics import UltralyticsSync, attach
-from asyncsync.source import OpenedSource
+from asyncsync.pipeline.source import OpenedSource
 
 from ..conftest import S3Server, bucket_keys, read_object, run_cli
 

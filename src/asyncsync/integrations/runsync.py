@@ -25,19 +25,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..budget import ByteBudget
+from ..commands.push import StoreSession, mirror, open_store, scope_for
+from ..commands.record import RECORD_PATH, RunRecord, now_iso, read_results
 from ..config import PushConfig
 from ..errors import AsyncsyncError
-from ..keys import InvalidKey, object_key
-from ..manifest import Manifest
 from ..names import PrintableFormatter
-from ..plan import Action, plan_file
-from ..push import StoreSession, mirror, open_store, scope_for
-from ..record import RECORD_PATH, RunRecord, now_iso, read_results
+from ..pipeline.budget import ByteBudget
+from ..pipeline.keys import InvalidKey, object_key
+from ..pipeline.manifest import Manifest
+from ..pipeline.plan import Action, plan_file
+from ..pipeline.scan import FileStat, ScanIssue, ScannedFile
+from ..pipeline.source import SourceRoot
+from ..pipeline.transfer import FileOutcome, Uploader
 from ..report import Reporter
-from ..scan import FileStat, ScanIssue, ScannedFile
-from ..source import SourceRoot
-from ..transfer import FileOutcome, Uploader
 from .staging import CheckpointStaging
 
 log = logging.getLogger("asyncsync.training")

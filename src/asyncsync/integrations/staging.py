@@ -23,9 +23,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from ..digest import FileIdentity, check_unchanged
 from ..errors import SourceChanged, SourceNotRegular, SourceVanished
-from ..source import OpenedSource, SourcePath, SourceRoot, open_source
+from ..pipeline.digest import FileIdentity, check_unchanged
+from ..pipeline.source import OpenedSource, SourcePath, SourceRoot, open_source
 
 # (path relative to the run directory, the staged copy): the copy is the receiver's to
 # upload and delete.

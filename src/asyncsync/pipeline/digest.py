@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
-from .errors import SourceChanged
+from ..errors import SourceChanged
 from .source import OpenedSource, SourceFile, open_source
 
 # Buffer of one hashing pass; the transfer stage pays for it from the byte budget.

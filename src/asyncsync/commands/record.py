@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import SourceNotRegular, SourceVanished, StoreError
+from .. import __version__
+from ..errors import SourceNotRegular, SourceVanished, StoreError
+from ..pipeline.source import read_beneath
+from ..stores.protocol import ObjectAttributes
 from .push import EndpointUnreachable, StoreSession
-from .source import read_beneath
-from .store import ObjectAttributes
 
 log = logging.getLogger("asyncsync")
 

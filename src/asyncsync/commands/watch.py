@@ -27,19 +27,19 @@ import time
 from collections.abc import Iterable
 from dataclasses import replace
 
-from .budget import ByteBudget
-from .config import WatchConfig
-from .errors import FatalStoreError, ManifestError, StoreError
-from .keys import InvalidKey, PathFilter, object_key
-from .manifest import Manifest, ObjectRecord
-from .metrics import Metrics
-from .plan import plan_file
+from ..config import WatchConfig
+from ..errors import FatalStoreError, ManifestError, StoreError
+from ..pipeline.budget import ByteBudget
+from ..pipeline.keys import InvalidKey, PathFilter, object_key
+from ..pipeline.manifest import Manifest, ObjectRecord
+from ..pipeline.plan import plan_file
+from ..pipeline.scan import ScanIssue, ScannedFile, ScanOptions, StatCache, scan_directories
+from ..pipeline.settle import SettleTracker
+from ..pipeline.source import SourceRoot
+from ..pipeline.transfer import FileOutcome, Uploader
+from ..service.metrics import Metrics
+from ..stores.protocol import ObjectStore
 from .push import EndpointUnreachable, StoreSession, open_store, scope_for, state_dir_inside
-from .scan import ScanIssue, ScannedFile, ScanOptions, StatCache, scan_directories
-from .settle import SettleTracker
-from .source import SourceRoot
-from .store import ObjectStore
-from .transfer import FileOutcome, Uploader
 
 log = logging.getLogger("asyncsync")
 
@@ -91,7 +91,7 @@ class Watcher:
 
     async def run(self) -> None:
         """Watch until asked to stop. Configuration errors raise; nothing transient does."""
-        from .health import HealthServer
+        from ..service.health import HealthServer
 
         health = None
         if self.config.metrics_addr is not None:

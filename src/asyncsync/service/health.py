@@ -22,7 +22,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)

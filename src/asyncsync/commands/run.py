@@ -22,9 +22,9 @@ import os
 import signal
 from typing import Any
 
-from .config import WatchConfig
-from .errors import EXIT_SOME_FAILED, AsyncsyncError, ConfigError, FatalStoreError
-from .keys import object_key
+from ..config import WatchConfig
+from ..errors import EXIT_SOME_FAILED, AsyncsyncError, ConfigError, FatalStoreError
+from ..pipeline.keys import object_key
 from .push import EndpointUnreachable, StoreSession, open_store
 from .record import RECORD_PATH, RunRecord, now_iso, training_progress
 from .watch import Watcher

@@ -27,11 +27,11 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
-from .config import StoreConfig
-from .errors import ChecksumNotConfirmed, FatalStoreError, StoreError
+from ..config import StoreConfig
+from ..errors import ChecksumNotConfirmed, FatalStoreError, StoreError
+from .protocol import ObjectAttributes
 from .s3errors import classify_response, translate_transport_error
 from .sigv4 import SigV4Signer, canonical_query, quote_path
-from .store import ObjectAttributes
 
 PROBE_KEY = "asyncsync-probe"
 # A part's CRC32 (base64, big-endian), sent with it and echoed by a store that checked it.

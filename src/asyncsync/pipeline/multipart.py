@@ -17,14 +17,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from .digest import (
-    FileIdentity,
-    crc32_b64_of,
-    md5_b64,
-    new_digest,
-    read_part,
-)
-from .errors import (
+from ..errors import (
     ChecksumNotConfirmed,
     FatalStoreError,
     ManifestError,
@@ -32,11 +25,18 @@ from .errors import (
     SourceChanged,
     first_error,
 )
+from ..stores.protocol import META_DIGEST, ObjectAttributes, ObjectStore, UploadedPart
+from .digest import (
+    FileIdentity,
+    crc32_b64_of,
+    md5_b64,
+    new_digest,
+    read_part,
+)
 from .manifest import PendingUpload, RecordedPart
 from .plan import part_count, part_size_for, part_window_for
 from .scan import ScannedFile
 from .source import OpenedSource, open_source, stat_source
-from .store import META_DIGEST, ObjectAttributes, ObjectStore, UploadedPart
 
 if TYPE_CHECKING:
     from .transfer import Uploader

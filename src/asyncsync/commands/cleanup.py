@@ -29,9 +29,7 @@ from typing import Literal
 
 import anyio.to_thread
 
-from . import digest
-from .digest import FileIdentity
-from .errors import (
+from ..errors import (
     ConfigError,
     FatalStoreError,
     SourceChanged,
@@ -40,10 +38,12 @@ from .errors import (
     StoreError,
     TransientStoreError,
 )
-from .keys import InvalidKey, PathFilter, object_key
-from .manifest import Manifest, Scope
-from .source import OpenedSource, SourcePath, SourceRoot, open_parent, open_source
-from .store import META_DIGEST, META_SIZE, ObjectStore
+from ..pipeline import digest
+from ..pipeline.digest import FileIdentity
+from ..pipeline.keys import InvalidKey, PathFilter, object_key
+from ..pipeline.manifest import Manifest, Scope
+from ..pipeline.source import OpenedSource, SourcePath, SourceRoot, open_parent, open_source
+from ..stores.protocol import META_DIGEST, META_SIZE, ObjectStore
 
 log = logging.getLogger("asyncsync")
 

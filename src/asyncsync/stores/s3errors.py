@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlsplit
 
-from .errors import (
+from ..errors import (
     FatalStoreError,
     NoSuchUpload,
     NotFound,

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import TransientStoreError
+from ..errors import TransientStoreError
 
 T = TypeVar("T")
 

@@ -25,11 +25,11 @@ from typing import Any, BinaryIO, TypeVar
 
 import anyio.to_thread
 
-from .config import MIN_PART_SIZE
-from .digest import crc32_b64_of
-from .errors import FatalStoreError, NoSuchUpload, NotFound, StoreError, TransientStoreError
+from ..config import MIN_PART_SIZE
+from ..errors import FatalStoreError, NoSuchUpload, NotFound, StoreError, TransientStoreError
+from ..pipeline.digest import crc32_b64_of
+from .protocol import MultipartUpload, ObjectAttributes, ObjectInfo, UploadedPart
 from .retry import Backoff, retry_transient
-from .store import MultipartUpload, ObjectAttributes, ObjectInfo, UploadedPart
 
 T = TypeVar("T")
 E = TypeVar("E", bound=StoreError)

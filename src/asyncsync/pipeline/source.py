@@ -22,7 +22,7 @@ import stat
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import SourceChanged, SourceNotRegular, SourceVanished
+from ..errors import SourceChanged, SourceNotRegular, SourceVanished
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # Directories on the way are only passed to openat(): O_PATH opens them without reading.

@@ -19,8 +19,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, ParamSpec, TypeVar
 
+from ..config import TransferConfig
+from ..errors import (
+    FatalStoreError,
+    ManifestError,
+    SourceChanged,
+    SourceNotRegular,
+    SourceVanished,
+    StoreError,
+)
+from ..stores.protocol import META_DIGEST, META_SIZE, ObjectAttributes, ObjectStore
 from .budget import ByteBudget
-from .config import TransferConfig
 from .digest import (
     HASH_CHUNK,
     FileIdentity,
@@ -28,14 +37,6 @@ from .digest import (
     hash_chunk_for,
     hash_file,
     read_small,
-)
-from .errors import (
-    FatalStoreError,
-    ManifestError,
-    SourceChanged,
-    SourceNotRegular,
-    SourceVanished,
-    StoreError,
 )
 from .inline import InlineGate
 from .manifest import Manifest, ObjectRecord, Scope
@@ -48,7 +49,6 @@ from .plan import (
 )
 from .scan import ScannedFile
 from .source import stat_source
-from .store import META_DIGEST, META_SIZE, ObjectAttributes, ObjectStore
 
 log = logging.getLogger("asyncsync")
 

@@ -28,8 +28,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .config import StoreConfig
-from .errors import (
+from ..config import StoreConfig
+from ..errors import (
     ChecksumNotConfirmed,
     FatalStoreError,
     NoSuchUpload,
@@ -37,10 +37,10 @@ from .errors import (
     StoreError,
     TransientStoreError,
 )
+from .protocol import MultipartUpload, ObjectAttributes, ObjectInfo, UploadedPart
 from .retry import Backoff, retry_transient
 from .s3direct import DirectUploads, Pace, open_direct_uploads, proxy_for
 from .s3errors import translate_error
-from .store import MultipartUpload, ObjectAttributes, ObjectInfo, UploadedPart
 
 T = TypeVar("T")
 log = logging.getLogger("asyncsync")

@@ -15,16 +15,24 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from .budget import ByteBudget
-from .config import PushConfig
-from .errors import AsyncsyncError, FatalStoreError, TransientStoreError, first_error
-from .keys import InvalidKey, PathFilter, object_key
-from .manifest import Manifest, Scope
-from .plan import Action, Decision, plan_file, uses_multipart
-from .report import Reporter
-from .scan import FileStat, Listing, ScanIssue, ScanItem, ScannedFile, ScanOptions, scan_listings
-from .store import ObjectInfo, ObjectStore
-from .transfer import FileOutcome, Uploader
+from ..config import PushConfig
+from ..errors import AsyncsyncError, FatalStoreError, TransientStoreError, first_error
+from ..pipeline.budget import ByteBudget
+from ..pipeline.keys import InvalidKey, PathFilter, object_key
+from ..pipeline.manifest import Manifest, Scope
+from ..pipeline.plan import Action, Decision, plan_file, uses_multipart
+from ..pipeline.scan import (
+    FileStat,
+    Listing,
+    ScanIssue,
+    ScanItem,
+    ScannedFile,
+    ScanOptions,
+    scan_listings,
+)
+from ..pipeline.transfer import FileOutcome, Uploader
+from ..report import Reporter
+from ..stores.protocol import ObjectInfo, ObjectStore
 
 log = logging.getLogger("asyncsync")
 
@@ -132,19 +140,19 @@ def open_store(config: PushConfig, on_retry: Callable[..., None]) -> Callable[[]
     --max-bandwidth paces S3 bodies; a local directory is not paced."""
     pace: Callable[[int], Awaitable[None]] | None = None
     if config.transfer.max_bandwidth:
-        from .ratelimit import RateLimiter
+        from ..pipeline.ratelimit import RateLimiter
 
         pace = RateLimiter(config.transfer.max_bandwidth).take
 
     async def open_s3() -> ObjectStore:
-        from .s3 import open_s3_store
+        from ..stores.s3 import open_s3_store
 
         return await open_s3_store(
             config.destination.bucket, config.store, on_retry=on_retry, pace=pace
         )
 
     async def open_directory() -> ObjectStore:
-        from .localstore import open_file_store
+        from ..stores.local import open_file_store
 
         return await open_file_store(config.destination.bucket, on_retry=on_retry)
 

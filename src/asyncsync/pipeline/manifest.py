@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError
+from ..errors import ManifestError
 
 log = logging.getLogger(__name__)
 

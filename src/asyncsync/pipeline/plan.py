@@ -9,7 +9,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from .config import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB, TransferConfig
+from ..config import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB, TransferConfig
 from .manifest import ObjectRecord
 from .scan import ScannedFile
 

@@ -17,7 +17,7 @@ import math
 import re
 import time
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 KiB = 1024
 DEFAULT_MIN_BURST = 256 * KiB

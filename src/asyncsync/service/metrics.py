@@ -22,7 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from . import __version__
+from .. import __version__
 
 FAILURE_REASONS: frozenset[str] = frozenset({"store", "read", "changed", "other"})
 """The values of the ``reason`` label of ``asyncsync_upload_failures_total``."""
