@@ -3,10 +3,11 @@
 The proxy sits between an S3 client (botocore, aiobotocore, or an `asyncsync` subprocess whose
 AWS_ENDPOINT_URL points at `FaultProxy.endpoint`) and a real S3 server such as the embedded
 SeaweedFS, and lets a test make chosen requests fail the way real object stores and networks
-fail: throttling (503 SlowDown), server errors (500), connection resets, latency, and a slow
-uplink. Everything else is forwarded byte for byte (bar the Expect header, which the proxy
-answers itself), so SigV4 signatures stay valid: the client signs the proxy's Host header and
-the proxy passes it through unchanged.
+fail: throttling (503 SlowDown), server errors (500), connection resets (before a request is
+forwarded, or in the middle of the response body), latency, and a slow uplink. Everything
+else is forwarded byte for byte (bar the Expect header, which the proxy answers itself), so
+SigV4 signatures stay valid: the client signs the proxy's Host header and the proxy passes
+it through unchanged.
 
 The proxy runs its own asyncio event loop in a daemon thread, so synchronous tests and
 subprocesses can use it alike. Bodies are streamed in bounded pieces, never held whole.
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import struct
+import termios
 import threading
 import time
 import uuid
@@ -27,7 +30,8 @@ from types import TracebackType
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
-ACTIONS = ("503", "500", "reset", "delay", "lose-response", "strip-checksum")
+ACTIONS = ("503", "500", "reset", "delay", "lose-response", "strip-checksum",
+           "truncate-response")
 
 _PIECE = 64 * 1024
 _MAX_HEAD = 1024 * 1024
@@ -53,6 +57,9 @@ class ProxyStats:
     by_method: dict[str, int] = field(default_factory=dict)
     # Request body bytes written to the server, as on the wire (chunk framing included).
     body_bytes_upstream: int = 0
+    # Response body bytes relayed to clients, likewise: a download resumed where it was cut
+    # off costs the object's size, one started again costs more.
+    body_bytes_downstream: int = 0
     faults_by_action: dict[str, int] = field(default_factory=dict)
     # The most requests the proxy was handling at once (read, delayed, forwarded, answered).
     peak_in_flight: int = 0
@@ -66,6 +73,7 @@ class _Rule:
     path_contains: str | None
     query_contains: str | None
     delay: float
+    truncate_at: int = 0
 
     def matches(self, method: str, path: str, query: str) -> bool:
         return (
@@ -217,6 +225,20 @@ async def _copy_chunked(reader: asyncio.StreamReader, send: Send) -> None:
         await send(await reader.readexactly(2))
 
 
+async def _sent(sock: socket.socket, timeout: float = 5.0) -> None:
+    """Wait until the kernel has sent (and the peer acknowledged) everything written to
+    ``sock`` (Linux: SIOCOUTQ), so a reset that follows discards none of it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return  # not a TCP socket, or not Linux: nothing to wait for
+        if struct.unpack("i", queued)[0] == 0:
+            return
+        await asyncio.sleep(0.005)
+
+
 def _simple_response(status: int, reason: bytes, body: bytes, *, close: bool) -> bytes:
     head = [
         b"HTTP/1.1 %d %s" % (status, reason),
@@ -320,6 +342,7 @@ class FaultProxy:
         path_contains: str | None = None,
         query_contains: str | None = None,
         delay: float = 0.0,
+        truncate_at: int = 0,
     ) -> None:
         """Give `action` to the next `count` requests that match every filter given.
 
@@ -329,7 +352,11 @@ class FaultProxy:
         a reset with count=2 for the client to see one. "lose-response" forwards the request,
         lets the server act on it, and resets the client instead of relaying the answer.
         "strip-checksum" relays the answer without its x-amz-checksum-* headers, as a store
-        that ignores checksums would send it.
+        that ignores checksums would send it. "truncate-response" forwards the request, relays
+        the answer's head and its first `truncate_at` body bytes, waits until the client has
+        them (the kernel's send queue is empty, then `delay` seconds more, for the client to
+        take them from its own buffers: aiohttp drops what it has buffered but not handed
+        out once a reset arrives), then resets the client: a connection lost mid-download.
         """
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}; expected one of {ACTIONS}")
@@ -337,8 +364,11 @@ class FaultProxy:
             raise ValueError("count must be at least 1")
         if action == "delay" and delay <= 0:
             raise ValueError("a delay rule needs delay > 0")
+        if truncate_at < 0:
+            raise ValueError("truncate_at must be at least 0")
         rule = _Rule(
-            action, count, method.upper() if method else None, path_contains, query_contains, delay
+            action, count, method.upper() if method else None, path_contains, query_contains,
+            delay, truncate_at,
         )
         with self._lock:
             self._rules.append(rule)
@@ -399,6 +429,20 @@ class FaultProxy:
     def _count_body_bytes(self, n: int) -> None:
         with self._lock:
             self._stats.body_bytes_upstream += n
+
+    def _count_downstream(self, n: int) -> None:
+        with self._lock:
+            self._stats.body_bytes_downstream += n
+
+    def _send_down(self, writer: asyncio.StreamWriter) -> Send:
+        """Relays response body bytes to the client, counted."""
+        send = _send_to(writer)
+
+        async def counted(data: bytes) -> None:
+            await send(data)
+            self._count_downstream(len(data))
+
+        return counted
 
     async def _pace(self, n: int) -> None:
         """Wait for this piece's slot under the bandwidth limit before it goes upstream."""
@@ -484,6 +528,9 @@ class FaultProxy:
             return False
         if rule is not None and rule.action == "lose-response":
             await self._forward_then_reset(request, reader, writer, upstream)
+            return False
+        if rule is not None and rule.action == "truncate-response":
+            await self._forward_truncated(request, rule, reader, writer, upstream)
             return False
         if rule is not None and rule.action in _ERRORS:
             await self._answer_error(rule.action, request, reader, writer)
@@ -607,6 +654,42 @@ class FaultProxy:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
 
+    async def _forward_truncated(
+        self,
+        request: _Request,
+        rule: _Rule,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: _Upstream,
+    ) -> None:
+        """The answer starts, and the connection dies part-way through its body."""
+        with contextlib.suppress(_UpstreamError, ConnectionError, asyncio.LimitOverrunError,
+                                 asyncio.IncompleteReadError):
+            up_reader, _ = await self._send_upstream(request, reader, writer, upstream)
+            head = await _read_head(up_reader)
+            if head is not None:
+                writer.write(head)
+                await writer.drain()
+                send = self._send_down(writer)
+                _, _, headers = _split_head(head)
+                remaining = rule.truncate_at
+                if request.method == "HEAD":
+                    remaining = 0
+                elif b"content-length" in headers:
+                    # Never wait for more than the server sends (a short error answer).
+                    remaining = min(remaining, int(headers[b"content-length"]))
+                while remaining and (piece := await up_reader.read(min(remaining, _PIECE))):
+                    remaining -= len(piece)
+                    await send(piece)
+        # The rest of the answer is still on its way from the server: that connection is done.
+        await upstream.close()
+        sock = writer.get_extra_info("socket")
+        await _sent(sock)
+        if rule.delay:
+            await asyncio.sleep(rule.delay)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
     async def _forward_body(
         self, request: _Request, reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter
     ) -> None:
@@ -657,14 +740,15 @@ class FaultProxy:
             if request.method == "HEAD" or status in (204, 304):
                 pass
             elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-                await _copy_chunked(up_reader, _send_to(writer))
+                await _copy_chunked(up_reader, self._send_down(writer))
             elif b"content-length" in headers:
-                await _copy_exact(up_reader, _send_to(writer), int(headers[b"content-length"]))
+                await _copy_exact(up_reader, self._send_down(writer),
+                                  int(headers[b"content-length"]))
             else:
                 # No framing: the body runs to the end of the connection.
+                send = self._send_down(writer)
                 while piece := await up_reader.read(_PIECE):
-                    writer.write(piece)
-                    await writer.drain()
+                    await send(piece)
                 close_after = True
         except asyncio.IncompleteReadError:
             # The head is already out, so a 502 is no longer possible: cut the client off.

@@ -422,3 +422,170 @@ def test_no_credentials_anywhere_is_a_configuration_error(tmp_path: Path) -> Non
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "no usable AWS credentials" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- settings from flags, ASYNCSYNC_* variables and a --config file -------------------------
+
+SETTINGS_FLAGS = ["--workers", "12", "--max-memory", "128MiB", "--include", "*.pt",
+                  "--include", "*.csv", "--gzip", "--no-direct-uploads", "--read-timeout", "30",
+                  "--reconcile", "-v"]
+SETTINGS_ENV = {"ASYNCSYNC_WORKERS": "12", "ASYNCSYNC_MAX_MEMORY": "128MiB",
+                "ASYNCSYNC_INCLUDE": "*.pt,*.csv", "ASYNCSYNC_GZIP": "1",
+                "ASYNCSYNC_DIRECT_UPLOADS": "false", "ASYNCSYNC_READ_TIMEOUT": "30",
+                "ASYNCSYNC_RECONCILE": "on", "ASYNCSYNC_VERBOSE": "1"}
+SETTINGS_TOML = """\
+workers = 12
+max_memory = "128MiB"
+include = ["*.pt", "*.csv"]
+gzip = true
+direct_uploads = false
+read_timeout = 30
+verbose = 1
+
+[push]
+reconcile = true
+"""
+
+
+def settings_env(**extra: str) -> dict[str, str]:
+    """offline_env without any ASYNCSYNC_* variable of the caller's own."""
+    env = {k: v for k, v in offline_env().items() if not k.startswith("ASYNCSYNC_")}
+    env.update(extra)
+    return env
+
+
+def printed_settings(stdout: str) -> dict[str, tuple[str, str]]:
+    """`asyncsync config` output -> {key: (value, origin)}, unset keys included."""
+    settings = {}
+    for line in stdout.splitlines():
+        if not line.strip() or line.startswith(("[", "# asyncsync")):
+            continue
+        setting, _, origin = line.rpartition("  # ")
+        if setting.startswith("# "):
+            key, _, value = setting[2:].partition(": ")
+        else:
+            key, _, value = setting.partition(" = ")
+        settings[key.strip()] = (value.strip(), origin.strip())
+    return settings
+
+
+def test_config_prints_the_same_settings_from_flags_environment_and_file(
+    tmp_path: Path,
+) -> None:
+    file = tmp_path / "asyncsync.toml"
+    file.write_text(SETTINGS_TOML)
+    runs = {
+        "flag": run_cli("config", "push", *SETTINGS_FLAGS, env=settings_env()),
+        "env": run_cli("config", "push", env=settings_env(**SETTINGS_ENV)),
+        "file": run_cli("config", "--config", file, "push", env=settings_env()),
+    }
+    printed = {}
+    for source, result in runs.items():
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        printed[source] = printed_settings(result.stdout)
+    values = {source: {key: value for key, (value, _) in settings.items()}
+              for source, settings in printed.items()}
+    assert values["flag"] == values["env"] == values["file"]
+    assert values["flag"]["workers"] == "12" and values["flag"]["include"] == '["*.pt", "*.csv"]'
+    assert values["flag"]["max_memory"] == '"128MiB"' and values["flag"]["gzip"] == "true"
+    assert printed["flag"]["workers"][1] == "flag --workers"
+    assert printed["env"]["workers"][1] == "env ASYNCSYNC_WORKERS"
+    assert printed["file"]["workers"][1] == "file"
+    assert printed["file"]["reconcile"][1] == "file [push]"
+    assert printed["flag"]["retries"] == ("6", "default")
+    assert f"config file {file}" in runs["file"].stdout.splitlines()[0]
+
+
+def test_config_shows_precedence_flag_env_file_default(tmp_path: Path) -> None:
+    file = tmp_path / "asyncsync.toml"
+    file.write_text("workers = 3\nretries = 4\nsettle = 2\n[watch]\nread_timeout = 5\n")
+    result = run_cli("config", "watch", "--workers", "1", env=settings_env(
+        ASYNCSYNC_WORKERS="2", ASYNCSYNC_RETRIES="7", ASYNCSYNC_CONFIG=str(file)))
+    assert result.returncode == 0, result.stderr
+    printed = printed_settings(result.stdout)
+    assert printed["workers"] == ("1", "flag --workers")
+    assert printed["retries"] == ("7", "env ASYNCSYNC_RETRIES")
+    assert printed["settle"] == ("2", "file")
+    assert printed["read_timeout"] == ("5", "file [watch]")
+    assert printed["grace"] == ("30", "default")
+    assert printed["verbose"] == ("1", "default")  # watch logs upload decisions by default
+
+
+def test_config_without_a_command_prints_every_command_and_nothing_secret(
+    tmp_path: Path,
+) -> None:
+    secret = "wJalrXUtnFEMI-not-a-real-secret"
+    env = settings_env(AWS_SECRET_ACCESS_KEY=secret, AWS_SESSION_TOKEN=secret,
+                       AWS_ENDPOINT_URL="http://private-endpoint.internal:9000")
+    result = run_cli("config", env=env)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("[")] == [
+        "[push]", "[watch]", "[run]"]
+    assert secret not in result.stdout and "private-endpoint" not in result.stdout
+    assert "# endpoint_url: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS" in (
+        result.stdout)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("wrokers = 3\n", "{file}: unknown key 'wrokers' (did you mean 'workers'?)"),
+        ("[push]\nworkers = 0\n", "{file}: push.workers: --workers 0: must be at least 1"),
+        ("max_memory = 'lots'\n", "{file}: max_memory: --max-memory: 'lots' is not a size"),
+        ("workers = [\n", "{file}: not valid TOML"),
+    ],
+)
+@pytest.mark.parametrize("command", ["config", "push"])
+def test_a_bad_config_file_is_one_line_and_exit_2(
+    tmp_path: Path, text: str, needle: str, command: str
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    words = (["config", "--config", file] if command == "config"
+             else ["push", src, "s3://bucket-a/x", "--config", file])
+    result = run_cli(*words, env=settings_env())
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("asyncsync: error: config file ")
+    assert needle.format(file=file) in lines[0]
+    assert result.stdout == ""
+
+
+def test_a_bad_variable_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    result = run_cli("watch", src, "s3://bucket-a/x", env=settings_env(ASYNCSYNC_SETTLE="soon"))
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "asyncsync: error: ASYNCSYNC_SETTLE: --settle soon: not a number of seconds"
+    ]
+    missing = run_cli("config", env=settings_env(ASYNCSYNC_CONFIG=str(tmp_path / "none.toml")))
+    assert missing.returncode == 2
+    assert error_lines(missing.stderr) == [
+        f"asyncsync: error: config file {tmp_path / 'none.toml'}: cannot read: "
+        "No such file or directory"
+    ]
+
+
+@pytest.mark.s3
+def test_push_takes_its_settings_from_the_config_file(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, 3)
+    (src / "exp" / "best.pt").write_bytes(b"weights")
+    file = tmp_path / "asyncsync.toml"
+    file.write_text(f'state_dir = "{tmp_path / "state"}"\n[push]\ninclude = ["*.pt"]\n'
+                    "json = true\n")
+    result = run_cli("push", src, f"s3://{bucket}/x", "--config", file, env=s3_server.env())
+    assert result.returncode == 0, result.stderr
+    assert result.files("uploaded") == ["exp/best.pt"]  # --json and --include from the file
+    assert (tmp_path / "state" / "manifest.db").exists()
+    assert bucket_keys(s3_server.client(), bucket) == ["x/exp/best.pt"]
+    # A flag still wins over the file: --include replaces the file's list.
+    again = run_cli("push", src, f"s3://{bucket}/x", "--config", file, "--include", "f0.txt",
+                    env=s3_server.env())
+    assert again.returncode == 0 and again.files("uploaded") == ["exp/f0.txt"]

@@ -1,28 +1,47 @@
-"""Unit tests for asyncsync.config: sizes, destinations, state directory, validation."""
+"""Unit tests for asyncsync.config and the option table (asyncsync.options): sizes,
+destinations, state directory, validation; flags, ASYNCSYNC_* variables and the TOML file."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from asyncsync.config import (
+    DEFAULT_WORKERS,
     MIN_DELETE_AFTER,
     Destination,
     GiB,
     MiB,
+    PushConfig,
+    StoreConfig,
+    TransferConfig,
+    WatchConfig,
     check_delete_after,
     check_destination_outside,
+    check_settings,
     default_state_dir,
     descriptors_needed,
     ensure_open_files,
     parse_destination,
     parse_seconds,
     parse_size,
+    push_config_from,
     validate_endpoint,
     validate_source,
 )
 from asyncsync.errors import ConfigError
+from asyncsync.options import (
+    BY_NAME,
+    OPTIONS,
+    Kind,
+    Source,
+    describe,
+    from_mapping,
+    parse_value,
+    resolve,
+)
 
 # -- parse_size ------------------------------------------------------------------------------
 
@@ -431,3 +450,287 @@ def test_open_file_limit_beyond_the_hard_limit(monkeypatch: pytest.MonkeyPatch) 
         "--workers 1200: needs about 5000 open files, but the limit is 4096; "
         "use fewer workers or raise the limit (ulimit -n 5000)"
     )
+
+
+# -- the option table: flags, ASYNCSYNC_* variables, the TOML file, attach() -------------------
+
+PUSH_FLAGS = ["--workers", "12", "--max-memory", "128MiB", "--part-size", "8MiB",
+              "--include", "*.pt", "--include", "*.csv", "--exclude", "a,b.pt",
+              "--max-bandwidth", "50MB/s", "--gzip", "--no-direct-uploads",
+              "--read-timeout", "30", "--addressing-style", "path", "--retries", "3",
+              "--endpoint-url", "http://127.0.0.1:9", "--reconcile"]
+PUSH_ENV = {"ASYNCSYNC_WORKERS": "12", "ASYNCSYNC_MAX_MEMORY": "128MiB",
+            "ASYNCSYNC_PART_SIZE": "8MiB", "ASYNCSYNC_INCLUDE": "*.pt, *.csv",
+            "ASYNCSYNC_EXCLUDE": '"a,b.pt"', "ASYNCSYNC_MAX_BANDWIDTH": "50MB/s",
+            "ASYNCSYNC_GZIP": "true", "ASYNCSYNC_DIRECT_UPLOADS": "0",
+            "ASYNCSYNC_READ_TIMEOUT": "30", "ASYNCSYNC_ADDRESSING_STYLE": "path",
+            "ASYNCSYNC_RETRIES": "3", "ASYNCSYNC_ENDPOINT_URL": "http://127.0.0.1:9",
+            "ASYNCSYNC_RECONCILE": "yes"}
+PUSH_TOML = """
+workers = 12
+max_memory = "128MiB"
+part_size = 8388608
+include = ["*.pt", "*.csv"]
+exclude = "a,b.pt"
+max_bandwidth = "50MB/s"
+gzip = true
+direct_uploads = false
+read_timeout = 30.0
+addressing_style = "path"
+retries = 3
+endpoint_url = "http://127.0.0.1:9"
+settle = 99  # watch's: push leaves it alone
+
+[push]
+reconcile = true
+"""
+
+
+def _push_from(tmp_path: Path, argv: list[str], *, env: dict[str, str] | None = None,
+               file: str | None = None) -> object:
+    from asyncsync.cli import build_parser, push_config
+
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    words = ["push", str(src), "s3://bucket-a/runs", "--state-dir", str(tmp_path / "state")]
+    if file is not None:
+        (tmp_path / "push.toml").write_text(file)
+        words += ["--config", str(tmp_path / "push.toml")]
+    args = build_parser().parse_args(words + argv)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("ASYNCSYNC_") or n.startswith("AWS_")]:
+            patch.delenv(name)
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        return push_config(args)
+
+
+def test_the_same_push_from_flags_environment_and_file(tmp_path: Path) -> None:
+    from_flags = _push_from(tmp_path, PUSH_FLAGS)
+    assert from_flags == _push_from(tmp_path, [], env=PUSH_ENV)
+    assert from_flags == _push_from(tmp_path, [], file=PUSH_TOML)
+    assert isinstance(from_flags, PushConfig)
+    assert from_flags.transfer == TransferConfig(
+        workers=12, max_memory=128 * MiB, part_size=8 * MiB, gzip=True,
+        max_bandwidth=50e6,
+    )
+    assert from_flags.store.direct_uploads is False and from_flags.store.max_attempts == 3
+    assert from_flags.store.read_timeout == 30.0 and from_flags.store.addressing_style == "path"
+    assert from_flags.store.endpoint_url == "http://127.0.0.1:9"
+    assert from_flags.include == ("*.pt", "*.csv") and from_flags.exclude == ("a,b.pt",)
+    assert from_flags.reconcile is True
+
+
+def test_no_settings_anywhere_is_the_documented_defaults(tmp_path: Path) -> None:
+    config = _push_from(tmp_path, [])
+    assert isinstance(config, PushConfig)
+    assert config.transfer == TransferConfig()
+    assert config.store == StoreConfig(max_connections=config.store.max_connections)
+    assert config.include == () and not config.reconcile and not config.dry_run
+
+
+def test_flags_beat_environment_beat_file_beat_defaults(tmp_path: Path) -> None:
+    file = 'workers = 3\nretries = 4\nread_timeout = 5\ninclude = ["*.f"]\n'
+    env = {"ASYNCSYNC_WORKERS": "2", "ASYNCSYNC_RETRIES": "7", "ASYNCSYNC_INCLUDE": "*.e"}
+    config = _push_from(tmp_path, ["--workers", "1", "--include", "*.x"], env=env, file=file)
+    assert isinstance(config, PushConfig)
+    assert config.transfer.workers == 1  # flag
+    assert config.include == ("*.x",)  # a repeated flag replaces the list below it
+    assert config.store.max_attempts == 7  # environment
+    assert config.store.read_timeout == 5.0  # file
+    assert config.store.connect_timeout == StoreConfig.connect_timeout  # default
+
+
+def test_a_command_section_beats_the_top_level_keys(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('settle = 2\nworkers = 4\n[watch]\nsettle = 7\n[run]\nworkers = 9\n')
+    watch = resolve("watch", file=path)
+    assert watch["settle"] == 7.0 and watch["workers"] == 4
+    assert watch.setting("settle").origin.describe() == "file [watch]"
+    assert resolve("run", file=path)["workers"] == 9
+    push = resolve("push", file=path)
+    assert push["workers"] == 4 and "settle" not in push  # settle is not push's
+
+
+def test_verbose_flags_add_to_the_level_below_them() -> None:
+    assert resolve("push")["verbose"] == 0
+    assert resolve("watch")["verbose"] == 1  # watch logs each decision by default
+    assert resolve("watch", flags={"verbose": 1})["verbose"] == 2
+    assert resolve("push", flags={"verbose": 1},
+                   environ={"ASYNCSYNC_VERBOSE": "1"})["verbose"] == 2
+
+
+def test_the_environment_reads_only_its_own_variables() -> None:
+    env = {"ASYNCSYNC_TEST_ENDPOINT": "http://x", "ASYNCSYNC_SETTLE": "nan",
+           "ASYNCSYNC_WORKERS": "", "ASYNCSYNC_CHECKPOINT_GLOB": "*.pt,*.ckpt"}
+    push = resolve("push", environ=env)  # settle is watch's: push never reads it
+    assert push["workers"] == DEFAULT_WORKERS  # an empty variable is unset
+    watch = resolve("watch", environ={**env, "ASYNCSYNC_SETTLE": "3"})
+    assert watch["checkpoint_glob"] == ("*.pt", "*.ckpt") and watch["settle"] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("wrokers = 3\n", "config file {file}: unknown key 'wrokers' (did you mean 'workers'?)"),
+        ("max-memory = '8MiB'\n",
+         "config file {file}: unknown key 'max-memory' (keys use underscores: max_memory)"),
+        ("[push]\nsettle = 3\n", "config file {file}: [push]: push takes no option 'settle'"),
+        ("[wach]\nsettle = 3\n",
+         "config file {file}: [wach]: unknown section (sections: push, watch, run)"),
+        ("push = 3\n", "config file {file}: push: must be a section ([push])"),
+        ("workers = 0\n", "config file {file}: workers: --workers 0: must be at least 1"),
+        ("workers = 'many'\n", "config file {file}: workers: --workers many: not a whole number"),
+        ("workers = true\n", "config file {file}: workers: --workers True: not a whole number"),
+        ("[push]\nmax_memory = '1M'\n",
+         "config file {file}: push.max_memory: --max-memory 1M: must be at least 5MiB (one part)"),
+        ("read_timeout = 'inf'\n",
+         "config file {file}: read_timeout: --read-timeout inf: must be a finite number of "
+         "seconds"),
+        ("addressing_style = 'sideways'\n",
+         "config file {file}: addressing_style: --addressing-style sideways: must be one of "
+         "auto, path, virtual"),
+        ("gzip = 'maybe'\n",
+         "config file {file}: gzip: 'maybe' is not true or false (true/false, 1/0, yes/no, "
+         "on/off)"),
+        ("include = [1]\n", "config file {file}: include: --include 1: a glob must be a string"),
+        ("region = 5\n", "config file {file}: region: --region 5: must be a string"),
+        ("workers = \n", "config file {file}: not valid TOML: Invalid value (at line 1, "
+         "column 11)"),
+    ],
+)
+def test_a_bad_file_is_one_line_naming_the_file_and_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "asyncsync.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        resolve("push", file=path)
+    assert str(info.value) == message.format(file=path)
+
+
+def test_an_unreadable_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve("push", file=tmp_path / "missing.toml")
+    assert str(info.value) == (
+        f"config file {tmp_path / 'missing.toml'}: cannot read: No such file or directory"
+    )
+    (tmp_path / "latin1.toml").write_bytes(b"region = '\xe9'\n")
+    with pytest.raises(ConfigError, match="latin1.toml: not valid TOML"):
+        resolve("push", file=tmp_path / "latin1.toml")
+
+
+def test_a_bad_variable_names_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve("watch", environ={"ASYNCSYNC_INTERVAL": "0.1"})
+    assert str(info.value) == (
+        "ASYNCSYNC_INTERVAL: --interval 0.1: must be at least 0.5 s "
+        "(each full scan stats every file under SRC)"
+    )
+
+
+def test_checks_across_options_name_where_the_value_was_set(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text("[watch]\nkeep = ['best.pt']\n")
+    with pytest.raises(ConfigError) as info:
+        check_settings(resolve("watch", file=path))
+    assert str(info.value) == (
+        f"config file {path}: watch.keep: --keep, --delete-dry-run and "
+        "--allow-short-delete-after need --delete-after"
+    )
+    with pytest.raises(ConfigError) as info:
+        check_settings(resolve("watch", environ={"ASYNCSYNC_DELETE_AFTER": "5m"}))
+    assert str(info.value).startswith("ASYNCSYNC_DELETE_AFTER: --delete-after 5m: under 10 ")
+
+
+def test_every_option_has_one_name_flag_and_variable_and_a_valid_default() -> None:
+    assert len(BY_NAME) == len(OPTIONS)
+    spellings = [flag for option in OPTIONS for flag in option.spellings]
+    assert len(spellings) == len(set(spellings))
+    for option in OPTIONS:
+        assert option.env == "ASYNCSYNC_" + option.name.upper()
+        assert option.commands <= {"push", "watch", "run", "attach"} and option.help
+        for command in option.commands:
+            default = option.default_for(command)
+            if default is not None and option.kind not in (Kind.RATE, Kind.DURATION,
+                                                           Kind.ADDRESS):
+                assert parse_value(option, default) == default, option.name
+
+
+def test_the_printed_settings_are_a_config_file_that_gives_the_same_settings(
+    tmp_path: Path,
+) -> None:
+    import tomllib
+
+    settings = resolve("watch", flags={"workers": "5", "include": ["*.pt"], "settle": "2.5",
+                                       "max_bandwidth": "40MiB/s", "metrics_addr": ":9100",
+                                       "delete_after": "2h"})
+    text = "\n".join(describe(settings))
+    path = tmp_path / "printed.toml"
+    path.write_text(text)
+    assert set(tomllib.loads(text)) == {"watch"}
+    again = resolve("watch", file=path)
+    assert dict(again) == dict(settings)
+    assert {again.setting(name).origin.source for name in again} <= {
+        Source.FILE, Source.DEFAULT
+    }
+
+
+def test_attach_options_go_through_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncsync.integrations.ultralytics import settings_from
+
+    monkeypatch.setenv("ASYNCSYNC_WORKERS", "64")  # a library call reads its arguments only
+    options = {"state_dir": tmp_path, "max_bandwidth": "20MB/s", "exclude": "*.jpg",
+               "part_size": 8 * MiB, "endpoint_url": None}
+    attached = settings_from("s3://bucket-a/prefix", dict(options, flush_timeout=60))
+    assert attached.flush_timeout == 60.0
+    assert attached.checkpoint_interval == WatchConfig.checkpoint_interval
+    expected = push_config_from(from_mapping("attach", options), source=".",
+                                destination="s3://bucket-a/prefix", source_may_be_missing=True)
+    assert attached.push == expected
+    assert attached.push.transfer.workers == 8  # attach's own default
+    assert attached.push.exclude == ("*.jpg",) and attached.push.transfer.max_bandwidth == 2e7
+    with pytest.raises(ConfigError) as info:
+        settings_from("s3://bucket-a/prefix", {"part_size": "1KiB"})
+    assert str(info.value) == (
+        "attach(): part_size: --part-size 1KiB: must be between 5MiB and 5GiB"
+    )
+    with pytest.raises(ConfigError, match=r"unknown option 'dry_run'"):
+        settings_from("s3://bucket-a/prefix", {"dry_run": True})  # push's, not attach's
+    with pytest.raises(ConfigError, match=r"did you mean 'exclude'\?"):
+        settings_from("s3://bucket-a/prefix", {"exlude": "*.jpg"})
+
+
+def test_the_config_module_imports_neither_the_cli_nor_argparse() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, asyncsync.options, asyncsync.integrations.ultralytics; "
+            "print([m for m in ('asyncsync.cli', 'argparse') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("machine", "number"),
+                         [("x86_64", 251), ("aarch64", 30), ("riscv64", None), ("ppc64le", None),
+                          ("i686", None)])
+def test_ioprio_set_number_follows_the_architecture(machine: str, number: int | None) -> None:
+    from asyncsync.cli import ioprio_set_number
+
+    assert ioprio_set_number(machine) == number
+
+
+def test_readme_lists_every_option_with_its_flags_and_commands() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    order = ("push", "watch", "run", "attach")
+    for option in OPTIONS:
+        flags = ", ".join(f"`{flag}`" for flag in option.spellings)
+        row = next((line for line in readme.splitlines()
+                    if line.startswith(f"| `{option.name}` | {flags} |")), None)
+        assert row is not None, f"README's Configuration table lacks {option.name}"
+        commands = row.rstrip(" |").rsplit("|", 1)[1]
+        listed = ", ".join(c for c in order if c in option.commands)
+        assert commands.strip().startswith(listed), option.name

@@ -297,6 +297,9 @@ def test_aiobotocore_through_proxy(s3_server: Any, proxy: FaultProxy, bucket: st
     assert proxy.stats.body_bytes_upstream == len(data)
 
 
+LARGE = bytes(range(256)) * 800  # 204,800 bytes
+
+
 class _FramingHandler(http.server.BaseHTTPRequestHandler):
     """Answers with the framings SeaweedFS never uses, and echoes chunked bodies back."""
 
@@ -313,6 +316,11 @@ class _FramingHandler(http.server.BaseHTTPRequestHandler):
             for piece in (b"hello ", b"chunked ", b"world"):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             self.wfile.write(b"0\r\nX-Trailer: yes\r\n\r\n")
+        elif self.path == "/large":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(LARGE)))
+            self.end_headers()
+            self.wfile.write(LARGE)
         elif self.path == "/no-content":
             self.send_response(204)
             self.send_header("Content-Length", "10")
@@ -377,3 +385,54 @@ def test_unreachable_upstream_answers_502() -> None:
             response.read()
         finally:
             conn.close()
+
+
+def _until_reset(sock: socket.socket) -> bytes:
+    """Everything the peer sent before it reset the connection (a FIN fails the test)."""
+    received = b""
+    with pytest.raises(ConnectionResetError):
+        while True:
+            piece = sock.recv(65536)
+            assert piece, "closed with a FIN, not reset"
+            received += piece
+    return received
+
+
+def test_truncate_response_relays_part_of_the_body_then_resets(
+    framing_proxy: FaultProxy,
+) -> None:
+    url = urlsplit(framing_proxy.endpoint)
+    framing_proxy.inject("truncate-response", 1, method="GET", truncate_at=50_000, delay=0.1)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+        sock.sendall(b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = _until_reset(sock)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"Content-Length: %d" % len(LARGE) in head  # the answer promised the whole body
+    assert body == LARGE[:50_000]  # exactly the bytes before the cut, none lost to the reset
+    stats = framing_proxy.stats
+    assert stats.faults_by_action == {"truncate-response": 1}
+    assert stats.body_bytes_downstream == 50_000
+
+    # The rule is spent: the next request gets the whole body.
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=5)
+    try:
+        conn.request("GET", "/large")
+        assert conn.getresponse().read() == LARGE
+    finally:
+        conn.close()
+
+
+def test_truncate_response_past_a_short_body_never_waits_for_more(
+    framing_proxy: FaultProxy,
+) -> None:
+    url = urlsplit(framing_proxy.endpoint)
+    framing_proxy.inject("truncate-response", 1, truncate_at=10_000)
+    started = time.monotonic()
+    with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+        sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = _until_reset(sock)
+    assert received.endswith(b"\r\n\r\nbody")
+    assert time.monotonic() - started < 2
+    with pytest.raises(ValueError):
+        framing_proxy.inject("truncate-response", 1, truncate_at=-1)

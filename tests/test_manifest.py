@@ -643,3 +643,111 @@ def test_a_manifest_of_schema_1_gains_the_checksum_columns(tmp_path: Path) -> No
         m.close()
     with sqlite3.connect(state / "manifest.db") as db:
         assert db.execute("PRAGMA user_version").fetchone() == (2,)
+
+
+# -- read-only opens, beside a writer -------------------------------------------------------
+
+
+def test_a_read_only_open_sees_what_a_writer_holding_the_manifest_commits(
+    tmp_path: Path,
+) -> None:
+    """As verify or status would, while a watch daemon has the manifest open for writing."""
+    state = tmp_path / "state"
+    writer = Manifest.open(state)
+    try:
+        writer.record_object(SCOPE, record("a"))
+        writer.begin_upload(SCOPE, pending("big", "u-1"))  # committed at once
+        writer.commit()
+        reader = Manifest.open(state, read_only=True)
+        try:
+            assert reader.read_only and not writer.read_only
+            assert reader.lookup(SCOPE, "a") == record("a")
+            assert reader.pending_upload(SCOPE, "big") == pending("big", "u-1")
+            # A batch the writer has not committed yet is not seen, and does not block.
+            writer.record_object(SCOPE, record("b"))
+            assert reader.lookup(SCOPE, "b") is None
+            writer.commit()
+            assert reader.lookup(SCOPE, "b") == record("b")
+            assert [r.key for r in reader.objects_under(SCOPE, "")] == ["a", "b"]
+            # The reader never holds the writer up either.
+            writer.record_object(SCOPE, record("c"))
+            writer.commit()
+            assert reader.lookup_many(SCOPE, ["a", "c"]).keys() == {"a", "c"}
+        finally:
+            reader.close()
+        writer.record_object(SCOPE, record("d"))
+    finally:
+        writer.close()
+    again = Manifest.open(state)
+    try:
+        assert again.lookup(SCOPE, "d") == record("d")
+    finally:
+        again.close()
+
+
+def test_a_read_only_manifest_refuses_writes(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    Manifest.open(state).close()
+    reader = Manifest.open(state, read_only=True)
+    try:
+        writes = [
+            lambda: reader.record_object(SCOPE, record("a")),
+            lambda: reader.begin_upload(SCOPE, pending("k", "u")),
+            lambda: reader.record_part("u", RecordedPart(1, '"e"', "", 5)),
+            lambda: reader.forget_upload(SCOPE, "k", "u"),
+            lambda: reader.remember_directory(SCOPE, "", "/data/", b"digest"),
+            reader.commit,
+        ]
+        for write in writes:
+            with pytest.raises(ManifestError, match="read-only"):
+                write()
+        assert reader.lookup(SCOPE, "a") is None
+    finally:
+        reader.close()
+
+
+def test_a_read_only_open_of_a_missing_manifest_creates_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "never-used"
+    with pytest.raises(ManifestError, match="no manifest at"):
+        Manifest.open(state, read_only=True)
+    assert not state.exists()
+    state.mkdir()
+    with pytest.raises(ManifestError, match="no manifest at"):
+        Manifest.open(state, read_only=True)
+    assert list(state.iterdir()) == []
+
+
+def test_a_read_only_open_changes_nothing_the_writer_relies_on(
+    tmp_path: Path, loose_umask: None
+) -> None:
+    """No schema, no chmod, no clean-mark handling: the writer's mark stays valid."""
+    state = tmp_path / "odd ?#% dir"  # the URI must quote these
+    writer = Manifest.open(state)
+    writer.record_object(SCOPE, record("a"))
+    writer.close()
+    mark = state / CLEAN_MARK
+    fingerprint = mark.read_text()
+    os.chmod(state / MANIFEST_FILE, 0o640)  # a mode the writer would tighten
+    reader = Manifest.open(state, read_only=True)
+    assert reader.lookup(SCOPE, "a") == record("a")
+    reader.close()
+    assert mark.read_text() == fingerprint
+    assert mode(state / MANIFEST_FILE) == 0o640
+
+
+@pytest.mark.parametrize("version", [1, SCHEMA_VERSION + 1])
+def test_a_read_only_open_refuses_another_schema(tmp_path: Path, version: int) -> None:
+    state = tmp_path / "state"
+    Manifest.open(state).close()
+    with sqlite3.connect(state / MANIFEST_FILE) as db:
+        db.execute(f"PRAGMA user_version = {version}")
+    with pytest.raises(ManifestError, match=f"schema {version}"):
+        Manifest.open(state, read_only=True)
+
+
+def test_a_read_only_open_of_a_corrupt_manifest(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / MANIFEST_FILE).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ManifestError, match="corrupt"):
+        Manifest.open(state, read_only=True)

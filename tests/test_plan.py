@@ -17,10 +17,12 @@ from asyncsync.config import (
     MiB,
     TransferConfig,
 )
+from asyncsync.pipeline.keys import InvalidKey, PathFilter
 from asyncsync.pipeline.manifest import ObjectRecord
 from asyncsync.pipeline.plan import (
     Action,
     Decision,
+    history_key,
     part_count,
     part_size_for,
     part_window_for,
@@ -99,6 +101,52 @@ def test_any_stat_difference_means_verify(changes: dict[str, object]) -> None:
     assert decision.action is Action.VERIFY
     assert decision.reason == "changed"
     assert decision.record is record
+
+
+# -- history_key ---------------------------------------------------------------------------
+
+CSV = dataclasses.replace(SCANNED, path="/data/run/train/results.csv",
+                          relative="train/results.csv", size=400)
+HISTORY = PathFilter(include=("*.csv",))
+
+
+def test_a_results_csv_that_shrank_keeps_its_previous_object() -> None:
+    record = record_for(CSV, size=900, uploaded_at=1_700_000_000.0)
+    assert history_key(CSV, record, HISTORY, "runs") == (
+        "runs/_asyncsync/history/train/results.csv/20231114T221320Z"
+    )
+    assert history_key(CSV, record, HISTORY, "") == (
+        "_asyncsync/history/train/results.csv/20231114T221320Z"
+    )
+
+
+def test_a_recreated_results_csv_keeps_its_previous_object_even_when_longer() -> None:
+    record = record_for(CSV, inode=CSV.inode + 1, size=10)
+    assert history_key(CSV, record, HISTORY, "runs") is not None
+
+
+@pytest.mark.parametrize(
+    ("scanned", "record", "history"),
+    [
+        (CSV, None, HISTORY),  # never uploaded: nothing to keep
+        (CSV, record_for(CSV, size=100), HISTORY),  # appended to
+        (CSV, record_for(CSV), HISTORY),  # touched only
+        (CSV, record_for(CSV, size=900, source="/other/results.csv"), HISTORY),  # not its own
+        (CSV, record_for(CSV, size=900), PathFilter()),  # --history-glob matches nothing
+        (SCANNED, record_for(SCANNED, size=SCANNED.size * 2), HISTORY),  # not append-only
+    ],
+)
+def test_no_history_copy_when_nothing_is_lost(
+    scanned: ScannedFile, record: ObjectRecord | None, history: PathFilter
+) -> None:
+    assert history_key(scanned, record, history, "runs") is None
+
+
+def test_a_history_key_too_long_to_exist_is_refused() -> None:
+    deep = dataclasses.replace(CSV, relative="d/" * 490 + "results.csv")
+    record = record_for(deep, size=900)
+    with pytest.raises(InvalidKey):
+        history_key(deep, record, HISTORY, "runs")
 
 
 # -- part_size_for ---------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import xxhash
 
-from asyncsync.commands.push import EndpointUnreachable, StoreSession
-from asyncsync.errors import TransientStoreError
+from asyncsync.errors import EndpointUnreachable, TransientStoreError
+from asyncsync.stores.session import StoreSession
 
 from .conftest import (
     S3Server,
@@ -936,3 +936,35 @@ def test_files_swapped_for_symlinks_during_push_never_leak(
     assert not again.files("uploaded")
     assert SECRET not in b"".join(read_object(client, bucket, k)
                                   for k in bucket_keys(client, bucket, "s/"))
+
+
+def test_a_file_destination_gets_the_runs_retries_and_bandwidth_cap(tmp_path: Path) -> None:
+    """The file:// store kept a default of 3 attempts whatever --retries said, and was never
+    paced by --max-bandwidth: both now reach it as they reach S3."""
+    from asyncsync.config import PushConfig, StoreConfig, TransferConfig, parse_destination
+    from asyncsync.pipeline.digest import md5_b64
+    from asyncsync.stores.protocol import ObjectAttributes
+    from asyncsync.stores.session import open_store
+
+    config = PushConfig(
+        source=tmp_path, destination=parse_destination(f"file://{tmp_path / 'mirror'}"),
+        state_dir=tmp_path / "state", store=StoreConfig(max_attempts=9),
+        transfer=TransferConfig(max_bandwidth=4_000_000),
+    )
+
+    async def main() -> tuple[int, float]:
+        store = await open_store(config, lambda *a: None)()  # type: ignore[misc]
+        try:
+            (tmp_path / "mirror").mkdir()
+            started = time.monotonic()
+            for n in range(4):  # 8 MB at 4 MB/s (the bucket starts with a burst of tokens)
+                body = b"%d" % n * 2_000_000
+                await store.put_object(f"k{n}", body, md5_b64=md5_b64(body),
+                                       attributes=ObjectAttributes(metadata={}))
+            return int(store._max_attempts), time.monotonic() - started
+        finally:
+            await store.close()
+
+    attempts, seconds = asyncio.run(main())
+    assert attempts == 9
+    assert seconds >= 0.9

@@ -12,8 +12,8 @@ import pytest
 
 from asyncsync.cli import configure_logging
 from asyncsync.names import printable
+from asyncsync.pipeline.events import FileOutcome
 from asyncsync.pipeline.scan import ScanIssue
-from asyncsync.pipeline.transfer import FileOutcome
 from asyncsync.report import Reporter
 
 from .conftest import S3Server, read_object, run_cli

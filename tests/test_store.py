@@ -3,7 +3,9 @@
 The pipeline talks to stores only through `store.ObjectStore`, so whatever it relies on is
 checked here against both implementations; a few FileStore-only tests cover what S3 gets from
 the server (keys that would escape the root, the hidden sidecar tree, stale sidecars, the
-completion rules).
+completion rules). Reads are checked whole, by range, in parallel ranges, and cut off half-way
+(a real connection reset through the fault proxy for S3, a failing read for the directory
+store), with and without the object changing before the resumed request.
 Each test runs its body in one `asyncio.run`, because the S3 client must be created and closed
 inside the event loop that uses it.
 """
@@ -18,10 +20,10 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -30,6 +32,7 @@ from asyncsync.errors import (
     FatalStoreError,
     NoSuchUpload,
     NotFound,
+    ObjectChanged,
     StoreError,
     TransientStoreError,
 )
@@ -41,7 +44,9 @@ from asyncsync.stores.protocol import (
     ObjectStore,
     UploadedPart,
 )
+from asyncsync.stores.retry import RetryObserver
 
+from .faultproxy import FaultProxy
 from .test_cli import SilentServer
 
 MiB = 1024 * 1024
@@ -49,15 +54,19 @@ MiB = 1024 * 1024
 Body = Callable[[ObjectStore], Awaitable[None]]
 
 
+class Opener(Protocol):
+    def __call__(self, on_retry: RetryObserver | None = None) -> Awaitable[ObjectStore]: ...
+
+
 @dataclass(frozen=True)
 class StoreFactory:
     kind: str  # "file" or "s3"
-    open: Callable[[], Awaitable[ObjectStore]]
+    open: Opener
     root: Path | None = None  # FileStore only
 
-    def run(self, body: Body) -> None:
+    def run(self, body: Body, on_retry: RetryObserver | None = None) -> None:
         async def main() -> None:
-            store = await self.open()
+            store = await self.open(on_retry)
             try:
                 await body(store)
             finally:
@@ -79,21 +88,32 @@ def store(
     if request.param == "file":
         root = tmp_path / "store"
         root.mkdir()
-        return StoreFactory("file", lambda: _open_file(root), root)
+        return file_factory(root)
     # Only the S3 parameter starts (or reuses) the SeaweedFS server.
     server = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("bucket")
     only_these_credentials(monkeypatch, server.access_key, server.secret_key)
     # "s3" sends bodies on the lean signed path (s3direct), "s3-botocore" through botocore.
+    return s3_factory(server.endpoint, bucket, direct=request.param == "s3")
+
+
+def file_factory(root: Path) -> StoreFactory:
+    async def open_file(on_retry: RetryObserver | None = None) -> ObjectStore:
+        return await open_file_store(str(root), on_retry=on_retry)
+
+    return StoreFactory("file", open_file, root)
+
+
+def s3_factory(endpoint: str, bucket: str, *, direct: bool = True) -> StoreFactory:
     config = StoreConfig(
-        endpoint_url=server.endpoint, region="us-east-1", addressing_style="path",
-        max_attempts=2, direct_uploads=request.param == "s3",
+        endpoint_url=endpoint, region="us-east-1", addressing_style="path",
+        max_attempts=2, direct_uploads=direct,
     )
 
-    async def open_s3() -> ObjectStore:
+    async def open_s3(on_retry: RetryObserver | None = None) -> ObjectStore:
         from asyncsync.stores.s3 import open_s3_store
 
-        return await open_s3_store(bucket, config)
+        return await open_s3_store(bucket, config, on_retry=on_retry)
 
     return StoreFactory("s3", open_s3)  # both S3 variants share the S3 expectations
 
@@ -106,10 +126,6 @@ def only_these_credentials(monkeypatch: pytest.MonkeyPatch, key_id: str, secret:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
-
-
-async def _open_file(root: Path) -> ObjectStore:
-    return await open_file_store(str(root))
 
 
 def md5_b64(data: bytes) -> str:
@@ -138,8 +154,9 @@ async def put(store: ObjectStore, key: str, data: bytes,
     return await store.put_object(key, data, md5_b64=md5_b64(data), attributes=attributes)
 
 
-async def read(store: ObjectStore, key: str) -> bytes:
-    return b"".join([chunk async for chunk in store.get_object(key)])
+async def read(store: ObjectStore, key: str, **ranged: Any) -> bytes:
+    async with store.get_object(key, **ranged) as body:
+        return b"".join([chunk async for chunk in body])
 
 
 async def keys(store: ObjectStore, prefix: str) -> list[str]:
@@ -354,6 +371,236 @@ def test_list_parts_of_unknown_upload(store: StoreFactory) -> None:
     store.run(body)
 
 
+# -- both stores: reading bodies ---------------------------------------------------------------
+
+
+def test_get_object_streams_bounded_chunks_with_the_attributes(store: StoreFactory) -> None:
+    data = os.urandom(3 * MiB + 17)
+
+    async def body(s: ObjectStore) -> None:
+        etag = await put(s, "run/w.bin", data, ATTRS)
+        async with s.get_object("run/w.bin", chunk_size=256 * 1024) as got:
+            assert (got.offset, got.end) == (0, len(data))
+            info = got.info
+            chunks = [chunk async for chunk in got]
+        assert b"".join(chunks) == data
+        assert max(map(len, chunks)) <= 256 * 1024  # the buffer stays what was asked for
+        assert (info.key, info.size, info.etag) == ("run/w.bin", len(data), etag)
+        assert dict(info.metadata) == dict(ATTRS.metadata)  # the digest, to verify against
+        assert info.content_encoding == "gzip"
+        # Outside 'async with' nothing has been asked of the store yet.
+        with pytest.raises(RuntimeError):
+            _ = s.get_object("run/w.bin").info
+
+    store.run(body)
+
+
+def test_get_object_by_range(store: StoreFactory) -> None:
+    data = os.urandom(MiB + 3)
+    size = len(data)
+
+    async def body(s: ObjectStore) -> None:
+        etag = await put(s, "r", data, ATTRS)
+        for offset, end in [(0, 10), (10, None), (size - 1, None), (5, size + 100),
+                            (1000, 2000), (7, 7), (size, None), (size, size)]:
+            async with s.get_object("r", offset=offset, end=end) as got:
+                chunks = [chunk async for chunk in got]
+                # The whole object's attributes, whatever the range (an empty one too).
+                assert (got.info.size, got.info.etag) == (size, etag), (offset, end)
+                assert dict(got.info.metadata) == dict(ATTRS.metadata)
+                assert (got.offset, got.end) == (offset, min(size, end or size))
+            assert b"".join(chunks) == data[offset:end], (offset, end)
+        with pytest.raises(StoreError) as past:
+            await read(s, "r", offset=size + 1)
+        assert past.value.code == "InvalidRange"
+        for bad in ({"offset": -1}, {"offset": 5, "end": 4}, {"chunk_size": 0}):
+            with pytest.raises(ValueError):
+                s.get_object("r", **bad)
+
+        await put(s, "empty", b"")
+        assert await read(s, "empty") == b""
+        assert await read(s, "empty", offset=0, end=10) == b""
+        async with s.get_object("empty", offset=0, end=10) as got:
+            assert (got.info.size, got.end) == (0, 0)
+
+    store.run(body)
+
+
+def test_get_object_ranges_of_one_version_in_parallel(store: StoreFactory) -> None:
+    data = os.urandom(4 * MiB + 1)
+
+    async def body(s: ObjectStore) -> None:
+        etag = await put(s, "big", data)
+        bounds = list(range(0, len(data), MiB)) + [len(data)]
+        pieces = await asyncio.gather(*(
+            read(s, "big", offset=start, end=stop, if_match=etag)
+            for start, stop in zip(bounds, bounds[1:], strict=False)
+        ))
+        assert b"".join(pieces) == data
+        # A range of another version than the one the others came from is refused.
+        await put(s, "big", data[::-1])
+        with pytest.raises(ObjectChanged):
+            await read(s, "big", offset=MiB, end=2 * MiB, if_match=etag)
+        with pytest.raises(ObjectChanged):  # an empty range as well: no byte, still refused
+            await read(s, "big", offset=MiB, end=MiB, if_match=etag)
+
+    store.run(body)
+
+
+def test_get_object_of_a_missing_key(store: StoreFactory) -> None:
+    async def body(s: ObjectStore) -> None:
+        for ranged in ({}, {"offset": 10}, {"offset": 0, "end": 5}, {"offset": 3, "end": 3}):
+            with pytest.raises(NotFound):
+                async with s.get_object("no/such/key", **ranged):
+                    pass
+
+    store.run(body)
+
+
+@dataclass
+class Interruptions:
+    """A store whose next GetObject bodies can be cut off part-way."""
+
+    factory: StoreFactory
+    # Cut the next ``times`` bodies off, each ``at`` bytes after it started (the directory
+    # store: a read fails at the first chunk that far on).
+    cut: Callable[[int, int], None]
+    transferred: Callable[[], int]  # body bytes the store sent since the last cut
+    overwrite: Callable[[str, bytes], None]  # another writer replaces an object, synchronously
+
+
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.s3)])
+def interrupted(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Interruptions]:
+    if request.param == "file":
+        import errno
+
+        from asyncsync.stores import local as localstore
+
+        root = tmp_path / "store"
+        root.mkdir()
+        real_read_at = localstore._read_at
+        cuts: dict[str, int] = {"at": 0, "step": 0, "left": 0, "read": 0}
+
+        def read_at(fd: int, size: int, offset: int) -> bytes:
+            if cuts["left"] and offset >= cuts["at"]:
+                cuts["left"] -= 1
+                cuts["at"] = offset + cuts["step"]
+                # A stale NFS handle: transient, and only a new open helps.
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+            chunk = real_read_at(fd, size, offset)
+            cuts["read"] += len(chunk)
+            return chunk
+
+        monkeypatch.setattr(localstore, "_read_at", read_at)
+
+        def cut(at: int, times: int) -> None:
+            cuts.update(at=at, step=at, left=times, read=0)
+
+        def overwrite(key: str, data: bytes) -> None:
+            async def put_elsewhere() -> None:
+                other = await open_file_store(str(root))
+                await put(other, key, data)
+
+            # The store's own event loop is busy reading: another writer has its own.
+            writer = threading.Thread(target=asyncio.run, args=(put_elsewhere(),))
+            writer.start()
+            writer.join()
+
+        yield Interruptions(file_factory(root), cut, lambda: cuts["read"], overwrite)
+        return
+    server = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("bucket")
+    only_these_credentials(monkeypatch, server.access_key, server.secret_key)
+    client = server.client()
+    with FaultProxy(server.endpoint) as proxy:
+        def cut_s3(at: int, times: int) -> None:
+            proxy.reset_stats()
+            # The pause lets the client take the bytes sent before the reset lands.
+            proxy.inject("truncate-response", times, method="GET", truncate_at=at, delay=0.3)
+
+        yield Interruptions(
+            s3_factory(proxy.endpoint, bucket), cut_s3,
+            lambda: proxy.stats.body_bytes_downstream,
+            lambda key, data: client.put_object(Bucket=bucket, Key=key, Body=data),
+        )
+    client.close()
+
+
+def test_get_object_resumes_after_the_connection_drops_mid_body(
+    interrupted: Interruptions,
+) -> None:
+    data = os.urandom(3 * MiB + 5)
+    retries: list[TransientStoreError] = []
+
+    async def body(s: ObjectStore) -> None:
+        etag = await put(s, "run/last.pt", data, ATTRS)
+        interrupted.cut(MiB + 4321, 1)
+        async with s.get_object("run/last.pt", chunk_size=256 * 1024) as got:
+            assert got.info.etag == etag
+            assert b"".join([chunk async for chunk in got]) == data
+        assert len(retries) == 1
+        # Resumed from the last byte received: no byte of the object was sent twice.
+        assert interrupted.transferred() == len(data)
+
+        # A range is resumed within its bounds.
+        interrupted.cut(300_000, 1)
+        assert await read(s, "run/last.pt", offset=100_000, end=2 * MiB) == data[100_000:2 * MiB]
+        assert len(retries) == 2
+        assert interrupted.transferred() == 2 * MiB - 100_000
+
+    interrupted.factory.run(body, on_retry=lambda exc, attempt, pause: retries.append(exc))
+
+
+def test_get_object_retries_count_per_chunk(interrupted: Interruptions) -> None:
+    """A body that keeps moving is never given up on, however often it drops; one that
+    delivers nothing fails after the store's attempts (2 for S3 here, 3 for a directory)."""
+    data = os.urandom(MiB)
+    retries: list[TransientStoreError] = []
+
+    async def body(s: ObjectStore) -> None:
+        await put(s, "k", data)
+        interrupted.cut(100_000, 5)  # more drops than attempts, each after some progress
+        assert await read(s, "k", chunk_size=16 * 1024) == data
+        assert len(retries) == 5
+        assert interrupted.transferred() == len(data)
+
+        retries.clear()
+        interrupted.cut(0, 20)  # every request dies before its first byte
+        with pytest.raises(TransientStoreError):
+            await read(s, "k")
+        assert len(retries) == (1 if interrupted.factory.kind == "s3" else 2)
+
+    interrupted.factory.run(body, on_retry=lambda exc, attempt, pause: retries.append(exc))
+
+
+def test_get_object_refuses_to_splice_a_changed_object(interrupted: Interruptions) -> None:
+    old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
+    done: list[bool] = []
+
+    def overwrite_once(exc: TransientStoreError, attempt: int, pause: float) -> None:
+        if not done:  # between the drop and the resumed request
+            interrupted.overwrite("run/results.csv", new)
+            done.append(True)
+
+    async def body(s: ObjectStore) -> None:
+        await put(s, "run/results.csv", old)
+        interrupted.cut(MiB, 1)
+        got: list[bytes] = []
+        with pytest.raises(ObjectChanged) as changed:
+            async with s.get_object("run/results.csv", chunk_size=64 * 1024) as chunks:
+                async for chunk in chunks:
+                    got.append(chunk)
+        assert done and 0 < len(b"".join(got)) < len(old)
+        assert b"".join(got) == old[:len(b"".join(got))]  # only ever the old version's bytes
+        assert changed.value.key == "run/results.csv"
+        assert "changed" in str(changed.value) or "no longer" in str(changed.value)
+        assert await read(s, "run/results.csv") == new  # read again: the new version, whole
+
+    interrupted.factory.run(body, on_retry=overwrite_once)
+
+
 # -- S3 only: checking the bucket ---------------------------------------------------------
 
 
@@ -554,7 +801,7 @@ def test_timeouts_and_connection_failures_are_named_by_host() -> None:
 def file_store(tmp_path: Path) -> tuple[Path, StoreFactory]:
     root = tmp_path / "store"
     root.mkdir()
-    return root, StoreFactory("file", lambda: _open_file(root), root)
+    return root, file_factory(root)
 
 
 def tree(path: Path) -> list[str]:

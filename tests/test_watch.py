@@ -533,3 +533,72 @@ def test_gzip_of_a_large_log_on_a_fresh_state_directory(
     assert gzip.decompress(read_object(client, bucket, "g/train/train.log")) == log_text
     assert "cannot read" not in daemon.log
     assert oct((tmp_path / "fresh-state" / "tmp").stat().st_mode & 0o777) == "0o700"
+
+
+def test_an_upload_left_by_a_killed_daemon_for_a_deleted_file_is_aborted(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Only push used to abort orphaned multipart uploads: a daemon SIGKILLed mid-upload,
+    whose file is then deleted (a run directory removed under DDP), left the upload in the
+    bucket for ever. The next daemon aborts it at start."""
+    from .faultproxy import FaultProxy
+
+    src = tmp_path / "runs"
+    (src / "exp").mkdir(parents=True)
+    (src / "exp" / "epoch5.pt").write_bytes(os.urandom(24 * MiB))
+    state = tmp_path / "state"
+    client = s3_server.client()
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.set_bandwidth(8 * MiB)
+        env = s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint)
+        args = [*FAST, "--multipart-threshold", "8MiB", "--part-size", "8MiB",
+                "--part-concurrency", "1"]
+        first = Daemon(s3_server, src, f"s3://{bucket}/o", state, *args, env=env)
+        daemons.append(first)
+        wait_for(lambda: recorded_parts(state) >= 1, 60, "a part to be recorded")
+        first.kill()
+        assert len(open_uploads(client, bucket)) == 1
+        (src / "exp" / "epoch5.pt").unlink()
+        proxy.set_bandwidth(None)
+        second = Daemon(s3_server, src, f"s3://{bucket}/o", state, *args, env=env)
+        daemons.append(second)
+        wait_for(lambda: open_uploads(client, bucket) == [], 30, "the stale upload's abort")
+        assert second.stop() == 0
+    assert "aborted stale upload" in second.log
+    assert bucket_keys(client, bucket, "o/") == []
+
+
+def test_metrics_run_label_is_the_run_directory_at_run_depth(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """The `run` label of the last-sync timestamp is the run directory as --run-depth says
+    (`detect/train2`), not the top-level directory (`detect`); a file above the runs counts
+    for ".". (--run-depth reaches the daemon only with --delete-after today.)"""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    src = tmp_path / "runs"
+    (src / "detect" / "train2" / "weights").mkdir(parents=True)
+    (src / "detect" / "train2" / "results.csv").write_text("epoch\n1\n")
+    (src / "detect" / "train2" / "weights" / "best.pt").write_bytes(os.urandom(10_000))
+    (src / "detect" / "notes.txt").write_text("above the runs\n")
+    port = free_port()
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/m", tmp_path / "state", *FAST,
+                    "--run-depth", "2", "--delete-after", "7d",
+                    "--metrics-addr", f"127.0.0.1:{port}")
+    daemons.append(daemon)
+    client = s3_server.client()
+    wait_for(lambda: len(bucket_keys(client, bucket, "m/")) == 3, 30, "the three uploads")
+
+    def run_labels() -> set[str]:
+        status, text = http_get(port, "/metrics")
+        assert status == 200
+        return {
+            sample.labels["run"]
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "asyncsync_last_successful_sync_timestamp_seconds"
+        }
+
+    wait_for(lambda: run_labels() == {"detect/train2", "."}, 10, "the run labels")
+    assert http_get(port, "/readyz") == (200, "ready")
+    assert daemon.stop() == 0, daemon.log

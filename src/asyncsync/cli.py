@@ -11,45 +11,44 @@ import argparse
 import asyncio
 import logging
 import os
+import platform
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .config import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_MAX_MEMORY,
-    DEFAULT_MULTIPART_THRESHOLD,
-    DEFAULT_PART_CONCURRENCY,
-    DEFAULT_READ_TIMEOUT,
-    DEFAULT_RETRIES,
-    DEFAULT_WORKERS,
-    MIN_DELETE_AFTER,
-    MIN_PART_SIZE,
-    MIN_SCAN_INTERVAL,
-    CleanupSettings,
     PushConfig,
-    StoreConfig,
-    TransferConfig,
     WatchConfig,
-    check_delete_after,
-    check_destination_outside,
-    default_state_dir,
-    descriptors_needed,
-    ensure_open_files,
-    parse_destination,
-    parse_seconds,
-    parse_size,
-    validate_endpoint,
-    validate_source,
+    check_settings,
+    push_config_from,
+    watch_config_from,
 )
 from .errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, AsyncsyncError, ConfigError
 from .names import PrintableFormatter, printable
+from .options import (
+    BY_NAME,
+    CLI_COMMANDS,
+    CONFIG_FILE_ENV,
+    ENV_PREFIX,
+    Kind,
+    Option,
+    Settings,
+    describe,
+    format_size,
+    options_for,
+    resolve,
+)
 
 log = logging.getLogger("asyncsync")
+
+_LAYERS_EPILOG = (
+    f"Every option can also be set as {ENV_PREFIX}<NAME> (e.g. {ENV_PREFIX}MAX_MEMORY=64MiB) "
+    "or as a key of the --config TOML file (max_memory = \"64MiB\"); flags win over the "
+    "environment, which wins over the file. `asyncsync config` shows the result."
+)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -57,16 +56,6 @@ class _ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         self.exit(EXIT_USAGE, f"asyncsync: error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,33 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="upload a directory tree once (only what changed)",
         description="Mirror SRC to s3://BUCKET/PREFIX: keys are PREFIX/<path relative to SRC>. "
         "Unchanged files (per the manifest) are skipped without being read; nothing is ever "
-        "deleted from the bucket.",
+        "deleted from the bucket.", epilog=_LAYERS_EPILOG,
     )
     push.add_argument("source", metavar="SRC", help="local directory to upload")
     push.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
-    add_transfer_options(push)
-    push.add_argument("--reconcile", action="store_true",
-                      help="list the destination once and re-send objects missing or changed "
-                      "there; rebuilds a lost manifest without re-uploading")
-    push.add_argument("--dry-run", action="store_true",
-                      help="show what would be uploaded; send nothing")
-    add_output_options(push)
+    add_options(push, "push")
 
     watch = commands.add_parser(
         "watch",
         help="keep a directory mirrored while training writes it (a daemon)",
         description="Keep SRC mirrored to s3://BUCKET/PREFIX: files are uploaded once they "
         "have been still for --settle seconds, never torn; runs until SIGTERM/SIGINT, then "
-        "sends what changed and exits 0.",
+        "sends what changed and exits 0.", epilog=_LAYERS_EPILOG,
     )
     watch.add_argument("source", metavar="SRC", help="directory to keep mirrored (may not "
                        "exist yet)")
     watch.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
-    add_transfer_options(watch)
-    add_watch_options(watch)
-    watch.add_argument("-q", "--quiet", action="store_true", help="errors only")
-    watch.add_argument("-v", "--verbose", action="count", default=1,
-                       help="more detail (-vv: debug); upload decisions are logged by default")
+    add_options(watch, "watch")
 
     run = commands.add_parser(
         "run",
@@ -116,184 +95,106 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start COMMAND, keep DIR mirrored to s3://BUCKET/PREFIX while it runs "
         "(as watch does), forward SIGTERM/SIGINT to it, flush when it ends however it ends, "
         "and exit with its exit code (128+N if it died of signal N).",
-        usage="asyncsync run [options] DIR DEST -- COMMAND [ARGS...]",
+        usage="asyncsync run [options] DIR DEST -- COMMAND [ARGS...]", epilog=_LAYERS_EPILOG,
     )
     run.add_argument("source", metavar="DIR", help="where the training writes (may not exist "
                      "yet)")
     run.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
-    add_transfer_options(run)
-    add_watch_options(run)
-    run.add_argument("-q", "--quiet", action="store_true", help="errors only")
-    run.add_argument("-v", "--verbose", action="count", default=1,
-                     help="more detail (-vv: debug)")
+    add_options(run, "run")
+
+    config = commands.add_parser(
+        "config",
+        help="print the effective settings and where each came from",
+        description="Print the settings a command would run with, as TOML, each with where "
+        "it came from (default, file, env, flag); without a command, those of push, watch "
+        "and run. A bad file, key or value is one error line and exit 2.",
+        epilog=_LAYERS_EPILOG,
+    )
+    _add_config_file_option(config, default=None)
+    which = config.add_subparsers(dest="config_command", metavar="COMMAND",
+                                  parser_class=_ArgumentParser)
+    for name in CLI_COMMANDS:
+        add_options(which.add_parser(name, help=f"the settings of {name}"), name)
     return parser
 
 
-def add_watch_options(parser: argparse.ArgumentParser) -> None:
-    """Options of the daemon (watch, and later run)."""
-    when = parser.add_argument_group("when to upload")
-    when.add_argument("--interval", default=10.0, metavar="SECONDS",
-                      help="full stat scan period (default 10, at least "
-                      f"{MIN_SCAN_INTERVAL:g}; with inotify events, --rescan-interval "
-                      "applies instead)")
-    when.add_argument("--rescan-interval", default=120.0, metavar="SECONDS",
-                      help="safety-net full scan period while inotify events are used "
-                      f"(default 120, at least {MIN_SCAN_INTERVAL:g})")
-    when.add_argument("--no-events", dest="events", action="store_false",
-                      help="do not use inotify; rely on the periodic scan alone")
-    when.add_argument("--settle", default=5.0, metavar="SECONDS",
-                      help="upload a file once its size and mtime held still this long "
-                      "(default 5)")
-    when.add_argument("--checkpoint-interval", default=300.0, metavar="SECONDS",
-                      help="upload checkpoints at most this often; 0 = every settled version "
-                      "(default 300)")
-    when.add_argument("--checkpoint-glob", action="append", metavar="GLOB",
-                      help="what counts as a checkpoint (repeatable; default *.pt)")
-    when.add_argument("--history-glob", action="append", metavar="GLOB",
-                      help="append-only files whose previous object is kept when they shrink "
-                      "or are recreated (repeatable; default *.csv)")
-    when.add_argument("--grace", default=30.0, metavar="SECONDS",
-                      help="on SIGTERM/SIGINT, wait this long for uploads (default 30)")
-    daemon = parser.add_argument_group("daemon")
-    daemon.add_argument("--metrics-addr", metavar="HOST:PORT",
-                        help="serve /healthz, /readyz and /metrics here (e.g. :9100)")
-    daemon.add_argument("--low-priority", action="store_true",
-                        help="run at low CPU and idle I/O priority, so training comes first")
-    daemon.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="json: one JSON object per log line (for Kubernetes)")
-    cleanup = parser.add_argument_group("local cleanup (off by default)")
-    cleanup.add_argument("--delete-after", metavar="DURATION",
-                         help="delete a run's local files once the run has been quiet this "
-                         "long (e.g. 2h, 7d) and each file is verified in the bucket")
-    cleanup.add_argument("--allow-short-delete-after", action="store_true",
-                         help="allow a --delete-after under "
-                         f"{MIN_DELETE_AFTER / 60:g} minutes (e.g. for a scratch disk)")
-    cleanup.add_argument("--keep", action="append", default=[], metavar="GLOB",
-                         help="never delete these (repeatable; e.g. weights/best.pt)")
-    cleanup.add_argument("--delete-dry-run", action="store_true",
-                         help="log what cleanup would delete; delete nothing")
-    cleanup.add_argument("--run-depth", type=_positive_int, default=1, metavar="N",
-                         help="runs are directories N levels below SRC (default 1; "
-                         "runs/detect/train is 2)")
+def _add_config_file_option(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--config", dest="config_file", metavar="FILE", default=default,
+                        help=f"TOML file of settings (default: ${CONFIG_FILE_ENV}, else none)")
 
 
-def add_transfer_options(parser: argparse.ArgumentParser) -> None:
-    """Options every command that uploads shares (push, and later watch and run)."""
-    store = parser.add_argument_group("store")
-    store.add_argument("--endpoint-url", metavar="URL",
-                       help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-    store.add_argument("--region", help="region (default: from the AWS configuration)")
-    store.add_argument("--profile", help="named profile from the shared AWS config files")
-    store.add_argument("--addressing-style", choices=("auto", "path", "virtual"),
-                       default="auto", help="bucket in the path or in the host name")
-    store.add_argument("--no-direct-uploads", dest="direct_uploads", action="store_false",
-                       help="send file bodies through botocore's full request pipeline "
-                       "(slower; for stores that refuse UNSIGNED-PAYLOAD)")
-    store.add_argument("--retries", type=_positive_int, default=DEFAULT_RETRIES, metavar="N",
-                       help="attempts per request for transient errors "
-                       f"(default {DEFAULT_RETRIES})")
-    store.add_argument("--connect-timeout", default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
-                       help="give up on a connection attempt after this long (default "
-                       f"{DEFAULT_CONNECT_TIMEOUT:g})")
-    store.add_argument("--read-timeout", default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
-                       help="give up on a request after this long without an answer, or "
-                       f"with its body stalled (default {DEFAULT_READ_TIMEOUT:g})")
-    transfer = parser.add_argument_group("transfer")
-    transfer.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS, metavar="N",
-                          help=f"files transferred at once (default {DEFAULT_WORKERS})")
-    transfer.add_argument("--max-memory", default=f"{DEFAULT_MAX_MEMORY // 2**20}MiB",
-                          metavar="SIZE", help="bound on bytes buffered in flight (default "
-                          f"{DEFAULT_MAX_MEMORY // 2**20}MiB)")
-    transfer.add_argument("--multipart-threshold", metavar="SIZE",
-                          default=f"{DEFAULT_MULTIPART_THRESHOLD // 2**20}MiB",
-                          help="files larger than this use multipart uploads (default "
-                          f"{DEFAULT_MULTIPART_THRESHOLD // 2**20}MiB)")
-    transfer.add_argument("--part-size", metavar="SIZE",
-                          help="multipart part size (default: chosen from each file's size)")
-    transfer.add_argument("--part-concurrency", type=_positive_int, metavar="N",
-                          default=DEFAULT_PART_CONCURRENCY,
-                          help=f"parts of one file in flight (default {DEFAULT_PART_CONCURRENCY})")
-    transfer.add_argument("--include", action="append", default=[], metavar="GLOB",
-                          help="only files matching GLOB (repeatable)")
-    transfer.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                          help="skip files matching GLOB (repeatable; wins over --include)")
-    transfer.add_argument("--max-bandwidth", metavar="RATE",
-                          help="cap on upload bandwidth over all transfers (e.g. 50MB/s)")
-    transfer.add_argument("--gzip", action="store_true",
-                          help="gzip csv/yaml/json/txt/log files (Content-Encoding: gzip)")
-    transfer.add_argument("--follow-symlinks", action="store_true",
-                          help="follow symlinks that stay inside SRC (never outside)")
-    transfer.add_argument("--state-dir", metavar="DIR",
-                          help="where the manifest lives (default: $ASYNCSYNC_STATE_DIR, "
-                          "else $XDG_STATE_HOME/asyncsync, else ~/.local/state/asyncsync)")
+def _help(option: Option, command: str) -> str:
+    """The table's help and its default, as --help shows them."""
+    default = option.default_for(command)
+    if option.default_text:
+        shown = f": {option.default_text}"
+    elif option.kind is Kind.SIZE:
+        shown = f" {format_size(default)}"
+    elif option.kind is Kind.SECONDS:
+        low = f", at least {option.minimum:g}" if option.minimum else ""
+        shown = f" {default:g}{low}"
+    elif option.kind is Kind.GLOBS and default:
+        shown = " " + " ".join(default)
+    elif option.kind in (Kind.INT, Kind.CHOICE):
+        shown = f" {default}"
+    else:  # flags are off unless given; a count starts where the default is
+        shown = ""
+    text = f"{option.help} (default{shown})" if shown else option.help
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
-def add_output_options(parser: argparse.ArgumentParser) -> None:
-    output = parser.add_argument_group("output")
-    output.add_argument("--json", action="store_true",
-                        help="one JSON object per file on stdout, then a summary object")
-    output.add_argument("-q", "--quiet", action="store_true", help="errors only")
-    output.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log each upload decision (-vv: also unchanged files)")
+def add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """The flags of ``command``, generated from the option table. Defaults are suppressed:
+    the namespace holds only the flags given, so that `options.resolve` can tell a flag from
+    the environment, the file and the default below it."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in options_for(command):
+        group = groups.get(option.group)
+        if group is None:
+            group = groups[option.group] = parser.add_argument_group(option.group)
+        common: dict[str, Any] = {"dest": option.name, "default": argparse.SUPPRESS,
+                                  "help": _help(option, command)}
+        if option.kind is Kind.FLAG:
+            action = "store_false" if option.negated else "store_true"
+            group.add_argument(*option.spellings, action=action, **common)
+        elif option.kind is Kind.COUNT:
+            group.add_argument(*option.spellings, action="count", **common)
+        else:
+            metavar = option.metavar or "{" + ",".join(option.choices) + "}"
+            action = "append" if option.kind is Kind.GLOBS else "store"
+            group.add_argument(*option.spellings, action=action, metavar=metavar, **common)
+    _add_config_file_option(parser, default=argparse.SUPPRESS)
 
 
-def _size(text: str | None, what: str) -> int | None:
-    return None if text is None else parse_size(text, what=what)
+def _config_file(args: argparse.Namespace) -> str | None:
+    return getattr(args, "config_file", None) or os.environ.get(CONFIG_FILE_ENV) or None
+
+
+def _given_flags(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    return {name: value for name, value in vars(args).items()
+            if name in BY_NAME and command in BY_NAME[name].commands}
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The command's settings: flags > ASYNCSYNC_* > --config file > defaults, validated
+    once. The typed values are also set on ``args`` (``args.json``, ``args.quiet``, ...)."""
+    settings = getattr(args, "settings", None)
+    if isinstance(settings, Settings):
+        return settings
+    command = getattr(args, "subcommand", "push")
+    settings = resolve(command, flags=_given_flags(args, command), environ=os.environ,
+                       file=_config_file(args))
+    args.settings = settings
+    for name, value in settings.items():
+        setattr(args, name, value)
+    return settings
 
 
 def push_config(args: argparse.Namespace, *, source_may_be_missing: bool = False) -> PushConfig:
     """Validate the arguments once; everything downstream reads the frozen result."""
-    from .pipeline.ratelimit import parse_rate
-
-    destination = parse_destination(args.destination)
-    if source_may_be_missing and not Path(args.source).exists():
-        source = Path(args.source).absolute()
-    else:
-        source = validate_source(Path(args.source))
-    max_memory = _size(args.max_memory, "--max-memory") or 0
-    threshold = _size(args.multipart_threshold, "--multipart-threshold") or 0
-    part_size = _size(args.part_size, "--part-size")
-    if max_memory < MIN_PART_SIZE:
-        raise ConfigError(f"--max-memory {args.max_memory}: must be at least 5MiB (one part)")
-    if threshold < MIN_PART_SIZE:
-        raise ConfigError(f"--multipart-threshold {args.multipart_threshold}: "
-                          "must be at least 5MiB (S3's smallest part)")
-    if part_size is not None and not MIN_PART_SIZE <= part_size <= 5 * 2**30:
-        raise ConfigError(f"--part-size {args.part_size}: must be between 5MiB and 5GiB")
-    check_destination_outside(source, destination)
-    connect_timeout = parse_seconds(args.connect_timeout, what="--connect-timeout",
-                                    positive=True)
-    read_timeout = parse_seconds(args.read_timeout, what="--read-timeout", positive=True)
-    endpoint = validate_endpoint(
-        args.endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
-    # Enough connections that the pool never caps the workers: every worker, plus the parts
-    # the byte budget lets be in flight at once (aiobotocore's default is 10).
-    connections = args.workers + max(args.part_concurrency, max_memory // MIN_PART_SIZE)
-    ensure_open_files(
-        descriptors_needed(args.workers, connections, direct_uploads=args.direct_uploads),
-        workers=args.workers,
-    )
-    store = StoreConfig(
-        endpoint_url=endpoint, region=args.region, profile=args.profile,
-        addressing_style=args.addressing_style, max_attempts=args.retries,
-        connect_timeout=connect_timeout, read_timeout=read_timeout,
-        max_connections=connections, direct_uploads=args.direct_uploads,
-    )
-    transfer = TransferConfig(
-        workers=args.workers, max_memory=max_memory, multipart_threshold=threshold,
-        part_size=part_size, part_concurrency=args.part_concurrency, gzip=args.gzip,
-        max_bandwidth=parse_rate(args.max_bandwidth) if args.max_bandwidth else None,
-    )
-    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
-    return PushConfig(
-        source=source, destination=destination, state_dir=state_dir.absolute(), store=store,
-        transfer=transfer, include=tuple(args.include), exclude=tuple(args.exclude),
-        follow_symlinks=args.follow_symlinks, reconcile=getattr(args, "reconcile", False),
-        dry_run=getattr(args, "dry_run", False),
-    )
+    return push_config_from(settings_of(args), source=args.source,
+                            destination=args.destination,
+                            source_may_be_missing=source_may_be_missing)
 
 
 class _LowercaseLevelFormatter(PrintableFormatter):
@@ -372,58 +273,21 @@ def run_push_command(args: argparse.Namespace) -> int:
 
 
 def watch_config(args: argparse.Namespace) -> WatchConfig:
-    from .service.health import parse_listen_address
-
-    cleanup = None
-    if args.delete_after is not None:
-        from .commands.cleanup import parse_duration
-
-        delete_after = check_delete_after(
-            parse_duration(args.delete_after), args.delete_after,
-            allow_short=args.allow_short_delete_after,
-        )
-        cleanup = CleanupSettings(
-            delete_after=delete_after, keep=tuple(args.keep),
-            dry_run=args.delete_dry_run, run_depth=args.run_depth,
-        )
-    elif args.keep or args.delete_dry_run or args.allow_short_delete_after:
-        raise ConfigError(
-            "--keep, --delete-dry-run and --allow-short-delete-after need --delete-after"
-        )
-    scans = "each full scan stats every file under SRC"
-    return WatchConfig(
-        push=push_config(args, source_may_be_missing=True),
-        interval=parse_seconds(args.interval, what="--interval", minimum=MIN_SCAN_INTERVAL,
-                               why=scans),
-        rescan_interval=parse_seconds(args.rescan_interval, what="--rescan-interval",
-                                      minimum=MIN_SCAN_INTERVAL, why=scans),
-        events=args.events, settle=parse_seconds(args.settle, what="--settle"),
-        checkpoint_interval=parse_seconds(args.checkpoint_interval,
-                                          what="--checkpoint-interval"),
-        checkpoint_globs=tuple(args.checkpoint_glob or ("*.pt",)),
-        history_globs=tuple(args.history_glob or ("*.csv",)),
-        grace=parse_seconds(args.grace, what="--grace"),
-        metrics_addr=parse_listen_address(args.metrics_addr) if args.metrics_addr else None,
-        low_priority=args.low_priority, cleanup=cleanup,
-    )
+    return watch_config_from(settings_of(args), source=args.source,
+                             destination=args.destination)
 
 
 def run_watch_command(args: argparse.Namespace) -> int:
-    from .commands.watch import Watcher
+    from .commands.watch import run_watch
     from .pipeline.budget import release_large_buffers_promptly
 
     config = watch_config(args)
     release_large_buffers_promptly()
     if config.low_priority:
         lower_priority()
-    holder: list[Watcher] = []
-
-    async def main() -> None:
-        watcher = Watcher(config)
-        holder.append(watcher)
-        await watcher.run()
-
-    _run_with_signals(main, on_first=lambda: holder[0].request_stop() if holder else None)
+    # The daemon handles the signals itself: the first drains (exit 0), a second exits.
+    with asyncio.Runner() as runner:
+        runner.run(run_watch(config))
     return EXIT_OK
 
 
@@ -440,44 +304,77 @@ def run_run_command(args: argparse.Namespace) -> int:
     release_large_buffers_promptly()
     if config.low_priority:
         lower_priority()
+    # The daemon handles the signals itself: the first goes to the training, a second
+    # kills it and exits.
     with asyncio.Runner() as runner:
         return runner.run(run_training(config, command))
+
+
+# ioprio_set's number depends on the architecture (x86_64 has its own table; aarch64 uses
+# the generic one): another architecture's number would make some other system call, so
+# where the number is not known here the I/O class is left alone.
+_IOPRIO_SET = {"x86_64": 251, "amd64": 251, "aarch64": 30, "arm64": 30}
+
+
+def ioprio_set_number(machine: str | None = None) -> int | None:
+    """The ioprio_set syscall number on this Linux machine's architecture, or None."""
+    if machine is None:
+        if not sys.platform.startswith("linux"):
+            return None
+        machine = platform.machine()
+    return _IOPRIO_SET.get(machine.lower())
 
 
 def lower_priority() -> None:
     """Nice 10 for CPU, and the idle I/O class where Linux allows it (ioprio_set)."""
     os.nice(10)
+    number = ioprio_set_number()
+    if number is None:  # another OS or architecture: CPU niceness alone
+        return
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        ioprio_set, who_process, idle_class = 251, 1, 3  # x86_64 syscall number
-        libc.syscall(ioprio_set, who_process, 0, idle_class << 13)
-    except (OSError, AttributeError):  # not Linux/x86_64: CPU niceness alone
+        who_process, idle_class = 1, 3
+        libc.syscall(number, who_process, 0, idle_class << 13)
+    except (OSError, AttributeError):  # no libc syscall(): CPU niceness alone
         pass
 
 
+def run_config_command(args: argparse.Namespace) -> int:
+    """``asyncsync config``: the effective settings, as TOML, and where each came from."""
+    file = _config_file(args)
+    commands = [args.config_command] if args.config_command else list(CLI_COMMANDS)
+    blocks = []
+    for command in commands:
+        settings = resolve(command, flags=_given_flags(args, command), environ=os.environ,
+                           file=file)
+        check_settings(settings)
+        blocks.append("\n".join(describe(settings)))
+    layers = f"config file {file} > defaults" if file else "defaults (no config file)"
+    header = f"# asyncsync settings: flags > {ENV_PREFIX}* variables > {layers}"
+    print(header, *blocks, sep="\n\n")
+    return EXIT_OK
+
+
 def _run_with_signals(main: Any, on_first: Any = None) -> int:
-    """Run ``main``. The first SIGINT/SIGTERM calls ``on_first`` (default: cancel ``main``);
-    a second one exits at once. Return the first signal's number, or 0."""
-    received: list[int] = []
+    """Run ``main`` under the daemon's signal policy (`service.daemon.Signals`): the first
+    SIGINT/SIGTERM calls ``on_first`` (default: cancel ``main``); a second one exits at once
+    with 128+N. Return the first signal's number, or 0."""
+    from .service.daemon import Signals
+
     with asyncio.Runner() as runner:
-        loop = runner.get_loop()
         task_holder: list[asyncio.Task[None]] = []
 
-        def on_signal(signum: int) -> None:
-            if received:
-                # Second signal: stop waiting for anything.
-                os._exit(128 + signum)
-            received.append(signum)
+        def drain(signum: int) -> None:
             log.warning("%s received: stopping (again to force)", signal.Signals(signum).name)
             if on_first is not None:
                 on_first()
             elif task_holder:
                 task_holder[0].cancel()
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal, signum)
+        signals = Signals(drain)
+        signals.install(runner.get_loop())
 
         async def wrapper() -> None:
             task_holder.append(asyncio.current_task())  # type: ignore[arg-type]
@@ -486,9 +383,9 @@ def _run_with_signals(main: Any, on_first: Any = None) -> int:
         try:
             runner.run(wrapper())
         except asyncio.CancelledError:
-            if not received:
+            if signals.first is None:
                 raise
-    return received[0] if received else 0
+    return signals.first or 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -501,9 +398,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, training_command = argv[:split], argv[split + 1:]
     args = parser.parse_args(argv)
     args.training_command = training_command
-    configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False),
-                      getattr(args, "log_format", "text"))
+    # Errors of the settings themselves are printed before the settings say how to log.
+    configure_logging(0, False)
     try:
+        if args.subcommand == "config":
+            return run_config_command(args)
+        settings_of(args)
+        configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False),
+                          getattr(args, "log_format", "text"))
         if args.subcommand == "push":
             return run_push_command(args)
         if args.subcommand == "watch":

@@ -1,7 +1,9 @@
 """Settings, parsed and validated once into frozen objects that the running pipeline only reads.
 
-The CLI (and, later, the watch daemon and the Ultralytics integration) build a `PushConfig`;
-nothing downstream re-parses strings or looks at the environment, except the store, which
+options.py's table fills and validates each option (flags, ``ASYNCSYNC_*``, the config file,
+attach()'s keywords); `push_config_from` and `watch_config_from` here add SRC and DEST and
+the checks that involve several options, and build the frozen `PushConfig` / `WatchConfig`.
+Nothing downstream re-parses strings or looks at the environment, except the store, which
 takes credentials from the standard AWS chain and nowhere else.
 """
 
@@ -13,9 +15,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # options.py imports this module; the builders only need the type
+    from .options import Settings
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -318,3 +324,100 @@ class WatchConfig:
     low_priority: bool = False
     cleanup: CleanupSettings | None = None
     cleanup_interval: float = 300.0
+
+
+# -- from validated settings to the frozen configs ------------------------------------------
+
+
+def _connections(settings: Settings) -> int:
+    # Enough connections that the pool never caps the workers: every worker, plus the parts
+    # the byte budget lets be in flight at once (aiobotocore's default is 10).
+    return int(settings["workers"]) + max(int(settings["part_concurrency"]),
+                                          int(settings["max_memory"]) // MIN_PART_SIZE)
+
+
+def check_settings(settings: Settings) -> None:
+    """The checks that involve several options but neither SRC nor DEST, so that
+    ``asyncsync config`` refuses what the command itself would refuse."""
+    workers = int(settings["workers"])
+    needed = descriptors_needed(workers, _connections(settings),
+                                direct_uploads=bool(settings["direct_uploads"]))
+    try:
+        ensure_open_files(needed, workers=workers)
+    except ConfigError as exc:
+        raise settings.error("workers", str(exc)) from None
+    cleanup_from(settings)
+
+
+def cleanup_from(settings: Settings) -> CleanupSettings | None:
+    """Local cleanup, when ``delete_after`` is set (watch only: other commands lack it)."""
+    seconds = settings.get("delete_after")
+    if seconds is not None:
+        try:
+            delete_after = check_delete_after(seconds, settings.text("delete_after"),
+                                              allow_short=settings["allow_short_delete_after"])
+        except ConfigError as exc:
+            raise settings.error("delete_after", str(exc)) from None
+        return CleanupSettings(delete_after=delete_after, keep=settings["keep"],
+                               dry_run=settings["delete_dry_run"],
+                               run_depth=settings["run_depth"])
+    stray = [name for name in ("keep", "delete_dry_run", "allow_short_delete_after")
+             if settings.get(name)]
+    if stray:
+        raise settings.error(stray[0], "--keep, --delete-dry-run and "
+                             "--allow-short-delete-after need --delete-after")
+    return None
+
+
+def push_config_from(
+    settings: Settings, *, source: str | Path, destination: str,
+    source_may_be_missing: bool = False,
+) -> PushConfig:
+    """SRC, DEST and validated settings (`options.resolve` / `options.from_mapping`) ->
+    the frozen PushConfig everything downstream reads."""
+    dest = parse_destination(destination)
+    if source_may_be_missing and not Path(source).exists():
+        src = Path(source).absolute()
+    else:
+        src = validate_source(Path(source))
+    check_destination_outside(src, dest)
+    # The option was validated with the others; AWS's own variables are checked here.
+    endpoint = settings["endpoint_url"] or validate_endpoint(
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    connections = _connections(settings)
+    check_settings(settings)
+    store = StoreConfig(
+        endpoint_url=endpoint, region=settings["region"], profile=settings["profile"],
+        addressing_style=settings["addressing_style"], max_attempts=settings["retries"],
+        connect_timeout=settings["connect_timeout"], read_timeout=settings["read_timeout"],
+        max_connections=connections, direct_uploads=settings["direct_uploads"],
+    )
+    transfer = TransferConfig(
+        workers=settings["workers"], max_memory=settings["max_memory"],
+        multipart_threshold=settings["multipart_threshold"], part_size=settings["part_size"],
+        part_concurrency=settings["part_concurrency"], gzip=settings["gzip"],
+        max_bandwidth=settings["max_bandwidth"],
+    )
+    state_dir = settings["state_dir"] or default_state_dir()
+    return PushConfig(
+        source=src, destination=dest, state_dir=state_dir.absolute(), store=store,
+        transfer=transfer, include=settings["include"], exclude=settings["exclude"],
+        follow_symlinks=settings["follow_symlinks"],
+        reconcile=settings.get("reconcile", False), dry_run=settings.get("dry_run", False),
+    )
+
+
+def watch_config_from(settings: Settings, *, source: str | Path, destination: str) -> WatchConfig:
+    """The daemon's frozen config (watch, run): SRC may not exist yet."""
+    cleanup = cleanup_from(settings)
+    return WatchConfig(
+        push=push_config_from(settings, source=source, destination=destination,
+                              source_may_be_missing=True),
+        interval=settings["interval"], rescan_interval=settings["rescan_interval"],
+        events=settings["events"], settle=settings["settle"],
+        checkpoint_interval=settings["checkpoint_interval"],
+        checkpoint_globs=settings["checkpoint_glob"], history_globs=settings["history_glob"],
+        grace=settings["grace"], metrics_addr=settings["metrics_addr"],
+        low_priority=settings["low_priority"], cleanup=cleanup,
+    )

@@ -54,12 +54,22 @@ class FatalStoreError(StoreError, ConfigError):
     """No point going on with any file: wrong credentials, access denied, no such bucket."""
 
 
+class EndpointUnreachable(AsyncsyncError):
+    """The store did not answer at all, after every retry: nothing could be sent."""
+
+
 class NoSuchUpload(StoreError):
     """A multipart upload id the store no longer knows (completed, aborted or expired)."""
 
 
 class NotFound(StoreError):
     """The object does not exist."""
+
+
+class ObjectChanged(StoreError):
+    """The object is not (or no longer) the version asked for: its ETag differs from the
+    ``if_match`` given, or it was replaced while its body was being read. Nothing of two
+    versions is ever spliced together; read it again from the start."""
 
 
 class ChecksumNotConfirmed(StoreError):

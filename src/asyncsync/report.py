@@ -21,8 +21,8 @@ from typing import Any, TextIO
 
 from .errors import TransientStoreError
 from .names import printable
+from .pipeline.events import FileOutcome, Status
 from .pipeline.scan import FileStat, ScanIssue
-from .pipeline.transfer import FileOutcome
 
 log = logging.getLogger("asyncsync")
 # A str as a JSON string literal, as json.dumps(..., ensure_ascii=False) writes it.
@@ -79,7 +79,7 @@ class Reporter:
         if log.isEnabledFor(logging.DEBUG):
             for name, size, _, _ in files:
                 self.scanned(size)
-                self.outcome(FileOutcome(prefix + name, key_prefix + name, "unchanged",
+                self.outcome(FileOutcome(prefix + name, key_prefix + name, Status.UNCHANGED,
                                          "unchanged", size))
             return
         if self.json_lines:
@@ -96,6 +96,9 @@ class Reporter:
         self.scanned_bytes += nbytes
         self.done_bytes += nbytes
         self.unchanged += len(files)
+
+    def scan_finished(self) -> None:
+        self.scan_done = True
 
     def sent(self, nbytes: int) -> None:
         self.bytes_sent += nbytes

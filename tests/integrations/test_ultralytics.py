@@ -347,6 +347,10 @@ def test_checkpoints_are_copied_off_the_training_thread_until_the_next_save(
     trainer.callback("on_pretrain_routine_start")
     saved = os.urandom(1_000_000)
     trainer.save_epoch(saved)  # returns although the copy is held
+    # The copier thread reaches the copy once it has opened the checkpoint: wait for it.
+    deadline = time.monotonic() + 10
+    while not copiers and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert copiers and all(name.startswith("asyncsync-copy") for name in copiers)
     next_epoch = threading.Thread(target=trainer.callback, args=("on_train_epoch_end",))
     next_epoch.start()

@@ -1,0 +1,1 @@
+"""What the CLI runs: push, watch, run, and the cleanup and run record they use."""

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import SourceNotRegular, SourceVanished, StoreError
+from ..errors import EndpointUnreachable, SourceNotRegular, SourceVanished, StoreError
 from ..pipeline.source import read_beneath
 from ..stores.protocol import ObjectAttributes
-from .push import EndpointUnreachable, StoreSession
+from ..stores.session import StoreSession
 
 log = logging.getLogger("asyncsync")
 

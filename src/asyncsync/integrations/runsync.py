@@ -25,18 +25,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..commands.push import StoreSession, mirror, open_store, scope_for
 from ..commands.record import RECORD_PATH, RunRecord, now_iso, read_results
 from ..config import PushConfig
-from ..errors import AsyncsyncError
+from ..errors import AsyncsyncError, TransientStoreError
 from ..names import PrintableFormatter
-from ..pipeline.budget import ByteBudget
+from ..pipeline.events import FileOutcome, Status
 from ..pipeline.keys import InvalidKey, object_key
-from ..pipeline.manifest import Manifest
+from ..pipeline.mirror import mirror
 from ..pipeline.plan import Action, plan_file
 from ..pipeline.scan import FileStat, ScanIssue, ScannedFile
+from ..pipeline.session import Pipeline
 from ..pipeline.source import SourceRoot
-from ..pipeline.transfer import FileOutcome, Uploader
 from ..report import Reporter
 from .staging import CheckpointStaging
 
@@ -123,14 +122,19 @@ class _RunTally(Reporter):
         self._warn = warn
 
     def outcome(self, outcome: FileOutcome) -> None:
-        if outcome.status == "uploaded":
+        if outcome.status is Status.UPLOADED:
             self.files += 1
             self.bytes += outcome.bytes_sent
-        if outcome.status == "failed":
+        if outcome.status is Status.FAILED:
             self.unsent[outcome.relative] = outcome.error or "failed"
             log.debug("%s: %s", outcome.relative, outcome.error)
         else:
             self.unsent.pop(outcome.relative, None)
+
+    def retried(self, exc: TransientStoreError, attempt: int, pause: float) -> None:
+        # The training's console is no place for every retry: a store that stays away is
+        # said once, by the pass that fails.
+        log.debug("retry %d in %.2fs: %s", attempt, pause, exc)
 
     def unchanged_files(self, prefix: str, key_prefix: str, files: list[FileStat]) -> None:
         if self.unsent:
@@ -301,17 +305,13 @@ class RunSync:
 
     async def _open(self, epochs_planned: int | None) -> None:
         config = self.config
-        self.manifest = Manifest.open(config.state_dir)
-        self.scope = scope_for(config)
-        # Not sticky: a store that is away for an epoch is tried again at the next one.
-        self.session = StoreSession(open_store(config, lambda *a: None),
-                                    config.store.max_attempts, sticky=False)
-        temp_dir = config.state_dir / "tmp"
-        self.uploader = Uploader(
-            store=self.session.get, manifest=self.manifest, scope=self.scope,
-            config=config.transfer, budget=ByteBudget(config.transfer.max_memory),
-            temp_dir=temp_dir,
+        self._stages = contextlib.AsyncExitStack()
+        # A daemon's pipeline: a store that is away for an epoch is tried again at the next.
+        self.pipeline = await self._stages.enter_async_context(
+            Pipeline.open(config, self.tally, daemon=True)
         )
+        self.manifest, self.session = self.pipeline.manifest, self.pipeline.session
+        self.scope, self.uploader = self.pipeline.scope, self.pipeline.uploader
         self.lock = asyncio.Lock()  # one tree sync (and record write) at a time
         self.uploading: dict[str, asyncio.Task[None]] = {}
         self.waiting: dict[str, Path] = {}
@@ -406,7 +406,7 @@ class RunSync:
 
     async def _mirror(self, config: PushConfig) -> None:
         """One pass of push's own pipeline over the run directory."""
-        await mirror(config, self.tally, self.manifest, self.session, self.uploader)
+        await mirror(self.pipeline, config)
         self.problem = None  # a whole pass went through: the store is fine again
 
     async def _first_record(self) -> None:
@@ -426,8 +426,4 @@ class RunSync:
             async with self.lock:
                 await self._write_record(**fields)
         finally:
-            self.uploader.close()
-            try:
-                await self.session.close()
-            finally:
-                self.manifest.close()
+            await self._stages.aclose()

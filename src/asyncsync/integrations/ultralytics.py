@@ -39,7 +39,6 @@ client until the first callback runs in rank 0.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -49,8 +48,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..config import PushConfig, WatchConfig
+from ..config import PushConfig, push_config_from
 from ..errors import ConfigError
+from ..options import BY_NAME, Kind, from_mapping
 from .runsync import RunSync, describe
 
 log = logging.getLogger("asyncsync.training")
@@ -58,9 +58,6 @@ log = logging.getLogger("asyncsync.training")
 EVENTS = ("on_pretrain_routine_start", "on_train_epoch_end", "on_model_save",
           "on_fit_epoch_end", "on_train_end", "teardown")
 DEFAULT_FLUSH_TIMEOUT = 600.0
-# Fewer workers than the CLI's default: a run directory holds a few dozen files, and the
-# training owns the machine.
-DEFAULT_WORKERS = 8
 # ultralytics' plot_images runs in a non-daemon thread; Python names it after its target.
 _PLOTTING_THREAD = "(plot_images)"
 
@@ -69,11 +66,13 @@ def attach(model: Any, destination: str, **options: Any) -> UltralyticsSync:
     """Register callbacks on an ultralytics model that mirror each training's run directory
     to ``destination`` (``s3://BUCKET/PREFIX`` or ``file:///PATH``).
 
-    Options are the CLI's transfer options with underscores (``workers=8``,
-    ``max_bandwidth="50MB/s"``, ``endpoint_url=...``, ``exclude=["*.jpg"]``,
-    ``state_dir=...``), plus ``flush_timeout`` (seconds the final flush may take, default 600)
-    and ``checkpoint_interval`` (as watch's flag: a checkpoint goes up at most once per this
-    many seconds, default 300; 0 uploads every epoch's).
+    Options are the store and transfer options of the option table (`asyncsync.options`:
+    the CLI's flags with underscores, ``workers=8``, ``max_bandwidth="50MB/s"``,
+    ``endpoint_url=...``, ``exclude=["*.jpg"]``, ``state_dir=...``; None leaves one at its
+    default), validated as the CLI validates its flags, plus ``flush_timeout`` (seconds the
+    final flush may take, default 600) and ``checkpoint_interval`` (as watch's flag: a
+    checkpoint goes up at most once per this many seconds, default 300; 0 uploads every
+    epoch's).
     Credentials come from the standard AWS chain. A bad option raises `ConfigError` here,
     before the training starts; problems while training are logged and never stop it.
     """
@@ -90,31 +89,23 @@ class AttachSettings(NamedTuple):
 
 
 def settings_from(destination: str, options: dict[str, Any]) -> AttachSettings:
-    """Validate the options exactly as the CLI validates its flags."""
-    from ..cli import add_transfer_options, push_config
-
-    parser = argparse.ArgumentParser(add_help=False)
-    add_transfer_options(parser)
-    args = parser.parse_args([])
-    args.workers = DEFAULT_WORKERS
+    """Validate the options through the option table, as the CLI validates its flags."""
     flush_timeout = _seconds(options, "flush_timeout", DEFAULT_FLUSH_TIMEOUT, zero=False)
     checkpoint_interval = _seconds(options, "checkpoint_interval",
-                                   WatchConfig.checkpoint_interval, zero=True)
+                                   BY_NAME["checkpoint_interval"].default, zero=True)
     for name, value in options.items():
-        if name in ("source", "destination") or not hasattr(args, name):
-            raise ConfigError(f"attach(): unknown option {name!r}")
-        if name in ("include", "exclude"):
-            value = [value] if isinstance(value, str) else list(value)
-        elif name in ("max_memory", "multipart_threshold", "part_size", "max_bandwidth",
-                      "state_dir", "endpoint_url") and value is not None:
-            value = str(value)
-        setattr(args, name, value)
-    for name in ("workers", "part_concurrency", "retries"):
-        value = getattr(args, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"attach(): {name}={value!r} must be a whole number of at least 1")
-    args.source, args.destination = ".", destination
-    config = push_config(args, source_may_be_missing=True)
+        # Keywords are Python values: a whole-number option takes an int, where the table
+        # also accepts the text of one (from a flag or a variable).
+        option = BY_NAME.get(name)
+        if (option is None or option.kind is not Kind.INT or value is None
+                or "attach" not in option.commands):
+            continue
+        minimum = option.minimum or 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"attach(): {name}={value!r} must be a whole number of at least "
+                              f"{minimum:g}")
+    config = push_config_from(from_mapping("attach", options), source=".",
+                              destination=destination, source_may_be_missing=True)
     # The state directory is resolved now: a DDP worker may start in another directory.
     return AttachSettings(replace(config, state_dir=config.state_dir.resolve()),
                           flush_timeout, checkpoint_interval)

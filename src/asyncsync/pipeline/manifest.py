@@ -14,6 +14,10 @@ The manifest names the store's endpoint, buckets and keys and holds live upload 
 private to its owner: a state directory created here is 0700, and the database with its -wal
 and -shm files is 0600 whatever the umask. A state directory that existed already is the
 user's choice and is left as it is.
+
+`Manifest.open(state_dir, read_only=True)` reads it beside a writer (a watch daemon holding
+it open): a WAL reader sees every committed row and never blocks the writer, and it changes
+nothing on disk (no schema, no clean mark, no modes).
 """
 
 from __future__ import annotations
@@ -187,14 +191,20 @@ class Manifest:
     RANGE_MIN_FILES = 32
     RANGE_MAX_SUBDIRS = 16
 
-    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, connection: sqlite3.Connection, *,
+                 read_only: bool = False) -> None:
         self.path = path
         self._db = connection
+        self.read_only = read_only
         self._pending_rows = 0
         self._last_commit = time.monotonic()
 
     @classmethod
-    def open(cls, state_dir: Path) -> Manifest:
+    def open(cls, state_dir: Path, *, read_only: bool = False) -> Manifest:
+        """The manifest of ``state_dir``, created or brought up to date as needed; with
+        ``read_only``, an existing one opened for reading only (see `_open_read_only`)."""
+        if read_only:
+            return cls._open_read_only(state_dir)
         _make_state_dir(state_dir)
         if not os.access(state_dir, os.W_OK | os.X_OK):
             raise ManifestError(f"state directory {str(state_dir)!r} is not writable")
@@ -235,6 +245,50 @@ class Manifest:
             raise ManifestError(_describe(exc, path)) from exc
         db.execute("BEGIN")
         return cls(path, db)
+
+    @classmethod
+    def _open_read_only(cls, state_dir: Path) -> Manifest:
+        """Open for reading while another process may hold the manifest open for writing.
+
+        ``mode=ro`` makes it a WAL reader: it sees what the writer has committed, statement by
+        statement, and takes no lock the writer waits for. Nothing is created, migrated,
+        checked or tightened (that is the writer's business, and changing the file would void
+        the writer's clean mark). Statements run outside any transaction, each on the latest
+        commit: a read transaction held open would keep the writer's checkpoints from
+        emptying the write-ahead log.
+        """
+        path = state_dir / MANIFEST_FILE
+        if not path.is_file():
+            raise ManifestError(
+                f"no manifest at {str(path)!r}: nothing was pushed with this state directory"
+                " (see --state-dir)"
+            )
+        try:
+            # as_uri() quotes what a URI must not carry raw ('?', '#', '%', spaces).
+            db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                                 isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise ManifestError(f"manifest {str(path)!r} cannot be opened: {exc}") from exc
+        try:
+            db.execute("PRAGMA busy_timeout = 10000")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                # Older: columns the queries name may be missing, and a reader cannot add
+                # them; newer: rows may mean what this version does not know.
+                hint = ("upgrade asyncsync" if version > SCHEMA_VERSION else
+                        "run push or watch with this state directory once to bring it up to"
+                        " date")
+                raise ManifestError(
+                    f"manifest {str(path)!r} has schema {version}, this asyncsync reads"
+                    f" schema {SCHEMA_VERSION}: {hint}"
+                )
+        except ManifestError:
+            db.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise ManifestError(_describe(exc, path)) from exc
+        return cls(path, db, read_only=True)
 
     # -- objects -----------------------------------------------------------------------
 
@@ -429,6 +483,7 @@ class Manifest:
             self.commit()
 
     def commit(self) -> None:
+        self._refuse_if_read_only()
         try:
             self._db.execute("COMMIT")
             self._db.execute("BEGIN")
@@ -438,6 +493,9 @@ class Manifest:
         self._last_commit = time.monotonic()
 
     def close(self) -> None:
+        if self.read_only:
+            self._db.close()  # no commit to make, and no clean mark: the writer owns it
+            return
         try:
             if self._db.in_transaction:
                 self._db.execute("COMMIT")
@@ -447,7 +505,14 @@ class Manifest:
             self._db.close()
         _leave_clean_mark(self.path)
 
+    def _refuse_if_read_only(self) -> None:
+        if self.read_only:
+            raise ManifestError(f"manifest {str(self.path)!r} is open read-only: not written")
+
     def _execute(self, sql: str, args: tuple[object, ...]) -> None:
+        # Every write goes through here: refused with a clear message, before SQLite's own
+        # "attempt to write a readonly database".
+        self._refuse_if_read_only()
         try:
             self._db.execute(sql, args)
         except sqlite3.Error as exc:

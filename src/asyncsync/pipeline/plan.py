@@ -1,4 +1,5 @@
-"""Stage 3, plan: what to do with one scanned file, and how to cut it into parts.
+"""Stage 3, plan: what to do with one scanned file (and whether its previous object must be
+kept first), and how to cut it into parts.
 
 Pure logic on values from the scanner and the manifest: no I/O, unit-tested in milliseconds.
 """
@@ -7,11 +8,15 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from dataclasses import dataclass
 
 from ..config import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB, TransferConfig
+from .keys import PathFilter, object_key
 from .manifest import ObjectRecord
 from .scan import ScannedFile
+
+HISTORY_DIR = "_asyncsync/history"
 
 
 class Action(enum.Enum):
@@ -34,6 +39,28 @@ def plan_file(scanned: ScannedFile, record: ObjectRecord | None) -> Decision:
     if record.same_stat(scanned.path, scanned.size, scanned.mtime_ns, scanned.inode):
         return Decision(Action.SKIP, "unchanged", record)
     return Decision(Action.VERIFY, "changed", record)
+
+
+def history_key(
+    scanned: ScannedFile, record: ObjectRecord | None, history: PathFilter, prefix: str
+) -> str | None:
+    """Where the object of an append-only file must be copied before this upload overwrites
+    it, or None when overwriting loses nothing.
+
+    A file matching ``history`` (``--history-glob``, results.csv) only grows while its run
+    goes on; one that shrank or was recreated since its upload is a restarted run, and its
+    object holds epochs the new file lacks. The copy goes to
+    ``PREFIX/_asyncsync/history/<path>/<upload time of the object>``. Raises `InvalidKey`
+    when that key cannot exist (too long).
+    """
+    if record is None or not history.include or not history.accepts(scanned.relative):
+        return None
+    if record.source != scanned.path:
+        return None  # another source's object: not this file's history
+    if scanned.size >= record.size and scanned.inode == record.inode:
+        return None  # appended to (or rewritten in place at no loss)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(record.uploaded_at))
+    return object_key(prefix, f"{HISTORY_DIR}/{scanned.relative}/{stamp}")
 
 
 # Bigger files get bigger parts: fewer requests, and room under the 10,000-part cap.

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO, ParamSpec, TypeVar
 
@@ -38,6 +38,7 @@ from .digest import (
     hash_file,
     read_small,
 )
+from .events import Failure, FileOutcome, Status
 from .inline import InlineGate
 from .manifest import Manifest, ObjectRecord, Scope
 from .multipart import LargeUpload
@@ -57,22 +58,6 @@ StoreGetter = Callable[[], Awaitable[ObjectStore]]
 INLINE_READ_MAX = 256 * 1024
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-@dataclass(frozen=True, slots=True)
-class FileOutcome:
-    relative: str
-    key: str
-    status: str  # "uploaded", "unchanged", "would-upload", "skipped", "failed"
-    reason: str
-    size: int
-    bytes_sent: int = 0
-    parts: int = 0
-    resumed_parts: int = 0
-    error: str | None = None
-    # Why a failed file failed: "store" (worth retrying later), "read" (local I/O),
-    # "changed" (still being written: wait for it to settle). None when not failed.
-    failure: str | None = None
 
 
 class Uploader:
@@ -136,43 +121,43 @@ class Uploader:
             except SourceChanged as exc:
                 if attempt == self._config.changed_retries:
                     return self._failed(
-                        scanned, key, decision, f"{exc}; not published", failure="changed"
+                        scanned, key, decision, f"{exc}; not published", failure=Failure.CHANGED
                     )
                 log.info("%s: changed while uploading, reading it again", scanned.relative)
                 await asyncio.sleep(min(0.2 * (attempt + 1), 2.0))
                 try:
                     now = stat_source(scanned.path, scanned.root)
                 except SourceVanished:
-                    return FileOutcome(scanned.relative, key, "skipped", "vanished", 0)
+                    return FileOutcome(scanned.relative, key, Status.SKIPPED, "vanished", 0)
                 except SourceNotRegular as not_regular:
-                    return FileOutcome(scanned.relative, key, "skipped", str(not_regular), 0)
+                    return FileOutcome(scanned.relative, key, Status.SKIPPED, str(not_regular), 0)
                 scanned = replace(
                     scanned, size=now.st_size, mtime_ns=now.st_mtime_ns, inode=now.st_ino,
                     device=now.st_dev,
                 )
             except SourceVanished:
-                return FileOutcome(scanned.relative, key, "skipped", "vanished", scanned.size)
+                return FileOutcome(scanned.relative, key, Status.SKIPPED, "vanished", scanned.size)
             except SourceNotRegular as exc:
                 # Swapped for a symlink (or a FIFO...) since the scan: never read. The next
                 # scan sees what it is now.
-                return FileOutcome(scanned.relative, key, "skipped", str(exc), scanned.size)
+                return FileOutcome(scanned.relative, key, Status.SKIPPED, str(exc), scanned.size)
             except (FatalStoreError, ManifestError):
                 raise
             except StoreError as exc:
-                return self._failed(scanned, key, decision, str(exc), failure="store")
+                return self._failed(scanned, key, decision, str(exc), failure=Failure.STORE)
             except OSError as exc:
                 reason = exc.strerror or type(exc).__name__
                 return self._failed(
-                    scanned, key, decision, f"cannot read: {reason}", failure="read"
+                    scanned, key, decision, f"cannot read: {reason}", failure=Failure.READ
                 )
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def _failed(
-        scanned: ScannedFile, key: str, decision: Decision, error: str, *, failure: str
+        scanned: ScannedFile, key: str, decision: Decision, error: str, *, failure: Failure
     ) -> FileOutcome:
         return FileOutcome(
-            scanned.relative, key, "failed", decision.reason, scanned.size, error=error,
+            scanned.relative, key, Status.FAILED, decision.reason, scanned.size, error=error,
             failure=failure,
         )
 
@@ -214,7 +199,8 @@ class Uploader:
                 inode=identity.inode, uploaded_at=record.uploaded_at or time.time(),
             ),
         )
-        return FileOutcome(scanned.relative, key, "unchanged", "same content", identity.size)
+        return FileOutcome(scanned.relative, key, Status.UNCHANGED, "same content",
+                           identity.size, identity=identity)
 
     # -- small files: one read, one PUT ---------------------------------------------------
 
@@ -235,7 +221,7 @@ class Uploader:
             if unchanged:
                 return unchanged
             if self._dry_run:
-                return FileOutcome(scanned.relative, key, "would-upload", decision.reason,
+                return FileOutcome(scanned.relative, key, Status.WOULD_UPLOAD, decision.reason,
                                    snap.identity.size)
             store = await self._store()
             etag = await store.put_object(
@@ -256,8 +242,8 @@ class Uploader:
             ),
         )
         return FileOutcome(
-            scanned.relative, key, "uploaded", decision.reason, snap.identity.size,
-            bytes_sent=len(snap.body),
+            scanned.relative, key, Status.UPLOADED, decision.reason, snap.identity.size,
+            bytes_sent=len(snap.body), identity=snap.identity,
         )
 
     # -- large files: hash, then a resumable multipart upload -----------------------------
@@ -288,7 +274,7 @@ class Uploader:
                 return unchanged
             if self._dry_run:
                 return FileOutcome(
-                    scanned.relative, key, "would-upload", decision.reason, identity.size
+                    scanned.relative, key, Status.WOULD_UPLOAD, decision.reason, identity.size
                 )
             upload = LargeUpload(
                 self, scanned, key, body_path, body_size, identity, digest, encoding
@@ -305,7 +291,7 @@ class Uploader:
             ),
         )
         return FileOutcome(
-            scanned.relative, key, "uploaded",
+            scanned.relative, key, Status.UPLOADED,
             "resumed" if resumed else decision.reason, identity.size,
-            bytes_sent=sent, parts=parts, resumed_parts=resumed,
+            bytes_sent=sent, parts=parts, resumed_parts=resumed, identity=identity,
         )

@@ -1,7 +1,9 @@
 """A local-directory `store.ObjectStore` for ``file:///abs/path`` destinations (an NFS or Lustre
 mount, typically): ``<root>/<key>`` holds each object, keys can never name anything outside the
-root, and every write is published atomically (temp file beside its target, fsync,
-``os.replace``) after its Content-MD5 has been checked, with S3-shaped ETags. Metadata lives in
+root (nor reach through a symlink in it), and every write is published atomically (temp file
+beside its target, fsync, rename, directory fsync: `pipeline.place`, which whatever places
+downloaded files shares) after its Content-MD5 has been checked, with S3-shaped ETags. Reads
+are ranged and resumable like S3's (`retry.ResumableBody`). Metadata lives in
 sidecars under ``.asyncsync-store/meta`` and multipart uploads stage their parts under
 ``.asyncsync-store/uploads``; neither is ever listed. A sidecar records the size, inode and
 mtime of the data file it was written for and is trusted only while they still match, so stale
@@ -19,7 +21,7 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, BinaryIO, TypeVar
 
@@ -28,25 +30,40 @@ import anyio.to_thread
 from ..config import MIN_PART_SIZE
 from ..errors import FatalStoreError, NoSuchUpload, NotFound, StoreError, TransientStoreError
 from ..pipeline.digest import crc32_b64_of
-from .protocol import MultipartUpload, ObjectAttributes, ObjectInfo, UploadedPart
-from .retry import Backoff, retry_transient
+from ..pipeline.place import (
+    TEMP_PREFIX,
+    UnsafeKey,
+    directory_beneath,
+    key_segments,
+    write_atomically,
+)
+from .protocol import (
+    GET_CHUNK,
+    MultipartUpload,
+    ObjectAttributes,
+    ObjectBody,
+    ObjectInfo,
+    UploadedPart,
+)
+from .retry import Backoff, RangeReader, ResumableBody, retry_transient
 
 T = TypeVar("T")
 E = TypeVar("E", bound=StoreError)
 RetryObserver = Callable[[TransientStoreError, int, float], None]
 
 STATE_DIR = ".asyncsync-store"
-# Listings skip names with this prefix (crash leftovers), so no key segment may have it.
-_TMP_PREFIX = ".asyncsync-tmp-"
-_CHUNK = 1024 * 1024  # get_object's chunk, as s3.py reads its stream
+_RESERVED = frozenset({STATE_DIR})
+_CHUNK = 1024 * 1024  # what copies and hashes read at a time
 # NFS/Lustre hiccups and momentary contention: worth another try.
 _TRANSIENT_ERRNOS = frozenset({errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY})
 
 
 def _invalid_key(key: str) -> bool:
-    segments = key.split("/")  # '' and a leading '/' both give an empty segment
-    bad = "\x00" in key or segments[0] == STATE_DIR
-    return bad or any(s in ("", ".", "..") or s.startswith(_TMP_PREFIX) for s in segments)
+    try:
+        key_segments(key, reserved=_RESERVED)
+    except UnsafeKey:
+        return True
+    return False
 
 
 def _attributes_json(attributes: ObjectAttributes) -> dict[str, Any]:
@@ -72,6 +89,12 @@ def _write_body(body: bytes, etag: str, fd: int) -> str:
     return etag
 
 
+def _read_at(fd: int, size: int, offset: int) -> bytes:
+    # Positioned: a failed read consumes nothing, and the one descriptor has no cursor to
+    # share between a retry and what it retries.
+    return os.pread(fd, size, offset)
+
+
 def _append(fd: int, source: BinaryIO) -> bytes:
     """Copy ``source`` to ``fd``; return the MD5 digest of what was copied."""
     digest = hashlib.md5()
@@ -81,39 +104,28 @@ def _append(fd: int, source: BinaryIO) -> bytes:
     return digest.digest()
 
 
-def _write_atomically(path: str, fill: Callable[[int], str], sidecar: str = "",
-                      extra: Mapping[str, Any] | None = None) -> str:
-    """Write ``path`` through a temp file in its directory (same filesystem: the rename is
-    atomic); ``fill`` writes the bytes and returns their ETag. A ``sidecar`` (ETag, fingerprint,
-    ``extra``) goes first, so the data rename is the one commit point: a key never appears
-    without its metadata, and a crash between the renames leaves a sidecar matching nothing."""
-    directory = os.path.dirname(path)
-    temp = os.path.join(directory, _TMP_PREFIX + uuid.uuid4().hex)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        try:
-            etag = fill(fd)
-            os.fsync(fd)
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        if sidecar:
-            _write_json(sidecar, {"etag": etag, **(extra or {}), **_fingerprint(st)})
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)  # makes the rename durable
-    finally:
-        os.close(fd)
-    return etag
+def _write_json_at(directory: int, name: str, data: Mapping[str, Any]) -> None:
+    write_atomically(directory, name,
+                     partial(_write_body, json.dumps(data, sort_keys=True).encode(), ""))
 
 
-def _write_json(path: str, data: Mapping[str, Any]) -> None:
-    _write_atomically(path, partial(_write_body, json.dumps(data, sort_keys=True).encode(), ""))
+def _sidecar_describing(record_path: str, st: os.stat_result) -> tuple[str, dict[str, Any]] | None:
+    """(ETag, attributes) from the sidecar at ``record_path`` if it was written for exactly the
+    file ``st`` describes (size, inode, mtime), else None: stale metadata never pairs with
+    other bytes."""
+    record = _read_json(record_path)
+    if isinstance(record, dict) and all(record.get(k) == v for k, v in _fingerprint(st).items()):
+        return str(record["etag"]), dict(record.get("attributes") or {})
+    return None
+
+
+def _md5_etag(fd: int) -> str:
+    """What S3 shows for an object put without metadata: the MD5 of its bytes."""
+    digest, offset = hashlib.md5(), 0
+    while chunk := _read_at(fd, _CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return f'"{digest.hexdigest()}"'
 
 
 def _read_json(path: str) -> Any:
@@ -135,9 +147,8 @@ def _describe(path: str, sidecar: str) -> tuple[os.stat_result, str, dict[str, A
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    record = _read_json(sidecar)
-    if isinstance(record, dict) and all(record.get(k) == v for k, v in _fingerprint(st).items()):
-        return st, str(record["etag"]), dict(record.get("attributes") or {})
+    if found := _sidecar_describing(sidecar, st):
+        return st, *found
     with open(path, "rb") as handle:
         return st, f'"{hashlib.file_digest(handle, "md5").hexdigest()}"', {}
 
@@ -153,7 +164,7 @@ def _walk(directory: str, meta: str, key_prefix: str, name_prefix: str) -> Itera
     except (FileNotFoundError, NotADirectoryError):
         return
     for name in sorted(is_dir, key=lambda n: n + "/" if is_dir[n] else n):
-        hidden = name.startswith(_TMP_PREFIX) or (not key_prefix and name == STATE_DIR)
+        hidden = name.startswith(TEMP_PREFIX) or (not key_prefix and name == STATE_DIR)
         if hidden or not name.startswith(name_prefix):
             continue
         path = os.path.join(directory, name)
@@ -167,8 +178,11 @@ class FileStore:
     """A directory as a bucket: ``<root>/<key>`` holds the object, sidecars hold the rest."""
 
     def __init__(self, root: str, *, max_attempts: int = 3, backoff: Backoff | None = None,
-                 on_retry: RetryObserver | None = None) -> None:
+                 on_retry: RetryObserver | None = None,
+                 pace: Callable[[int], Awaitable[None]] | None = None) -> None:
         self._root = os.path.abspath(root)
+        # --max-bandwidth: a directory on NFS or Lustre shares the node's network too.
+        self._pace = pace
         self._meta = os.path.join(self._root, STATE_DIR, "meta")
         self._uploads = os.path.join(self._root, STATE_DIR, "uploads")
         self._max_attempts = max(1, max_attempts)
@@ -196,6 +210,13 @@ class FileStore:
 
     async def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
         """Run blocking ``fn`` in a worker thread; translate its errors; retry transient ones."""
+        return await retry_transient(
+            partial(self._run, op, key, fn), attempts=self._max_attempts,
+            backoff=self._backoff, on_retry=self._on_retry,
+        )
+
+    async def _run(self, op: str, key: str, fn: Callable[[], T]) -> T:
+        """One try of blocking ``fn`` in a worker thread, its errors translated."""
 
         def guarded() -> T:
             try:
@@ -203,10 +224,7 @@ class FileStore:
             except OSError as exc:
                 raise self._translate(exc, op, key) from exc
 
-        attempt = partial(anyio.to_thread.run_sync, guarded)
-        return await retry_transient(
-            attempt, attempts=self._max_attempts, backoff=self._backoff, on_retry=self._on_retry
-        )
+        return await anyio.to_thread.run_sync(guarded)
 
     async def _verify(self, op: str, key: str, body: bytes, md5_b64: str | None,
                       crc32_b64: str | None = None) -> str:
@@ -223,39 +241,61 @@ class FileStore:
         # Transient, as with S3: the body (or its checksum) was damaged on its way here.
         raise self._error(TransientStoreError, op, key, "wrong checksum", "BadDigest")
 
+    def _segments(self, op: str, key: str) -> list[str]:
+        """The key's path segments; StoreError InvalidKey for a key that is not valid."""
+        try:
+            return key_segments(key, reserved=_RESERVED)
+        except UnsafeKey:
+            raise self._error(StoreError, op, key, f"invalid key {key!r}", "InvalidKey") from None
+
     def _paths(self, op: str, key: str) -> tuple[str, str]:
         """(data file, sidecar) of a key; StoreError InvalidKey for a key that is not valid."""
-        if _invalid_key(key):
-            raise self._error(StoreError, op, key, f"invalid key {key!r}", "InvalidKey")
-        *parents, name = key.split("/")
+        *parents, name = self._segments(op, key)
         data = os.path.join(self._root, *parents, name)
         return data, os.path.join(self._meta, *parents, name + ".json")
 
-    def _makedirs(self, path: str) -> None:
-        """Create ``path`` and its parents below the root, never the root itself. Where a parent
-        is a file (``a`` exists, ``a/b`` is written) the write fails with ENOTDIR, as it must."""
-        if os.path.isdir(path):
-            return
-        current = self._root
-        for segment in os.path.relpath(path, self._root).split(os.sep):
-            current = os.path.join(current, segment)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(current)
+    def _write_json(self, parents: Sequence[str], name: str, data: Mapping[str, Any]) -> None:
+        with directory_beneath(self._root, parents, create=True) as directory:
+            _write_json_at(directory, name, data)
 
     def _write_object(self, op: str, key: str, fill: Callable[[int], str],
                       attributes: Mapping[str, Any]) -> str:
-        data, sidecar = self._paths(op, key)
-        self._makedirs(os.path.dirname(data))
-        self._makedirs(os.path.dirname(sidecar))
-        return _write_atomically(data, fill, sidecar, {"attributes": attributes})
+        """Publish ``key``. Its sidecar (ETag, attributes, fingerprint) goes first, so the data
+        rename is the one commit point: a key never appears without its metadata, and a crash
+        between the renames leaves a sidecar matching nothing. Where a parent is a file (``a``
+        exists, ``a/b`` is written) or a symlink, this fails with ENOTDIR, as it must."""
+        *parents, name = self._segments(op, key)
 
-    def _open(self, op: str, key: str) -> BinaryIO:
-        """The object's file, open for reading; NotFound if there is none."""
-        path = self._paths(op, key)[0]
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            if stat.S_ISREG(os.lstat(path).st_mode):  # a symlink is not an object
-                return open(path, "rb", buffering=0)
-        raise self._error(NotFound, op, key, "not found", "NoSuchKey")
+        def describe(st: os.stat_result, etag: str) -> None:
+            record = {"etag": etag, "attributes": attributes, **_fingerprint(st)}
+            self._write_json([STATE_DIR, "meta", *parents], name + ".json", record)
+
+        with directory_beneath(self._root, parents, create=True) as directory:
+            return write_atomically(directory, name, fill, before_publish=describe)
+
+    def _open_object(self, op: str, key: str) -> tuple[int, os.stat_result, str, dict[str, Any]]:
+        """The object's file open for reading, its stat, ETag and attributes, all of the one
+        file opened (a concurrent replace cannot pair one version's bytes with another's
+        ETag); NotFound if there is none. A symlink is not an object, and none is followed."""
+        *parents, name = self._segments(op, key)
+        try:
+            with directory_beneath(self._root, parents) as directory:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+        except OSError as exc:
+            missing = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+            if exc.errno not in missing or not os.path.isdir(self._root):
+                raise  # a vanished root is fatal (`_translate`), not a missing key
+            raise self._error(NotFound, op, key, "not found", "NoSuchKey") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._error(NotFound, op, key, "not found", "NoSuchKey")
+            sidecar = os.path.join(self._meta, *parents, name + ".json")
+            etag, attributes = _sidecar_describing(sidecar, st) or (_md5_etag(fd), {})
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st, etag, attributes
 
     async def check_bucket(self) -> None:
         def check() -> None:
@@ -272,6 +312,8 @@ class FileStore:
         op = "PutObject"
         self._paths(op, key)  # refuse a bad key before hashing the body
         fill = partial(_write_body, body, await self._verify(op, key, body, md5_b64))
+        if self._pace is not None:
+            await self._pace(len(body))
         attrs = _attributes_json(attributes)
         return await self._call(op, key, lambda: self._write_object(op, key, fill, attrs))
 
@@ -283,29 +325,46 @@ class FileStore:
         metadata = dict(attributes.get("metadata") or {})
         return ObjectInfo(key, st.st_size, etag, metadata, attributes.get("content_encoding"))
 
-    async def get_object(self, key: str) -> AsyncIterator[bytes]:
+    def get_object(
+        self, key: str, *, offset: int = 0, end: int | None = None, if_match: str | None = None,
+        chunk_size: int = GET_CHUNK,
+    ) -> ObjectBody:
+        # ``if_match`` needs nothing here: ResumableBody compares the ETag of what was opened.
+        async def open_range(start: int, stop: int | None, etag: str | None) -> RangeReader:
+            return await self._run("GetObject", key, lambda: self._open_range(key, start, stop))
+
+        return ResumableBody(
+            open_range, key=key, location=self.location, offset=offset, end=end,
+            if_match=if_match, chunk_size=chunk_size, attempts=self._max_attempts,
+            backoff=self._backoff, on_retry=self._on_retry,
+        )
+
+    def _open_range(self, key: str, start: int, end: int | None) -> _FileRange:
         op = "GetObject"
-        handle = await self._call(op, key, lambda: self._open(op, key))
+        fd, st, etag, attributes = self._open_object(op, key)
         try:
-            # Reads go on from the one open file, so a concurrent replace cannot mix versions;
-            # unbuffered, so a failed read consumes nothing and can be retried.
-            while chunk := await self._call(op, key, lambda: handle.read(_CHUNK)):
-                yield chunk
-        finally:
-            # Closing a read-only file does not block, and a closing generator may not await.
-            handle.close()
+            if start > st.st_size:
+                raise self._error(StoreError, op, key, f"byte {start} lies past the object's"
+                                  f" end ({st.st_size} bytes)", "InvalidRange")
+        except BaseException:
+            os.close(fd)
+            raise
+        info = ObjectInfo(key, st.st_size, etag, dict(attributes.get("metadata") or {}),
+                          attributes.get("content_encoding"))
+        stop = st.st_size if end is None else min(max(end, start), st.st_size)
+        return _FileRange(self, key, fd, info, start, stop)
 
     async def copy_object(self, source_key: str, key: str) -> str:
         op = "CopyObject"
-        source, sidecar = self._paths(op, source_key)
-        self._paths(op, key)
+        self._segments(op, source_key)
+        self._segments(op, key)
 
         def copy() -> str:
-            found = _describe(source, sidecar)
-            with self._open(op, source_key) as handle:
+            fd, _, _, attributes = self._open_object(op, source_key)
+            with open(fd, "rb", buffering=0) as handle:
                 # Like S3's CopyObject: a new single-part object, so a plain MD5 ETag.
-                return self._write_object(op, key, lambda fd: f'"{_append(fd, handle).hex()}"',
-                                          found[2] if found else {})
+                return self._write_object(op, key, lambda out: f'"{_append(out, handle).hex()}"',
+                                          attributes)
 
         return await self._call(op, key, copy)
 
@@ -345,10 +404,10 @@ class FileStore:
         meta = {"key": key, "attributes": _attributes_json(attributes)}
 
         def create() -> MultipartUpload:
-            upload_dir = os.path.join(self._uploads, uuid.uuid4().hex)
-            self._makedirs(upload_dir)
-            _write_json(os.path.join(upload_dir, "meta.json"), meta)  # now the upload exists
-            return MultipartUpload(os.path.basename(upload_dir))
+            upload_id = uuid.uuid4().hex
+            # Now the upload exists.
+            self._write_json([STATE_DIR, "uploads", upload_id], "meta.json", meta)
+            return MultipartUpload(upload_id)
 
         return await self._call(op, key, create)
 
@@ -357,11 +416,18 @@ class FileStore:
         op = "UploadPart"
         etag = await self._verify(op, key, body, md5_b64, crc32_b64)
         fill = partial(_write_body, body, etag)
+        if self._pace is not None:
+            await self._pace(len(body))
 
         def store() -> str:
-            part = os.path.join(self._upload(op, key, upload_id)[0], str(part_number))
-            # The part's sidecar keeps its ETag, so list_parts need not hash the parts.
-            return _write_atomically(part, fill, part + ".json")
+            self._upload(op, key, upload_id)
+            name = str(part_number)
+            with directory_beneath(self._root, [STATE_DIR, "uploads", upload_id]) as directory:
+                # The part's sidecar keeps its ETag, so list_parts need not hash the parts.
+                def describe(st: os.stat_result, etag: str) -> None:
+                    _write_json_at(directory, name + ".json", {"etag": etag, **_fingerprint(st)})
+
+                return write_atomically(directory, name, fill, before_publish=describe)
 
         return await self._call(op, key, store)
 
@@ -426,6 +492,36 @@ class FileStore:
         await self._call(op, key, abort)
 
 
-async def open_file_store(root: str, *, on_retry: RetryObserver | None = None) -> FileStore:
+async def open_file_store(
+    root: str, *, max_attempts: int = 3, on_retry: RetryObserver | None = None,
+    pace: Callable[[int], Awaitable[None]] | None = None,
+) -> FileStore:
     """A FileStore for ``root`` (checked by `FileStore.check_bucket`, not here, as for S3)."""
-    return FileStore(root, on_retry=on_retry)
+    return FileStore(root, max_attempts=max_attempts, on_retry=on_retry, pace=pace)
+
+
+class _FileRange:
+    """Bytes [start, end) of one open object file: read where they lie (pread), so a retry
+    reads nothing twice, and from the one file opened, so a concurrent replace (a rename
+    over it) never mixes versions."""
+
+    __slots__ = ("info", "start", "end", "_store", "_key", "_fd", "_position")
+
+    def __init__(self, store: FileStore, key: str, fd: int, info: ObjectInfo, start: int,
+                 end: int) -> None:
+        self.info, self.start, self.end = info, start, end
+        self._store, self._key, self._fd, self._position = store, key, fd, start
+
+    async def read(self, size: int) -> bytes:
+        fd, offset = self._fd, self._position
+        if fd < 0 or offset >= self.end:
+            return b""
+        size = min(size, self.end - offset)
+        chunk = await self._store._run("GetObject", self._key, lambda: _read_at(fd, size, offset))
+        self._position += len(chunk)
+        return chunk
+
+    async def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)  # closing a read-only file does not block

@@ -1,20 +1,24 @@
 """The storage seam: the one Protocol everything above the store talks to.
 
-`s3.py` implements it with aiobotocore. Implementations translate their own errors into
-`errors.StoreError` subclasses (keeping ``__cause__``), retry what is transient themselves
-(one retry layer), and never log or echo credentials.
+`s3.py` implements it with aiobotocore, `local.py` for ``file://`` destinations.
+Implementations translate their own errors into `errors.StoreError` subclasses (keeping
+``__cause__``), retry what is transient themselves (one retry layer, `retry.py`, which also
+resumes an object body cut off half-way), and never log or echo credentials.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Protocol
 
 # Object metadata keys (sent as x-amz-meta-*): the digest of the original content lets a
 # bucket be verified without the manifest; the original size matters when the body is gzip.
 META_DIGEST = "xxh128"
 META_SIZE = "asyncsync-size"
+# The most bytes one chunk of `ObjectStore.get_object` holds, unless the caller asks for less.
+GET_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,41 @@ class ObjectAttributes:
         """An uploaded file's: its digest and original size, and the body's encoding."""
         return cls(metadata={META_DIGEST: digest, META_SIZE: str(size)},
                    content_encoding=encoding)
+
+
+class ObjectBody(Protocol):
+    """The bytes ``[offset, end)`` of one version of an object, as `ObjectStore.get_object`
+    hands them out: enter it (``async with``) to send the request, then iterate it for
+    chunks of at most the chunk size asked for. A connection that drops anywhere in the body
+    is resumed from the last byte delivered, with a ranged request that must find the same
+    ETag (else `ObjectChanged`), within the store's retry budget per chunk."""
+
+    @property
+    def info(self) -> ObjectInfo:
+        """The whole object's size, ETag, metadata and content encoding (once entered)."""
+        ...
+
+    @property
+    def offset(self) -> int:
+        """The first byte delivered."""
+        ...
+
+    @property
+    def end(self) -> int:
+        """One past the last byte delivered: the ``end`` asked for, or the object's size
+        when that is smaller or none was asked for (once entered)."""
+        ...
+
+    async def __aenter__(self) -> ObjectBody: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def __anext__(self) -> bytes: ...
 
 
 class ObjectStore(Protocol):
@@ -114,8 +153,17 @@ class ObjectStore(Protocol):
         """Every object under ``prefix`` (no metadata: listings do not carry it)."""
         ...
 
-    def get_object(self, key: str) -> AsyncIterator[bytes]:
-        """The object's body, in chunks."""
+    def get_object(
+        self, key: str, *, offset: int = 0, end: int | None = None, if_match: str | None = None,
+        chunk_size: int = GET_CHUNK,
+    ) -> ObjectBody:
+        """Bytes ``offset`` up to ``end`` (exclusive; None: the object's end) of the object, in
+        chunks of at most ``chunk_size`` bytes, with its attributes. ``if_match`` is the ETag
+        the object must have (several ranges of one large object read in parallel, or a
+        download resumed later, must all come from one version). Entering the body raises
+        NotFound if there is no such object, `ObjectChanged` if its ETag is not
+        ``if_match``, and StoreError ``InvalidRange`` if ``offset`` lies past its end; an
+        ``offset`` equal to its size gives no bytes, but the attributes all the same."""
         ...
 
     async def copy_object(self, source_key: str, key: str) -> str:

@@ -13,7 +13,9 @@ Three decisions live here and nowhere else:
   speak them (or their aws-chunked trailers) still work.
 
 Bodies (PutObject, UploadPart) go through the lean path of `s3direct` unless
-``StoreConfig.direct_uploads`` is off; control calls always go through botocore.
+``StoreConfig.direct_uploads`` is off; control calls always go through botocore, and so do
+GetObject bodies: ranged requests with If-Match, resumed where a connection dropped by
+`retry.ResumableBody`.
 
 botocore is imported lazily (`open_s3_store`): importing it costs a few hundred
 milliseconds, and a re-run that finds nothing changed never needs it.
@@ -24,7 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -34,11 +39,19 @@ from ..errors import (
     FatalStoreError,
     NoSuchUpload,
     NotFound,
+    ObjectChanged,
     StoreError,
     TransientStoreError,
 )
-from .protocol import MultipartUpload, ObjectAttributes, ObjectInfo, UploadedPart
-from .retry import Backoff, retry_transient
+from .protocol import (
+    GET_CHUNK,
+    MultipartUpload,
+    ObjectAttributes,
+    ObjectBody,
+    ObjectInfo,
+    UploadedPart,
+)
+from .retry import Backoff, RangeReader, ResumableBody, retry_transient
 from .s3direct import DirectUploads, Pace, open_direct_uploads, proxy_for
 from .s3errors import translate_error
 
@@ -46,6 +59,11 @@ T = TypeVar("T")
 log = logging.getLogger("asyncsync")
 # What a store answers to a CreateMultipartUpload parameter it does not implement.
 _UNSUPPORTED_CODES = frozenset({"InvalidArgument", "InvalidRequest", "NotImplemented"})
+# If-Match refused (a HEAD answer has no body, so only its status names it).
+_PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
+# A Range starting at or past the object's end.
+_INVALID_RANGE_CODES = frozenset({"InvalidRange", "416"})
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 RetryObserver = Callable[[TransientStoreError, int, float], None]
 
@@ -82,18 +100,22 @@ class S3Store:
         return self._location
 
     async def _call(self, op: str, key: str, call: Callable[[], Awaitable[T]]) -> T:
-        async def attempt() -> T:
-            try:
-                return await call()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                raise translate_error(
-                    exc, op=op, key=key, location=f"s3://{self._bucket}", endpoint=self._endpoint,
-                    timeouts=self._timeouts,
-                ) from exc
+        return await self._retried(lambda: self._attempt(op, key, call))
 
-        return await self._retried(attempt)
+    async def _attempt(self, op: str, key: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One try of ``call``, its errors translated (the caller decides about retrying)."""
+        try:
+            return await call()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise self._translated(exc, op, key) from exc
+
+    def _translated(self, exc: BaseException, op: str, key: str) -> StoreError:
+        return translate_error(
+            exc, op=op, key=key, location=f"s3://{self._bucket}", endpoint=self._endpoint,
+            timeouts=self._timeouts,
+        )
 
     async def _retried(self, attempt: Callable[[], Awaitable[T]]) -> T:
         return await retry_transient(
@@ -307,24 +329,88 @@ class S3Store:
             if not page.get("IsTruncated") or not token:
                 return
 
-    async def get_object(self, key: str) -> AsyncIterator[bytes]:
-        response = await self._call(
-            "GetObject", key, lambda: self._client.get_object(Bucket=self._bucket, Key=key)
+    def get_object(
+        self, key: str, *, offset: int = 0, end: int | None = None, if_match: str | None = None,
+        chunk_size: int = GET_CHUNK,
+    ) -> ObjectBody:
+        return ResumableBody(
+            partial(self._open_range, key), key=key, location=f"s3://{self._bucket}",
+            offset=offset, end=end, if_match=if_match, chunk_size=chunk_size,
+            attempts=self._config.max_attempts, backoff=self._backoff, on_retry=self._on_retry,
         )
-        async with response["Body"] as stream:
-            while True:
-                try:
-                    chunk = await stream.read(1024 * 1024)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    raise translate_error(
-                        exc, op="GetObject", key=key, location=f"s3://{self._bucket}",
-                        endpoint=self._endpoint, timeouts=self._timeouts,
-                    ) from exc
-                if not chunk:
-                    return
-                yield chunk
+
+    async def _open_range(
+        self, key: str, start: int, end: int | None, etag: str | None
+    ) -> RangeReader:
+        """One GetObject of bytes [start, end), If-Match ``etag``: one attempt, the
+        retries and resumption are `ResumableBody`'s."""
+        if end is not None and end <= start:
+            return await self._empty_range(key, start, etag)  # HTTP cannot ask for no bytes
+        args: dict[str, Any] = {"Bucket": self._bucket, "Key": key}
+        if etag is not None:
+            args["IfMatch"] = etag
+        if start or end is not None:  # a whole object is asked for without a Range
+            args["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
+        try:
+            response = await self._attempt(
+                "GetObject", key, lambda: self._client.get_object(**args)
+            )
+        except StoreError as exc:
+            if exc.code in _PRECONDITION_CODES:
+                raise self._changed(key, etag) from exc
+            if exc.code in _INVALID_RANGE_CODES:
+                # No byte at ``start``: an empty object, or a download that is complete.
+                return await self._empty_range(key, start, etag)
+            raise
+        stream = response["Body"]
+        try:
+            info = ObjectInfo(
+                key=key, size=int(response["ContentLength"]), etag=str(response["ETag"]),
+                metadata=dict(response.get("Metadata", {})),
+                content_encoding=response.get("ContentEncoding"),
+            )
+            first, last = 0, info.size
+            if found := _CONTENT_RANGE.fullmatch(str(response.get("ContentRange") or "")):
+                first, last = int(found[1]), int(found[2]) + 1
+                total = found[3]
+                info = replace(info, size=int(total) if total != "*" else last)
+        except BaseException:
+            stream.close()
+            raise
+        return _S3Range(info, first, last, stream, partial(self._translated, op="GetObject",
+                                                           key=key), self._pace)
+
+    def _changed(self, key: str, etag: str | None) -> ObjectChanged:
+        return ObjectChanged(
+            f"GetObject s3://{self._bucket}/{key}: the object is no longer version {etag};"
+            " read it again from the start", op="GetObject", key=key, code="ObjectChanged",
+        )
+
+    async def _empty_range(self, key: str, start: int, etag: str | None) -> RangeReader:
+        """No bytes from ``start``, but the object's attributes (HeadObject)."""
+        args: dict[str, Any] = {"Bucket": self._bucket, "Key": key}
+        if etag is not None:
+            args["IfMatch"] = etag
+        try:
+            response = await self._attempt(
+                "HeadObject", key, lambda: self._client.head_object(**args)
+            )
+        except StoreError as exc:
+            if exc.code in _PRECONDITION_CODES:
+                raise self._changed(key, etag) from exc
+            raise
+        info = ObjectInfo(
+            key=key, size=int(response["ContentLength"]), etag=str(response["ETag"]),
+            metadata=dict(response.get("Metadata", {})),
+            content_encoding=response.get("ContentEncoding"),
+        )
+        if start > info.size:
+            raise StoreError(
+                f"GetObject s3://{self._bucket}/{key}: byte {start} lies past the object's end"
+                f" ({info.size} bytes)", op="GetObject", key=key, code="InvalidRange",
+            )
+        return _S3Range(info, start, start, None, partial(self._translated, op="GetObject",
+                                                          key=key), None)
 
     async def copy_object(self, source_key: str, key: str) -> str:
         response = await self._call(
@@ -345,6 +431,39 @@ class S3Store:
                 await self._direct.close()
         finally:
             await self._exit_stack.aclose()
+
+
+class _S3Range:
+    """The body of one GetObject answer."""
+
+    __slots__ = ("info", "start", "end", "_stream", "_translate", "_pace")
+
+    def __init__(
+        self, info: ObjectInfo, start: int, end: int, stream: Any,
+        translate: Callable[[BaseException], StoreError], pace: Pace | None,
+    ) -> None:
+        self.info, self.start, self.end = info, start, end
+        self._stream, self._translate, self._pace = stream, translate, pace
+
+    async def read(self, size: int) -> bytes:
+        if self._stream is None:
+            return b""
+        try:
+            chunk = bytes(await self._stream.read(size))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        if chunk and self._pace is not None:
+            await self._pace(len(chunk))  # --max-bandwidth holds for downloads too
+        return chunk
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            # A body not read to its end cannot go back to the pool: this drops the
+            # connection (one read to the end was released at its last byte already).
+            stream.close()
 
 
 def tls_verify_override(endpoint_url: str | None) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""Placing files beneath a root directory: which path a key may name, and atomic publication.
+
+Shared by the ``file://`` store (objects under its root) and by whatever writes downloaded
+objects into a local tree. A key is split into path segments and refused when any segment
+could lead anywhere but one level down (empty, ``.``, ``..``), so containment is decided on
+segments, never on string prefixes (``/data/run`` is a string prefix of ``/data/run2``).
+Directories are then reached one segment at a time from the root's descriptor without
+following a symlink, so a link planted in the tree cannot carry a write outside it either.
+A file is published by writing a temp file in its final directory (same filesystem, so the
+rename is atomic), fsyncing it, renaming it over the final name and fsyncing the directory:
+a crash leaves the old file or the new one under the final name, never a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Temp files start with this; listings skip such names, so no key segment may have it.
+TEMP_PREFIX = ".asyncsync-tmp-"
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# O_NOFOLLOW with O_DIRECTORY: a symlink fails (ENOTDIR on Linux) instead of being entered.
+_DIRECTORY_BENEATH = _DIRECTORY | os.O_NOFOLLOW
+
+
+class UnsafeKey(ValueError):
+    """A key that cannot name a file beneath the root (the reason is the message)."""
+
+
+def key_segments(
+    key: str, *, reserved: Collection[str] = (), allow_backslash: bool = True
+) -> list[str]:
+    """The path segments ``key`` names beneath a root; UnsafeKey if it could name anything
+    else: a leading ``/`` or an empty, ``.`` or ``..`` segment, a NUL, a segment that is a
+    temp file's name, or a first segment in ``reserved``. A backslash is an ordinary
+    character of a POSIX name (push keeps it); ``allow_backslash=False`` refuses it, for
+    keys that may have been written by tools for which it separates directories."""
+    if "\x00" in key:
+        raise UnsafeKey(f"key {key!r} contains a NUL byte")
+    if not allow_backslash and "\\" in key:
+        raise UnsafeKey(f"key {key!r} contains a backslash")
+    segments = key.split("/")  # '' and a leading '/' both give an empty segment
+    for segment in segments:
+        if segment in ("", ".", ".."):
+            raise UnsafeKey(f"key {key!r} has an empty, '.' or '..' segment")
+        if segment.startswith(TEMP_PREFIX):
+            raise UnsafeKey(f"key {key!r} has a segment starting with {TEMP_PREFIX!r}")
+    if segments[0] in reserved:
+        raise UnsafeKey(f"key {key!r} lies in the reserved {segments[0]!r}")
+    return segments
+
+
+@contextlib.contextmanager
+def directory_beneath(root: str, parents: Sequence[str], *, create: bool = False) -> Iterator[int]:
+    """A descriptor of ``root/parents...``, reached one segment at a time from ``root``
+    without following a symlink below it (one fails with ENOTDIR, like a file on the way).
+    ``create`` makes missing directories below the root, never the root itself: a vanished
+    root (an unmounted volume) must fail, not be recreated empty. ``parents`` come from
+    `key_segments`."""
+    fd = os.open(root, _DIRECTORY)  # the root itself may be a link: the user named it
+    try:
+        for segment in parents:
+            try:
+                child = os.open(segment, _DIRECTORY_BENEATH, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):  # made by a concurrent writer
+                    os.mkdir(segment, 0o777, dir_fd=fd)
+                child = os.open(segment, _DIRECTORY_BENEATH, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def temp_name() -> str:
+    """A fresh temp file name: unique, so concurrent writers of one name never share one."""
+    return TEMP_PREFIX + uuid.uuid4().hex
+
+
+def fsync_directory(directory: int) -> None:
+    """Make the renames in ``directory`` durable: without it a crash may undo them."""
+    os.fsync(directory)
+
+
+def publish(directory: int, temp: str, name: str) -> None:
+    """Rename the (already fsynced) temp file over ``name`` in ``directory``, durably. A
+    symlink or file under ``name`` is replaced itself, never written through."""
+    os.replace(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
+    fsync_directory(directory)
+
+
+def write_atomically(
+    directory: int, name: str, fill: Callable[[int], T], *,
+    before_publish: Callable[[os.stat_result, T], None] | None = None,
+) -> T:
+    """Write ``name`` in ``directory`` through a temp file beside it and return what ``fill``
+    (given the temp file's descriptor) returned. ``before_publish`` runs after the fsync
+    with the temp file's stat (which the rename keeps: same inode, same mtime), so anything
+    describing the file can be written first and the rename stays the one commit point.
+    On any failure the temp file is removed and the final name is left as it was."""
+    temp = temp_name()
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666,
+                 dir_fd=directory)
+    try:
+        try:
+            result = fill(fd)
+            os.fsync(fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if before_publish is not None:
+            before_publish(st, result)
+        publish(directory, temp, name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):  # gone already if the rename happened
+            os.unlink(temp, dir_fd=directory)
+        raise
+    return result

@@ -1,0 +1,374 @@
+"""The daemon apart from its work (uvicorn's `Server` apart from the app).
+
+`Daemon` owns what watch and run share whatever they sync: the lifecycle (the loop that ticks
+its `Service` until asked to stop, then the shutdown, with a flush unless something fatal
+happened), the signals, the health server with readiness, and the daemon's state. The work
+(watch's queue of files, `pipeline.syncqueue` driven by `commands/watch.py`) reports to the
+daemon through the `QueueObserver` methods; readers get the state only as a frozen `Snapshot`:
+per run directory the files pending, the last successful upload and the failures, plus whether
+the store answers and the manifest is open. /readyz and the gauges of /metrics are read from
+it, and so will be a web page.
+
+`Signals` is the one SIGINT/SIGTERM policy of every command (push, watch, run): the first
+signal drains (push cancels, watch stops scanning and flushes, run passes it to the training's
+process group), a second one exits at once with 128+N, SIGKILLing the training's group first
+when there is one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Protocol
+
+from ..config import WatchConfig
+from ..errors import TransientStoreError
+from ..pipeline.events import NoEvents
+
+if TYPE_CHECKING:
+    # Imported only where a Daemon uses them: push takes its `Signals` from here, and aiohttp.web
+    # with prometheus_client would add some 40 ms to every push's start.
+    from .health import HealthServer
+    from .metrics import Metrics
+
+log = logging.getLogger("asyncsync")
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+ABOVE_RUNS = "."
+"""The run of the files that lie no deeper than the run directories themselves."""
+
+
+def run_depth_of(config: WatchConfig) -> int:
+    """How many levels below SRC a run directory lies (``--run-depth``).
+
+    The option reaches only `CleanupSettings` today, which exists only with --delete-after, so
+    without cleanup the default depth applies. WatchConfig should carry run_depth itself; until
+    it does, this is the one place that knows where to find it.
+    """
+    return config.cleanup.run_depth if config.cleanup else 1
+
+
+def run_of(relative: str, depth: int) -> str:
+    """The run directory a file belongs to: its first ``depth`` path segments
+    (``detect/train2`` for ``detect/train2/weights/last.pt`` at depth 2), or `ABOVE_RUNS`."""
+    parts = relative.split("/", depth)
+    return "/".join(parts[:depth]) if len(parts) > depth else ABOVE_RUNS
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+
+class Signals:
+    """SIGINT/SIGTERM for one command: the first drains, a second exits at once with 128+N.
+
+    ``drain`` is what the first signal does (cancel push, stop watch). Once a child's process
+    group is known (`started`: run's training), the first signal goes to that group instead,
+    and the second SIGKILLs it before exiting: exiting alone would leave a training that
+    ignores signals running with nobody to wait for it. While the child is being spawned
+    (`spawning`) it may exist without its pid known here, so signals are only remembered
+    until `started` learns the pid: the first is passed on then, and a second one exits then.
+    """
+
+    def __init__(self, drain: Callable[[int], None]) -> None:
+        self.received: list[int] = []
+        self.arrived = asyncio.Event()
+        self._drain = drain
+        self._group: int | None = None
+        self._spawning = False
+
+    @property
+    def first(self) -> int | None:
+        return self.received[0] if self.received else None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Left in place until the loop closes (which removes them): a second signal must
+        # still exit at once while asyncio tears down (waiting for reader threads, say).
+        for signum in HANDLED_SIGNALS:
+            loop.add_signal_handler(signum, self._handle, signum)
+
+    @contextlib.contextmanager
+    def spawning(self) -> Iterator[None]:
+        """Around the spawn of the child whose process group `started` names."""
+        self._spawning = True
+        try:
+            yield
+        finally:
+            self._spawning = False
+
+    def started(self, pid: int) -> None:
+        """The child runs, as the leader of process group ``pid``."""
+        self._group = pid
+        if self.received:  # came while spawning: the training has not seen it
+            self._forward(self.received[0])
+        if len(self.received) > 1:
+            self._exit(self.received[1])
+
+    def _handle(self, signum: int) -> None:
+        if self.received and not (self._spawning and self._group is None):
+            self._exit(signum)
+        self.received.append(signum)
+        self.arrived.set()
+        if self._group is not None:
+            self._forward(signum)
+        elif not self._spawning:
+            self._drain(signum)
+
+    def _forward(self, signum: int) -> None:
+        assert self._group is not None
+        log.warning("%s received: passing it to the training (again to kill it)",
+                    signal.Signals(signum).name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._group, signum)
+
+    def _exit(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self._group is not None:
+            log.warning("%s received again: killing the training and exiting", name)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._group, signal.SIGKILL)
+        else:
+            log.warning("%s received again: exiting now", name)
+        # os._exit skips every finally and atexit hook (that is the point), stdio flushes too.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os._exit(128 + signum)
+
+
+# -- the state and its snapshot ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatus:
+    """One run directory as the daemon sees it."""
+
+    pending: int = 0  # files out of sync with the bucket, uploading ones included
+    last_sync: float | None = None  # Unix time of the last upload of one of its files
+    failures: int = 0  # failed uploads since the daemon started
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The daemon's state at one moment, read-only."""
+
+    runs: Mapping[str, RunStatus]  # by run directory (`run_of`)
+    in_flight: int
+    store_up: bool | None  # None: not contacted yet
+    store_problem: str
+    manifest_open: bool
+
+    @property
+    def pending(self) -> int:
+        return sum(status.pending for status in self.runs.values())
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason) as /readyz answers. Reasons start with `health.PUBLIC_REASONS`
+        words, so that a server on a public address may say which part is at fault."""
+        if not self.manifest_open:
+            return False, "manifest not open"
+        if self.store_up is False:
+            return False, f"store unreachable: {self.store_problem}"
+        return True, "ready"
+
+
+class Service(Protocol):
+    """The work a `Daemon` drives."""
+
+    async def start(self) -> None:
+        """Before the first tick (bad configuration raises here)."""
+
+    async def tick(self, now: float) -> float:
+        """Do what is due; return when the next tick is wanted (the daemon may come sooner)."""
+
+    async def shutdown(self, *, flush: bool) -> None:
+        """Stop; with ``flush``, send what is still out of sync first."""
+
+
+class _RetryEvents(NoEvents):
+    """What the daemon takes from the pipeline's events rather than from its work: retries."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def retried(self, exc: TransientStoreError, attempt: int, pause: float) -> None:
+        self._metrics.retried()
+        log.debug("retry %d in %.2fs: %s", attempt, pause, exc)
+
+
+class Daemon:
+    """Lifecycle, signals, health and the state snapshot of watch and run."""
+
+    def __init__(
+        self, config: WatchConfig, *, metrics: Metrics | None = None,
+        drain: Callable[[int], None] | None = None,
+    ) -> None:
+        """``drain``: what a first signal does while no child runs (default: say so and
+        stop, as watch does)."""
+        from .metrics import Metrics
+
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.events = _RetryEvents(self.metrics)  # the `Events` sink for `Pipeline.open`
+        self.signals = Signals(drain or self._stop_on_signal)
+        self.run_depth = run_depth_of(config)
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._health: HealthServer | None = None
+        # The state: written by the report methods below, read only through snapshot().
+        self._runs: dict[str, RunStatus] = {}
+        self._in_flight = 0
+        self._store_up: bool | None = None
+        self._store_problem = "store not contacted yet"
+        self._manifest_open = False
+        self._exported_syncs: dict[str, float] = {}  # the last-sync gauges as last set
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Daemon]:
+        """Signals handled, and the health server up with --metrics-addr, for the duration."""
+        self.signals.install(asyncio.get_running_loop())
+        if self.config.metrics_addr is not None:
+            from .health import HealthServer
+
+            host, port = self.config.metrics_addr
+            self._health = HealthServer(host, port, self.metrics, self.readiness)
+            await self._health.start()
+        try:
+            yield self
+        finally:
+            if self._health is not None:
+                await self._health.stop()
+                self._health = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def store_up(self) -> bool | None:
+        """Whether the last store request succeeded (None: none made yet)."""
+        return self._store_up
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Something may be due now: tick without waiting for the time the service asked."""
+        self._wake.set()
+
+    def fail(self, exc: BaseException) -> None:
+        """The work cannot go on (the manifest failed): stop without a flush; `serve`
+        raises ``exc``."""
+        if self._fatal is None:
+            self._fatal = exc
+        self.request_stop()
+
+    async def sleep(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less when asked to stop; True if stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        return self.stopping
+
+    async def serve(self, service: Service) -> None:
+        """Tick ``service`` until asked to stop, then shut it down (flushing unless fatal)."""
+        await service.start()
+        try:
+            while not self.stopping:
+                # Cleared before the tick, so that an upload ending during it ticks again.
+                self._wake.clear()
+                wake_at = await service.tick(time.time())
+                self.publish()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(0.05, wake_at - time.time()))
+        except BaseException:
+            await service.shutdown(flush=False)
+            raise
+        await service.shutdown(flush=self._fatal is None)
+        self.publish()
+        if self._fatal is not None:
+            raise self._fatal
+
+    def _stop_on_signal(self, signum: int) -> None:
+        log.warning("%s received: stopping (again to force)", signal.Signals(signum).name)
+        self.request_stop()
+
+    # -- what the work reports (pipeline.syncqueue.QueueObserver) ------------------------------
+
+    def pending(self, relative: str, delta: int) -> None:
+        run = run_of(relative, self.run_depth)
+        status = self._runs.get(run, RunStatus())
+        status = replace(status, pending=max(0, status.pending + delta))
+        if status == RunStatus():
+            self._runs.pop(run, None)  # nothing to say about it any more: the map stays small
+        else:
+            self._runs[run] = status
+
+    def uploaded(self, relative: str, nbytes: int, seconds: float) -> None:
+        run = run_of(relative, self.run_depth)
+        self._runs[run] = replace(self._runs.get(run, RunStatus()), last_sync=time.time())
+        # The counters move here; the run's timestamp reaches its gauge from the snapshot.
+        self.metrics.uploaded(nbytes, seconds, None)
+
+    def unchanged(self, relative: str) -> None:
+        self.metrics.unchanged()
+
+    def failed(self, relative: str, reason: str) -> None:
+        run = run_of(relative, self.run_depth)
+        status = self._runs.get(run, RunStatus())
+        self._runs[run] = replace(status, failures=status.failures + 1)
+        self.metrics.failed(reason)
+
+    def in_flight(self, n: int) -> None:
+        self._in_flight = n
+
+    def store_reachable(self, ok: bool, problem: str = "") -> None:
+        self._store_up = ok
+        if problem:
+            self._store_problem = problem
+
+    def manifest_open(self, is_open: bool) -> None:
+        self._manifest_open = is_open
+
+    def scanned(self, seconds: float) -> None:
+        self.metrics.scanned(seconds)
+
+    def deleted(self) -> None:
+        self.metrics.deleted()
+
+    # -- what readers get -------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        # RunStatus values are frozen, so a shallow copy of the map is a true snapshot.
+        return Snapshot(
+            runs=MappingProxyType(dict(self._runs)), in_flight=self._in_flight,
+            store_up=self._store_up, store_problem=self._store_problem,
+            manifest_open=self._manifest_open,
+        )
+
+    def readiness(self) -> tuple[bool, str]:
+        return self.snapshot().readiness()
+
+    def publish(self) -> Snapshot:
+        """Set the gauges of /metrics from a fresh snapshot, and return it."""
+        snapshot = self.snapshot()
+        self.metrics.set_queue_depth(snapshot.pending)
+        self.metrics.set_in_flight(snapshot.in_flight)
+        if snapshot.store_up is not None:
+            self.metrics.store_reachable(snapshot.store_up)
+        for run, status in snapshot.runs.items():
+            # Only the runs whose time moved: a label lookup per run on every tick adds up.
+            if status.last_sync is not None and self._exported_syncs.get(run) != status.last_sync:
+                self.metrics.last_successful_sync.labels(run=run).set(status.last_sync)
+                self._exported_syncs[run] = status.last_sync
+        return snapshot
