@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from asyncsync.config import CleanupSettings, PushConfig, WatchConfig, parse_destination
+from asyncsync.config import PushConfig, WatchConfig, parse_destination
 from asyncsync.service.daemon import ABOVE_RUNS, Daemon, RunStatus, run_depth_of, run_of
 
 # -- signals, through real processes ----------------------------------------------------------
@@ -369,10 +369,9 @@ def test_run_of_follows_the_run_depth(relative: str, depth: int, run: str) -> No
     assert run_of(relative, depth) == run
 
 
-def test_run_depth_comes_from_run_depth_with_cleanup_else_1(tmp_path: Path) -> None:
+def test_run_depth_is_the_daemons_own_setting(tmp_path: Path) -> None:
     assert run_depth_of(watch_config(tmp_path)) == 1
-    cleanup = CleanupSettings(delete_after=3600.0, run_depth=2)
-    assert run_depth_of(watch_config(tmp_path, cleanup=cleanup)) == 2
+    assert run_depth_of(watch_config(tmp_path, run_depth=2)) == 2
 
 
 def metric_samples(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -385,8 +384,7 @@ def metric_samples(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]
 
 
 def test_snapshot_per_run_pending_last_sync_and_failures(tmp_path: Path) -> None:
-    cleanup = CleanupSettings(delete_after=3600.0, run_depth=2)
-    daemon = Daemon(watch_config(tmp_path, cleanup=cleanup))
+    daemon = Daemon(watch_config(tmp_path, run_depth=2))
     for relative in ("detect/train2/weights/last.pt", "detect/train2/results.csv",
                      "detect/train/args.yaml", "detect/notes.txt", "README.md"):
         daemon.pending(relative, 1)
@@ -459,8 +457,7 @@ def test_the_queue_reports_pending_syncs_and_history_per_run(tmp_path: Path) -> 
     bucket.mkdir()
     push = PushConfig(source=src, destination=parse_destination(f"file://{bucket}"),
                       state_dir=tmp_path / "state")
-    config = WatchConfig(push=push, settle=0.0, checkpoint_interval=0.0,
-                         cleanup=CleanupSettings(delete_after=3600.0, run_depth=2))
+    config = WatchConfig(push=push, settle=0.0, checkpoint_interval=0.0, run_depth=2)
 
     async def send_everything(queue: SyncQueue) -> None:
         await queue.scan()

@@ -573,7 +573,7 @@ def test_metrics_run_label_is_the_run_directory_at_run_depth(
 ) -> None:
     """The `run` label of the last-sync timestamp is the run directory as --run-depth says
     (`detect/train2`), not the top-level directory (`detect`); a file above the runs counts
-    for ".". (--run-depth reaches the daemon only with --delete-after today.)"""
+    for "." (and --run-depth needs no --delete-after to reach the daemon)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     src = tmp_path / "runs"
@@ -583,8 +583,7 @@ def test_metrics_run_label_is_the_run_directory_at_run_depth(
     (src / "detect" / "notes.txt").write_text("above the runs\n")
     port = free_port()
     daemon = Daemon(s3_server, src, f"s3://{bucket}/m", tmp_path / "state", *FAST,
-                    "--run-depth", "2", "--delete-after", "7d",
-                    "--metrics-addr", f"127.0.0.1:{port}")
+                    "--run-depth", "2", "--metrics-addr", f"127.0.0.1:{port}")
     daemons.append(daemon)
     client = s3_server.client()
     wait_for(lambda: len(bucket_keys(client, bucket, "m/")) == 3, 30, "the three uploads")

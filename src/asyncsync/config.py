@@ -324,6 +324,9 @@ class WatchConfig:
     low_priority: bool = False
     cleanup: CleanupSettings | None = None
     cleanup_interval: float = 300.0
+    # Runs are directories this many levels below SRC (runs/detect/train: 2): the unit of
+    # cleanup, of the metrics' run label and of the daemon's per-run state.
+    run_depth: int = 1
 
 
 # -- from validated settings to the frozen configs ------------------------------------------
@@ -420,4 +423,5 @@ def watch_config_from(settings: Settings, *, source: str | Path, destination: st
         checkpoint_globs=settings["checkpoint_glob"], history_globs=settings["history_glob"],
         grace=settings["grace"], metrics_addr=settings["metrics_addr"],
         low_priority=settings["low_priority"], cleanup=cleanup,
+        run_depth=settings["run_depth"],
     )

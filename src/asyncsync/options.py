@@ -245,9 +245,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("delete_dry_run", Kind.FLAG, CleanupSettings.dry_run,
            "log what cleanup would delete; delete nothing", _WATCH,
            "local cleanup (off by default)"),
-    Option("run_depth", Kind.INT, CleanupSettings.run_depth,
-           "runs are directories N levels below SRC (runs/detect/train is 2)", _WATCH,
-           "local cleanup (off by default)", metavar="N", minimum=1),
+    Option("run_depth", Kind.INT, WatchConfig.run_depth,
+           "runs are directories N levels below SRC (runs/detect/train is 2): the unit of "
+           "cleanup and of the per-run metrics", _DAEMON, "daemon", metavar="N", minimum=1),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}

@@ -48,13 +48,8 @@ ABOVE_RUNS = "."
 
 
 def run_depth_of(config: WatchConfig) -> int:
-    """How many levels below SRC a run directory lies (``--run-depth``).
-
-    The option reaches only `CleanupSettings` today, which exists only with --delete-after, so
-    without cleanup the default depth applies. WatchConfig should carry run_depth itself; until
-    it does, this is the one place that knows where to find it.
-    """
-    return config.cleanup.run_depth if config.cleanup else 1
+    """How many levels below SRC a run directory lies (``--run-depth``)."""
+    return config.run_depth
 
 
 def run_of(relative: str, depth: int) -> str:
