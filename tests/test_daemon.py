@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -491,3 +492,42 @@ def test_the_queue_reports_pending_syncs_and_history_per_run(tmp_path: Path) -> 
     history = sorted((bucket / "_asyncsync/history/detect/train2/results.csv").iterdir())
     assert [path.read_bytes() for path in history] == [b"epoch\n1\n2\n"]
     assert (bucket / "detect/train2/results.csv").read_bytes() == b"epoch\n1\n"
+
+
+def test_an_uploaded_file_costs_the_queue_one_manifest_lookup(tmp_path: Path) -> None:
+    """watch read each uploaded file's manifest row again after its upload, to learn the
+    identity the uploader had read (three lookups per file): the outcome carries it now."""
+    from asyncsync.commands.watch import open_pipeline
+    from asyncsync.pipeline.syncqueue import SyncQueue
+
+    src, bucket = tmp_path / "runs", tmp_path / "bucket"
+    for n in range(5):
+        (src / "exp").mkdir(parents=True, exist_ok=True)
+        (src / "exp" / f"f{n}.txt").write_bytes(b"%d" % n)
+    bucket.mkdir()
+    push = PushConfig(source=src, destination=parse_destination(f"file://{bucket}"),
+                      state_dir=tmp_path / "state")
+    config = WatchConfig(push=push, settle=0.0, checkpoint_interval=0.0)
+
+    async def main() -> int:
+        daemon = Daemon(config)
+        async with open_pipeline(config, daemon) as pipeline:
+            queue = SyncQueue(config, pipeline, daemon)
+            await queue.scan()
+            calls = 0
+            real_lookup = pipeline.manifest.lookup
+
+            def counting_lookup(*args: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                return real_lookup(*args)
+
+            pipeline.manifest.lookup = counting_lookup  # type: ignore[method-assign]
+            queue.start_due(time.time() + 1)
+            while queue.uploading:
+                await asyncio.sleep(0.01)
+            assert daemon.snapshot().pending == 0
+            return calls
+
+    assert asyncio.run(main()) <= 5
+    assert sorted(p.name for p in (bucket / "exp").iterdir()) == [f"f{n}.txt" for n in range(5)]

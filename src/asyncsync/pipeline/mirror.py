@@ -4,7 +4,7 @@ The scanner streams files; each is looked up in the manifest and planned; files 
 work go into a short bounded queue that at most ``workers`` worker tasks drain (so the walk
 never runs far ahead of the uploads and memory stays flat), and the byte budget bounds what
 those workers buffer. push runs one pass; attach() runs one after each epoch; the watch
-daemon drives the same stages from its own queue (commands/watch.py).
+daemon drives the same stages from its own queue (pipeline/syncqueue.py).
 """
 
 from __future__ import annotations

@@ -36,10 +36,10 @@ _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}
 _PORT = re.compile(r"[0-9]{1,5}")
 _EXAMPLES = "expected HOST:PORT, e.g. 127.0.0.1:9100, 0.0.0.0:9100, :9100 or [::1]:9100"
 
-# What /readyz may say about an unready daemon on a non-loopback address: these leading words of
-# a reason (watch's readiness(): "store unreachable: <what failed, naming the endpoint>",
-# "manifest not open") name no endpoint, bucket, key or path. Any other reason is just
-# "not ready".
+# What /readyz may say about an unready daemon on a non-loopback address: these leading words
+# of a reason (the daemon snapshot's readiness(): "store unreachable: <what failed, naming the
+# endpoint>", "manifest not open") name no endpoint, bucket, key or path. Any other reason is
+# just "not ready".
 PUBLIC_REASONS = ("store unreachable", "manifest not open")
 
 # In-flight probes and scrapes take milliseconds; a scraper that keeps a slow request open
