@@ -298,9 +298,7 @@ def run_run_command(args: argparse.Namespace) -> int:
     command = args.training_command
     if not command:
         raise ConfigError("no command to run: asyncsync run DIR DEST -- COMMAND [ARGS...]")
-    config = watch_config(args)
-    if config.cleanup is not None:
-        raise ConfigError("--delete-after is for watch, not run")
+    config = watch_config(args)  # cleanup options are watch's: run never has them
     release_large_buffers_promptly()
     if config.low_priority:
         lower_priority()
