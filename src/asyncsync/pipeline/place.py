@@ -55,13 +55,12 @@ def key_segments(
     return segments
 
 
-@contextlib.contextmanager
-def directory_beneath(root: str, parents: Sequence[str], *, create: bool = False) -> Iterator[int]:
-    """A descriptor of ``root/parents...``, reached one segment at a time from ``root``
-    without following a symlink below it (one fails with ENOTDIR, like a file on the way).
-    ``create`` makes missing directories below the root, never the root itself: a vanished
-    root (an unmounted volume) must fail, not be recreated empty. ``parents`` come from
-    `key_segments`."""
+def open_directory_beneath(root: str, parents: Sequence[str], *, create: bool = False) -> int:
+    """A descriptor of ``root/parents...`` (the caller closes it), reached one segment at a
+    time from ``root`` without following a symlink below it (one fails with ENOTDIR, like a
+    file on the way; the OSError names the segment). ``create`` makes missing directories
+    below the root, never the root itself: a vanished root (an unmounted volume) must fail,
+    not be recreated empty. The source reads of `source.open_source` walk the same way."""
     fd = os.open(root, _DIRECTORY)  # the root itself may be a link: the user named it
     try:
         for segment in parents:
@@ -75,6 +74,17 @@ def directory_beneath(root: str, parents: Sequence[str], *, create: bool = False
                 child = os.open(segment, _DIRECTORY_BENEATH, dir_fd=fd)
             os.close(fd)
             fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def directory_beneath(root: str, parents: Sequence[str], *, create: bool = False) -> Iterator[int]:
+    """`open_directory_beneath`, closed on leaving. ``parents`` come from `key_segments`."""
+    fd = open_directory_beneath(root, parents, create=create)
+    try:
         yield fd
     finally:
         os.close(fd)

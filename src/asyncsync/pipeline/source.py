@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import SourceChanged, SourceNotRegular, SourceVanished
+from .place import open_directory_beneath
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-# Directories on the way are only passed to openat(): O_PATH opens them without reading.
-_DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | _CLOEXEC
 # O_NONBLOCK: a FIFO swapped in must not hang the open (fstat then refuses it); reads of
 # a regular file ignore the flag.
 _FILE_FLAGS = (
@@ -195,20 +194,11 @@ def _open_parent(source: SourceFile) -> tuple[int, str]:
     else:
         base, parts = root.path, _parts_beneath(source.path, root.path)
     try:
-        fd = os.open(base, _DIRECTORY_FLAGS)
+        fd = open_directory_beneath(base, parts[:-1])
     except OSError as exc:
-        raise _translate(exc, source.path, "the source directory") from exc
-    try:
-        for part in parts[:-1]:
-            try:
-                below = os.open(part, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as exc:
-                raise _translate(exc, source.path, f"directory {part!r} on its path") from exc
-            os.close(fd)
-            fd = below
-    except BaseException:
-        os.close(fd)
-        raise
+        if exc.filename in (base, None):
+            raise _translate(exc, source.path, "the source directory") from exc
+        raise _translate(exc, source.path, f"directory {exc.filename!r} on its path") from exc
     return fd, parts[-1]
 
 
