@@ -355,10 +355,10 @@ def run_config_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_with_signals(main: Any, on_first: Any = None) -> int:
-    """Run ``main`` under the daemon's signal policy (`service.daemon.Signals`): the first
-    SIGINT/SIGTERM calls ``on_first`` (default: cancel ``main``); a second one exits at once
-    with 128+N. Return the first signal's number, or 0."""
+def _run_with_signals(main: Any) -> int:
+    """Run ``main`` (push) under the daemon's signal policy (`service.daemon.Signals`): the
+    first SIGINT/SIGTERM cancels ``main``; a second one exits at once with 128+N. Return the
+    first signal's number, or 0."""
     from .service.daemon import Signals
 
     with asyncio.Runner() as runner:
@@ -366,9 +366,7 @@ def _run_with_signals(main: Any, on_first: Any = None) -> int:
 
         def drain(signum: int) -> None:
             log.warning("%s received: stopping (again to force)", signal.Signals(signum).name)
-            if on_first is not None:
-                on_first()
-            elif task_holder:
+            if task_holder:
                 task_holder[0].cancel()
 
         signals = Signals(drain)
