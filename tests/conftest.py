@@ -21,6 +21,36 @@ import pytest
 from asyncsync.embedded_s3 import SeaweedFS
 
 
+def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
+    """Object bodies are compared byte for byte; pytest's own diff of two 200 KB bodies runs
+    difflib for minutes (a CI run once timed out inside it). Say instead what differs."""
+    bodies = (bytes, bytearray, memoryview)
+    if op != "==" or not (isinstance(left, bodies) or isinstance(right, bodies)):
+        return None
+    if max(_body_size(left), _body_size(right)) <= 256:
+        return None
+    lines = [f"{_describe_body(left)} == {_describe_body(right)}"]
+    if isinstance(left, bodies) and isinstance(right, bodies):
+        a, b = bytes(left), bytes(right)
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                     min(len(a), len(b)))
+        lines.append(f"first difference at byte offset {first}")
+    return lines
+
+
+def _body_size(value: object) -> int:
+    return len(value) if isinstance(value, bytes | bytearray | memoryview) else 0
+
+
+def _describe_body(value: object) -> str:
+    import hashlib
+
+    if isinstance(value, bytes | bytearray | memoryview):
+        digest = hashlib.sha256(bytes(value)).hexdigest()[:16]
+        return f"<{len(value)} bytes sha256:{digest}>"
+    return repr(value)[:80]
+
+
 @dataclass(frozen=True)
 class S3Server:
     endpoint: str

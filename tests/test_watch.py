@@ -327,11 +327,17 @@ def test_checkpoints_are_paced(
                     "--settle", "0.3", "--checkpoint-interval", "30", "-v")
     daemons.append(daemon)
     client = s3_server.client()
-    versions = []
-    for _ in range(4):
+    versions = [os.urandom(200_000)]
+    (src / "exp" / "last.pt").write_bytes(versions[0])
+    # The first version goes up as soon as it settles; wait for it rather than guess how long a
+    # loaded CI machine takes to start the daemon.
+    wait_for(lambda: object_or_none(client, bucket, "p/exp/last.pt") == versions[0], 30,
+             "the first checkpoint")
+    for _ in range(3):
         versions.append(os.urandom(200_000))
         (src / "exp" / "last.pt").write_bytes(versions[-1])
         time.sleep(1.0)
+    # Well inside the 30 s interval, none of the later epochs has gone up.
     assert object_or_none(client, bucket, "p/exp/last.pt") == versions[0]
     assert daemon.log.count("uploaded exp/last.pt") == 1
     assert daemon.stop() == 0
