@@ -227,3 +227,45 @@ def test_a_second_sigint_kills_the_training_and_leaves_nothing_behind(
             process.wait()
         if child and not _gone(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_run_opens_the_store_once_for_its_checks_record_and_uploads(
+    s3_server: S3Server, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One store session serves the destination check, run.json and the daemon's uploads:
+    `run` once opened a second one only to write run.json. Counted in-process, where every
+    opening of the store passes through StoreSession."""
+    from asyncsync import cli
+    from asyncsync.stores import session as store_session
+
+    sessions: list[object] = []
+    openings: list[object] = []
+    real_init = store_session.StoreSession.__init__
+
+    def counting_init(self: object, opener: object, *args: object, **kwargs: object) -> None:
+        sessions.append(self)
+
+        def counted() -> object:
+            openings.append(self)
+            return opener()  # type: ignore[operator]
+
+        real_init(self, counted, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_session.StoreSession, "__init__", counting_init)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    import logging
+
+    # cli.main configures the "asyncsync" logger for a terminal; the tests after this one
+    # read it through caplog.
+    logger = logging.getLogger("asyncsync")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    try:
+        code = cli.main(["run", str(tmp_path / "runs"), f"s3://{bucket}/one", "--state-dir",
+                         str(tmp_path / "state"), *FAST, "--", *train(tmp_path, 2)])
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    assert code == 0
+    assert_mirrored(s3_server, bucket, "one", tmp_path / "runs")
+    assert record(s3_server, bucket, "one")["status"] == "finished"
+    assert len(sessions) == 1 and len(openings) == 1
