@@ -642,7 +642,7 @@ def test_a_manifest_of_schema_1_gains_the_checksum_columns(tmp_path: Path) -> No
     finally:
         m.close()
     with sqlite3.connect(state / "manifest.db") as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
 # -- read-only opens, beside a writer -------------------------------------------------------

@@ -19,9 +19,12 @@ from asyncsync.config import (
 )
 from asyncsync.pipeline.keys import InvalidKey, PathFilter
 from asyncsync.pipeline.manifest import ObjectRecord
+from asyncsync.pipeline.mime import valid_media_type
 from asyncsync.pipeline.plan import (
+    GZIP_MIN_SIZE,
     Action,
     Decision,
+    content_type_for,
     history_key,
     part_count,
     part_size_for,
@@ -319,18 +322,69 @@ def test_uses_multipart_custom_threshold() -> None:
 # -- wants_gzip ----------------------------------------------------------------------------
 
 
+def test_wants_gzip_not_for_files_under_the_threshold() -> None:
+    """gzip's frame outweighs what a tiny file saves (6 bytes would be stored as 26)."""
+    config = TransferConfig(gzip=True)
+    assert not wants_gzip("run/results.csv", 6, config)
+    assert not wants_gzip("run/results.csv", GZIP_MIN_SIZE - 1, config)
+    assert wants_gzip("run/results.csv", GZIP_MIN_SIZE, config)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("exp/results.png", "image/png"),
+    ("exp/confusion_matrix.PNG", "image/png"),
+    ("exp/val_batch0_pred.jpg", "image/jpeg"),
+    ("exp/val_batch0_pred.jpeg", "image/jpeg"),
+    ("exp/results.csv", "text/csv"),
+    ("exp/args.yaml", "application/yaml"),
+    ("data.yml", "application/yaml"),
+    ("exp/weights/best.pt", "application/octet-stream"),
+    ("exp/weights/last.pth", "application/octet-stream"),
+    ("model.onnx", "application/octet-stream"),
+    ("model.safetensors", "application/octet-stream"),
+    ("metrics.json", "application/json"),
+    ("events.jsonl", "application/jsonl"),
+    ("train.log", "text/plain"),
+    ("notes.txt", "text/plain"),
+    ("plot.svg", "image/svg+xml"),
+    ("report.html", "text/html"),
+    ("events.out.tfevents.1700000000.host", "application/octet-stream"),
+    ("backup.tar.gz", "application/octet-stream"),  # gzip data as stored, not a tar
+    ("Makefile", "application/octet-stream"),
+])
+def test_content_type_from_the_file_name(name: str, expected: str) -> None:
+    assert content_type_for(name, TransferConfig()) == expected
+
+
+def test_content_type_option_wins_over_the_guess() -> None:
+    config = TransferConfig(content_type="text/plain; charset=utf-8")
+    assert content_type_for("exp/results.png", config) == "text/plain; charset=utf-8"
+
+
+@pytest.mark.parametrize("text", ["image/png", "text/plain; charset=utf-8",
+                                  "application/vnd.ms-excel", "application/x-yaml"])
+def test_valid_media_types(text: str) -> None:
+    assert valid_media_type(text)
+
+
+@pytest.mark.parametrize("text", ["png", "image/", "/png", "text/plain\r\nX-Evil: 1",
+                                  "image/png; charset", ""])
+def test_invalid_media_types(text: str) -> None:
+    assert not valid_media_type(text)
+
+
 def test_wants_gzip_off_by_default() -> None:
     config = TransferConfig()
     assert config.gzip is False
     for name in ("results.csv", "args.yaml", "log.txt"):
-        assert not wants_gzip(name, config)
+        assert not wants_gzip(name, 4096, config)
 
 
 @pytest.mark.parametrize("suffix", DEFAULT_GZIP_SUFFIXES)
 def test_wants_gzip_for_listed_suffixes(suffix: str) -> None:
     config = TransferConfig(gzip=True)
-    assert wants_gzip(f"run/file{suffix}", config)
-    assert wants_gzip(f"file{suffix.upper()}", config)
+    assert wants_gzip(f"run/file{suffix}", 4096, config)
+    assert wants_gzip(f"file{suffix.upper()}", 4096, config)
 
 
 @pytest.mark.parametrize(
@@ -338,11 +392,11 @@ def test_wants_gzip_for_listed_suffixes(suffix: str) -> None:
     ["weights/best.pt", "img.jpg", "data.csv.gz", "csv", "notes.txt.bak", "file.Csvx", "a.parquet"],
 )
 def test_wants_gzip_not_for_other_suffixes(name: str) -> None:
-    assert not wants_gzip(name, TransferConfig(gzip=True))
+    assert not wants_gzip(name, 4096, TransferConfig(gzip=True))
 
 
 def test_wants_gzip_case_insensitive_and_custom_suffixes() -> None:
     config = TransferConfig(gzip=True, gzip_suffixes=(".md",))
-    assert wants_gzip("README.MD", config)
-    assert wants_gzip("docs/Notes.Md", config)
-    assert not wants_gzip("results.csv", config)
+    assert wants_gzip("README.MD", 4096, config)
+    assert wants_gzip("docs/Notes.Md", 4096, config)
+    assert not wants_gzip("results.csv", 4096, config)

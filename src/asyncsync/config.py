@@ -196,6 +196,9 @@ class TransferConfig:
     # How often one file is re-read when it keeps changing under the upload.
     changed_retries: int = 3
     max_bandwidth: float | None = None  # bytes/s over all transfers; None: unlimited
+    content_type: str | None = None  # every object's; None: from each file's name
+    # Read every object back after its upload and compare it with what was read.
+    verify_after_upload: bool = False
 
 
 @dataclass(frozen=True)
@@ -400,7 +403,8 @@ def push_config_from(
         workers=settings["workers"], max_memory=settings["max_memory"],
         multipart_threshold=settings["multipart_threshold"], part_size=settings["part_size"],
         part_concurrency=settings["part_concurrency"], gzip=settings["gzip"],
-        max_bandwidth=settings["max_bandwidth"],
+        max_bandwidth=settings["max_bandwidth"], content_type=settings["content_type"],
+        verify_after_upload=settings["verify_after_upload"],
     )
     state_dir = settings["state_dir"] or default_state_dir()
     return PushConfig(

@@ -72,9 +72,16 @@ class ObjectChanged(StoreError):
     versions is ever spliced together; read it again from the start."""
 
 
-class ChecksumNotConfirmed(StoreError):
-    """A part sent with only a CRC32 checksum was stored, but the store's answer does not
-    confirm it checked that checksum: the body must be proven some other way (Content-MD5)."""
+class BadDigest(TransientStoreError):
+    """What the store says it stored is not what was sent: its ETag is an MD5 other than the
+    body's, or the checksum it echoes is not the one sent. The body was damaged on the way,
+    and the store did not check (or a proxy rewrote its answer). Sending it again is the
+    cure; such an object is never recorded as uploaded."""
+
+
+class NotSupported(StoreError):
+    """The store does not implement the operation (405 MethodNotAllowed, 501 NotImplemented):
+    retrying cannot help, another way round can."""
 
 
 class SourceChanged(AsyncsyncError):

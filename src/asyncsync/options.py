@@ -67,6 +67,7 @@ class Kind(enum.Enum):
     DURATION = "duration"
     CHOICE = "choice"
     TEXT = "text"
+    MEDIA_TYPE = "media type"
     URL = "url"
     PATH = "path"
     ADDRESS = "host:port"
@@ -174,7 +175,15 @@ OPTIONS: tuple[Option, ...] = (
            "cap on upload bandwidth over all transfers (e.g. 50MB/s, 40MiB/s)", _UPLOADS,
            "transfer", metavar="RATE", default_text="unlimited"),
     Option("gzip", Kind.FLAG, TransferConfig.gzip,
-           "gzip csv/yaml/json/txt/log files (Content-Encoding: gzip)", _UPLOADS, "transfer"),
+           "gzip csv/yaml/json/txt/log files of 1 KiB or more that shrink (stored with "
+           "Content-Encoding: gzip: aws cli, s5cmd and rclone download them compressed)",
+           _UPLOADS, "transfer"),
+    Option("content_type", Kind.MEDIA_TYPE, TransferConfig.content_type,
+           "Content-Type of every object", _UPLOADS, "transfer", metavar="TYPE",
+           default_text="from each file's name (image/png, text/csv, application/yaml...)"),
+    Option("verify_after_upload", Kind.FLAG, TransferConfig.verify_after_upload,
+           "read every object back after its upload and compare it with the file "
+           "(twice the traffic; for stores that prove nothing)", _UPLOADS, "transfer"),
     Option("follow_symlinks", Kind.FLAG, PushConfig.follow_symlinks,
            "follow symlinks that stay inside SRC (never outside)", _UPLOADS, "transfer"),
     Option("state_dir", Kind.PATH, None, "where the manifest lives", _UPLOADS, "transfer",
@@ -430,6 +439,12 @@ def parse_value(option: Option, raw: Any) -> Any:
         return validate_endpoint(text)
     if kind is Kind.PATH:
         return Path(text)
+    if kind is Kind.MEDIA_TYPE:
+        from .pipeline.mime import valid_media_type
+
+        if not valid_media_type(text):
+            raise ConfigError(f"{option.flag} {text!r}: not a media type (e.g. image/png)")
+        return text.strip()
     # Imported when used: the rate limiter, the cleanup and the health server are not
     # needed to read a config (and aiohttp is slow to import).
     if kind is Kind.RATE:

@@ -132,8 +132,9 @@ def read_small(source: SourceFile, max_size: int, compress: bool) -> SmallSnapsh
     encoding = None
     if compress:
         # mtime=0: the same content always compresses to the same bytes.
-        data = gzip.compress(data, compresslevel=6, mtime=0)
-        encoding = "gzip"
+        packed = gzip.compress(data, compresslevel=6, mtime=0)
+        if len(packed) < len(data):  # else sent as it is: nothing gained, a decoder needed
+            data, encoding = packed, "gzip"
     return SmallSnapshot(data, before, digest, md5_b64(data), encoding)
 
 
@@ -188,7 +189,8 @@ def gzip_to_temp(
     """Compress a (large) file into an anonymous temp file, in one read.
 
     Returns the temp file's path, the digest of the original content, the original's
-    identity, and the open temp file (the caller closes it, which deletes it).
+    identity, and the open temp file (the caller closes it, which deletes it). A body that
+    did not shrink is of no use: the caller then sends the file as it is.
     """
     with open_source(source) as opened:
         fd = opened.fd

@@ -42,7 +42,8 @@ MANIFEST_FILE = "manifest.db"
 # since, so its integrity check (a full read, ~50 ms per 100,000 rows) can be skipped.
 CLEAN_MARK = MANIFEST_FILE + ".clean"
 # 2: uploads.checksum and parts.crc32 (uploads whose parts carry CRC32 checksums).
-SCHEMA_VERSION = 2
+# 3: capabilities (what each store was seen to do).
+SCHEMA_VERSION = 3
 
 # The digest of the directory that holds row ``{row}``'s key: no longer vouched for.
 _FORGET_DIRECTORY = (
@@ -105,6 +106,17 @@ END;
 CREATE TRIGGER IF NOT EXISTS directories_stale_on_delete AFTER DELETE ON objects BEGIN
     {forget_old}
 END;
+-- What a store (endpoint and bucket) was seen to do: stores.capabilities.Capability names,
+-- 1 or 0. Learned from its answers; a later run starts from them instead of finding out
+-- again (a part sent twice, an empty upload aborted on every run).
+CREATE TABLE IF NOT EXISTS capabilities (
+    store TEXT NOT NULL,
+    bucket TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    learned_at REAL NOT NULL,
+    PRIMARY KEY (store, bucket, name)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS parts (
     upload_id TEXT NOT NULL,
     part_number INTEGER NOT NULL,
@@ -470,6 +482,23 @@ class Manifest:
             (scope.store, scope.bucket, key, upload_id),
         )
         self._execute("DELETE FROM parts WHERE upload_id=?", (upload_id,))
+        self.commit()
+
+    # -- what the store does --------------------------------------------------------------
+
+    def capabilities(self, scope: Scope) -> dict[str, bool]:
+        rows = self._query(
+            "SELECT name, value FROM capabilities WHERE store=? AND bucket=?",
+            (scope.store, scope.bucket),
+        )
+        return {str(name): bool(value) for name, value in rows}
+
+    def learn_capability(self, scope: Scope, name: str, value: bool) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO capabilities (store, bucket, name, value, learned_at)"
+            " VALUES (?,?,?,?,?)",
+            (scope.store, scope.bucket, name, int(value), time.time()),
+        )
         self.commit()
 
     # -- transactions --------------------------------------------------------------------

@@ -18,13 +18,14 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import (
-    ChecksumNotConfirmed,
     FatalStoreError,
     ManifestError,
     NoSuchUpload,
+    NotSupported,
     SourceChanged,
     first_error,
 )
+from ..stores.capabilities import Capability
 from ..stores.protocol import META_DIGEST, ObjectAttributes, ObjectStore, UploadedPart
 from .digest import (
     FileIdentity,
@@ -34,7 +35,7 @@ from .digest import (
     read_part,
 )
 from .manifest import PendingUpload, RecordedPart
-from .plan import part_count, part_size_for, part_window_for
+from .plan import content_type_for, part_count, part_size_for, part_window_for
 from .scan import ScannedFile
 from .source import OpenedSource, open_source, stat_source
 
@@ -114,7 +115,10 @@ class LargeUpload:
                 await self._abort(store, pending.upload_id)
         upload = await store.create_multipart_upload(
             self.key, crc32=True,
-            attributes=ObjectAttributes.of_content(self.digest, self.identity.size, self.encoding),
+            attributes=ObjectAttributes.of_content(
+                self.digest, self.identity.size, self.encoding,
+                content_type_for(self.scanned.relative, self.up._config),
+            ),
         )
         self.crc32 = upload.crc32
         manifest.begin_upload(
@@ -141,10 +145,22 @@ class LargeUpload:
     ) -> dict[int, UploadedPart] | None:
         """Parts both the store and the manifest know, with the same ETag and size (and,
         in an upload with CRC32 checksums, the CRC32 recorded for Complete)."""
-        try:
-            listed = await store.list_parts(self.key, pending.upload_id)
-        except NoSuchUpload:
-            self.up._manifest.forget_upload(self.up._scope, self.key, pending.upload_id)
+        if store.capabilities[Capability.LIST_PARTS] is False:
+            listed = None
+        else:
+            try:
+                listed = await store.list_parts(self.key, pending.upload_id)
+            except NoSuchUpload:
+                self.up._manifest.forget_upload(self.up._scope, self.key, pending.upload_id)
+                return None
+            except NotSupported:
+                listed = None
+        if listed is None:
+            # Without ListParts nothing says which parts the store kept: start over (the
+            # old upload is aborted, or forgotten where even that is not possible).
+            log.info("%s: %s cannot list the parts of an upload; starting it again",
+                     self.scanned.relative, store.location)
+            await self._abort(store, pending.upload_id, forget_anyway=True)
             return None
         self.crc32 = pending.checksum == "crc32"
         recorded = self.up._manifest.recorded_parts(pending.upload_id)
@@ -190,7 +206,7 @@ class LargeUpload:
                     try:
                         data, md5, crc32 = await self.up.in_thread(
                             _read_hash_part, fd, offset, length, hasher,
-                            self._checksums() if number not in done else (False, False),
+                            self._checksums(store) if number not in done else (False, False),
                         )
                         if len(data) != length:
                             raise SourceChanged(f"{self.scanned.path}: shrank while it was read")
@@ -221,11 +237,13 @@ class LargeUpload:
             raise SourceChanged(f"{self.scanned.path}: changed while it was uploaded")
         return [finished[n] for n in sorted(finished)]
 
-    def _checksums(self) -> tuple[bool, bool]:
-        """Which checksums a part is sent with: (Content-MD5, CRC32)."""
+    def _checksums(self, store: ObjectStore) -> tuple[bool, bool]:
+        """Which checksums a part is sent with: (Content-MD5, CRC32). An upload created with
+        CRC32 checksums needs one on every part; where the store does not echo it, the part
+        is proven by its ETag, so the MD5 is computed while the part is read."""
         if not self.crc32:
             return True, False
-        return self.up.md5_with_crc32, True
+        return store.capabilities[Capability.CRC32_ECHO] is False, True
 
     async def _send_part(
         self, store: ObjectStore, upload_id: str, number: int, data: bytes,
@@ -234,19 +252,8 @@ class LargeUpload:
     ) -> None:
         md5, crc32 = checksums
         try:
-            try:
-                etag = await store.upload_part(self.key, upload_id, number, data,
-                                               md5_b64=md5, crc32_b64=crc32)
-            except ChecksumNotConfirmed as exc:
-                # Stored, but nothing says the store checked the CRC32: send the part again
-                # with a Content-MD5, and every later part with both.
-                if md5 is not None:
-                    raise
-                log.warning("%s; sending parts with Content-MD5 as well", exc)
-                self.up.md5_with_crc32 = True
-                md5 = await self.up.in_thread(md5_b64, data)
-                etag = await store.upload_part(self.key, upload_id, number, data,
-                                               md5_b64=md5, crc32_b64=crc32)
+            etag = await store.upload_part(self.key, upload_id, number, data,
+                                           md5_b64=md5, crc32_b64=crc32)
         finally:
             self.up._budget.release(grant)
             window.release()
@@ -262,16 +269,26 @@ class LargeUpload:
         if FileIdentity.of(now) != self.identity or now.st_dev != self.scanned.device:
             raise SourceChanged(f"{self.scanned.path}: changed while it was uploaded")
 
-    async def _abort(self, store: ObjectStore, upload_id: str) -> None:
-        """Abort and forget; if even that fails, the manifest keeps it for the next run."""
+    async def _abort(
+        self, store: ObjectStore, upload_id: str, *, forget_anyway: bool = False
+    ) -> None:
+        """Abort and forget; if even that fails, the manifest keeps it for the next run,
+        unless the store cannot abort at all (or ``forget_anyway``): then kept, it would
+        only block every later run of this file."""
         try:
             await store.abort_multipart_upload(self.key, upload_id)
         except asyncio.CancelledError:
             raise
+        except NotSupported as exc:
+            log.warning("%s: %s; upload %s is left to the store's own expiry",
+                        self.scanned.relative, exc, upload_id)
         except Exception as exc:  # noqa: BLE001 - best effort; the record stays
-            log.warning("%s: could not abort upload (%s); will retry next run",
-                        self.scanned.relative, exc)
-            return
+            if not forget_anyway:
+                log.warning("%s: could not abort upload (%s); will retry next run",
+                            self.scanned.relative, exc)
+                return
+            log.warning("%s: could not abort upload %s (%s); starting afresh",
+                        self.scanned.relative, upload_id, exc)
         self.up._manifest.forget_upload(self.up._scope, self.key, upload_id)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..config import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB, TransferConfig
 from .keys import PathFilter, object_key
 from .manifest import ObjectRecord
+from .mime import guess_content_type
 from .scan import ScannedFile
 
 HISTORY_DIR = "_asyncsync/history"
@@ -106,5 +107,18 @@ def uses_multipart(size: int, config: TransferConfig) -> bool:
     return size > config.multipart_threshold
 
 
-def wants_gzip(relative: str, config: TransferConfig) -> bool:
-    return config.gzip and relative.lower().endswith(config.gzip_suffixes)
+# Smaller files are sent as they are with --gzip: gzip's 20-byte frame outweighs what it
+# saves (a 6-byte file would grow to 26), and a request costs the same either way.
+GZIP_MIN_SIZE = 1024
+
+
+def wants_gzip(relative: str, size: int, config: TransferConfig) -> bool:
+    """Whether to try gzip on this file; a body that does not shrink is still sent as is
+    (`digest.read_small`, `digest.gzip_to_temp`)."""
+    return (config.gzip and size >= GZIP_MIN_SIZE
+            and relative.lower().endswith(config.gzip_suffixes))
+
+
+def content_type_for(relative: str, config: TransferConfig) -> str:
+    """--content-type where given, else the type of the file's name."""
+    return config.content_type or guess_content_type(relative)

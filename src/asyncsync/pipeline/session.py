@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import PushConfig
+from ..errors import NotSupported
+from ..stores.capabilities import Capabilities
 from ..stores.protocol import ObjectStore
 from ..stores.session import StoreSession, open_store
 from .budget import ByteBudget
@@ -89,11 +91,19 @@ class Pipeline:
         """
         manifest = Manifest.open(config.state_dir)
         try:
-            session = StoreSession(open_store(config, events.retried),
+            scope = scope_for(config)
+            # What this store was seen to do in earlier runs; what it shows now is kept.
+            capabilities = Capabilities(
+                manifest.capabilities(scope),
+                on_learn=lambda capability, value: manifest.learn_capability(
+                    scope, capability.value, value
+                ),
+            )
+            session = StoreSession(open_store(config, events.retried, capabilities),
                                    config.store.max_attempts, sticky=not daemon)
             transfer = replace(config.transfer, changed_retries=0) if settles else config.transfer
             uploader = Uploader(
-                store=session.get, manifest=manifest, scope=scope_for(config), config=transfer,
+                store=session.get, manifest=manifest, scope=scope, config=transfer,
                 budget=ByteBudget(transfer.max_memory), temp_dir=config.state_dir / "tmp",
                 dry_run=config.dry_run, on_bytes=events.sent,
             )
@@ -125,6 +135,12 @@ class Pipeline:
         for pending in orphans:
             try:
                 await store.abort_multipart_upload(pending.key, pending.upload_id)
+            except NotSupported as exc:
+                # Kept, it would be tried again on every run, forever.
+                log.warning("%s: %s; the stale upload is left to the store's own expiry",
+                            pending.key, exc)
+                self.manifest.forget_upload(self.scope, pending.key, pending.upload_id)
+                continue
             except Exception as exc:  # noqa: BLE001 - kept in the manifest for the next run
                 log.warning("%s: could not abort stale upload: %s", pending.key, exc)
                 continue

@@ -21,6 +21,7 @@ from typing import BinaryIO, ParamSpec, TypeVar
 
 from ..config import TransferConfig
 from ..errors import (
+    BadDigest,
     FatalStoreError,
     ManifestError,
     SourceChanged,
@@ -45,9 +46,11 @@ from .multipart import LargeUpload
 from .plan import (
     Action,
     Decision,
+    content_type_for,
     uses_multipart,
     wants_gzip,
 )
+from .readback import verify_object
 from .scan import ScannedFile
 from .source import stat_source
 
@@ -87,9 +90,6 @@ class Uploader:
         # A pool of our own for file reads and hashing: submitting to it directly costs a
         # fraction of a generic to_thread call, which matters at thousands of files a second.
         self._inline_reads = InlineGate(slow_seconds=0.01, strikes=8)
-        # Set when the store did not confirm a part's CRC32: from then on parts carry a
-        # Content-MD5 beside it.
-        self.md5_with_crc32 = False
         self._io = ThreadPoolExecutor(
             max_workers=max(4, min(64, config.workers + config.part_concurrency)),
             thread_name_prefix="asyncsync-io",
@@ -164,7 +164,7 @@ class Uploader:
     async def _sync_once(self, scanned: ScannedFile, key: str, decision: Decision) -> FileOutcome:
         if decision.action is Action.ADOPT:
             decision = await self._adopt(key, decision)
-        compress = wants_gzip(scanned.relative, self._config)
+        compress = wants_gzip(scanned.relative, scanned.size, self._config)
         if uses_multipart(scanned.size, self._config):
             return await self._sync_large(scanned, key, decision, compress)
         return await self._sync_small(scanned, key, decision, compress)
@@ -202,6 +202,20 @@ class Uploader:
         return FileOutcome(scanned.relative, key, Status.UNCHANGED, "same content",
                            identity.size, identity=identity)
 
+    async def _read_back(self, store: ObjectStore, key: str, digest: str, etag: str) -> None:
+        """--verify-after-upload: the object, read back whole, must hold the file's content;
+        one that does not is deleted, so no later run (nor --reconcile) takes it for it."""
+        if not self._config.verify_after_upload:
+            return
+        try:
+            await verify_object(store, key, digest, etag=etag)
+        except BadDigest:
+            try:
+                await store.delete_object(key)
+            except StoreError as exc:
+                log.warning("%s: could not delete the damaged object: %s", key, exc)
+            raise
+
     # -- small files: one read, one PUT ---------------------------------------------------
 
     async def _sync_small(
@@ -227,12 +241,14 @@ class Uploader:
             etag = await store.put_object(
                 key, snap.body, md5_b64=snap.body_md5_b64,
                 attributes=ObjectAttributes.of_content(
-                    snap.digest, snap.identity.size, snap.content_encoding
+                    snap.digest, snap.identity.size, snap.content_encoding,
+                    content_type_for(scanned.relative, self._config),
                 ),
             )
         finally:
             self._budget.release(grant)
         self._on_bytes(len(snap.body))
+        await self._read_back(store, key, snap.digest, etag)
         self._manifest.record_object(
             self._scope,
             ObjectRecord(
@@ -257,12 +273,18 @@ class Uploader:
             chunk = hash_chunk_for(scanned.size)
             grant = await self._budget.acquire(2 * HASH_CHUNK if compress else chunk)
             try:
+                body_path: str | None
+                encoding: str | None
                 if compress:
-                    body_path, digest, identity, temp = await self.in_thread(
+                    packed, digest, identity, gz = await self.in_thread(
                         gzip_to_temp, scanned, str(self._gzip_dir())
                     )
-                    body_size = os.path.getsize(body_path)
-                    encoding: str | None = "gzip"
+                    body_path, body_size, encoding = packed, os.path.getsize(packed), "gzip"
+                    if body_size >= identity.size:  # did not shrink: send the file itself
+                        gz.close()
+                        body_path, body_size, encoding = None, identity.size, None
+                    else:
+                        temp = gz
                 else:
                     digest, identity = await self.in_thread(hash_file, scanned, chunk)
                     # The body is read from the source again, opened as safely (multipart).
@@ -283,6 +305,7 @@ class Uploader:
         finally:
             if temp is not None:
                 temp.close()
+        await self._read_back(await self._store(), key, digest, etag)
         self._manifest.record_object(
             self._scope,
             ObjectRecord(

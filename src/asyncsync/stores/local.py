@@ -37,6 +37,7 @@ from ..pipeline.place import (
     key_segments,
     write_atomically,
 )
+from .capabilities import Capabilities, Capability
 from .protocol import (
     GET_CHUNK,
     MultipartUpload,
@@ -174,6 +175,10 @@ def _walk(directory: str, meta: str, key_prefix: str, name_prefix: str) -> Itera
             yield ObjectInfo(key_prefix + name, found[0].st_size, found[1])
 
 
+# A directory checks every body itself and implements every call.
+_LOCAL_CAPABILITIES = Capabilities({capability.value: True for capability in Capability})
+
+
 class FileStore:
     """A directory as a bucket: ``<root>/<key>`` holds the object, sidecars hold the rest."""
 
@@ -192,6 +197,10 @@ class FileStore:
     @property
     def location(self) -> str:
         return f"file://{self._root}"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return _LOCAL_CAPABILITIES
 
     def _error(self, cls: type[E], op: str, key: str, message: str, code: str) -> E:
         where = f"{self.location}/{key}" if key else self.location
@@ -353,6 +362,25 @@ class FileStore:
                           attributes.get("content_encoding"))
         stop = st.st_size if end is None else min(max(end, start), st.st_size)
         return _FileRange(self, key, fd, info, start, stop)
+
+    async def delete_object(self, key: str) -> None:
+        op = "DeleteObject"
+        *parents, name = self._segments(op, key)
+
+        def delete() -> None:
+            # The data file first: without it the sidecar describes nothing.
+            for where, entry in ((parents, name), ([STATE_DIR, "meta", *parents],
+                                                   name + ".json")):
+                try:
+                    with directory_beneath(self._root, where) as directory:
+                        os.unlink(entry, dir_fd=directory)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOENT, errno.ENOTDIR) or not os.path.isdir(
+                        self._root
+                    ):
+                        raise
+
+        await self._call(op, key, delete)
 
     async def copy_object(self, source_key: str, key: str) -> str:
         op = "CopyObject"

@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .capabilities import Capabilities
 
 # Object metadata keys (sent as x-amz-meta-*): the digest of the original content lets a
 # bucket be verified without the manifest; the original size matters when the body is gzip.
@@ -55,10 +58,13 @@ class ObjectAttributes:
     content_type: str | None = None
 
     @classmethod
-    def of_content(cls, digest: str, size: int, encoding: str | None) -> ObjectAttributes:
-        """An uploaded file's: its digest and original size, and the body's encoding."""
+    def of_content(
+        cls, digest: str, size: int, encoding: str | None, content_type: str | None = None
+    ) -> ObjectAttributes:
+        """An uploaded file's: its digest and original size, the body's encoding, and the
+        media type of the original content."""
         return cls(metadata={META_DIGEST: digest, META_SIZE: str(size)},
-                   content_encoding=encoding)
+                   content_encoding=encoding, content_type=content_type)
 
 
 class ObjectBody(Protocol):
@@ -104,6 +110,12 @@ class ObjectStore(Protocol):
         """Human-readable name of the store, for messages (never holds credentials)."""
         ...
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the store was seen to do (CRC32 echo, ListParts, ...): learned from its
+        answers, kept in the manifest between runs."""
+        ...
+
     async def check_bucket(self) -> None:
         """Raise FatalStoreError if the bucket does not exist or cannot be reached with these
         credentials; TransientStoreError if the store does not answer."""
@@ -112,7 +124,8 @@ class ObjectStore(Protocol):
     async def put_object(
         self, key: str, body: bytes, *, md5_b64: str, attributes: ObjectAttributes
     ) -> str:
-        """Store a whole object; return its ETag. The store verifies ``md5_b64``."""
+        """Store a whole object; return its ETag. What the store kept is proven against
+        ``md5_b64`` (by the store, and by its answer on this side: `BadDigest` otherwise)."""
         ...
 
     async def create_multipart_upload(
@@ -125,9 +138,9 @@ class ObjectStore(Protocol):
         self, key: str, upload_id: str, part_number: int, body: bytes, *,
         md5_b64: str | None = None, crc32_b64: str | None = None,
     ) -> str:
-        """Store one part; return its ETag. The store verifies the checksums given (at least
-        one); with ``crc32_b64`` alone, an answer that does not confirm it raises
-        `ChecksumNotConfirmed` (the part is stored, but unproven)."""
+        """Store one part; return its ETag. What the store kept is proven against the
+        checksums given (at least one): the store's echo of the CRC32, or the ETag as the
+        part's MD5 (computed if only a CRC32 was given). A mismatch raises `BadDigest`."""
         ...
 
     async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
@@ -164,6 +177,10 @@ class ObjectStore(Protocol):
         NotFound if there is no such object, `ObjectChanged` if its ETag is not
         ``if_match``, and StoreError ``InvalidRange`` if ``offset`` lies past its end; an
         ``offset`` equal to its size gives no bytes, but the attributes all the same."""
+        ...
+
+    async def delete_object(self, key: str) -> None:
+        """Remove the object; a no-op if there is none."""
         ...
 
     async def copy_object(self, source_key: str, key: str) -> str:

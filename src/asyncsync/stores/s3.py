@@ -5,12 +5,13 @@ Three decisions live here and nowhere else:
   profile, container/instance role, web identity); nothing here reads or prints them;
 - botocore's own retries are off and `retry.retry_transient` is the single retry layer,
   so attempts never multiply;
-- integrity: every PUT carries a Content-MD5 the server verifies; every part a CRC32 the
-  server verifies and echoes, for an upload the store confirmed takes CRC32 checksums (MD5
-  costs 1.7 s of CPU per GiB, zlib's CRC32 0.3 s), otherwise a Content-MD5. A
-  CRC32 the store does not echo is not trusted (`ChecksumNotConfirmed`). botocore's own
-  flexible checksums are set to ``when_required`` so that S3-compatible stores which do not
-  speak them (or their aws-chunked trailers) still work.
+- integrity: every PUT carries a Content-MD5, every part a CRC32 (for an upload the store
+  confirmed takes them: MD5 costs 1.7 s of CPU per GiB, zlib's CRC32 0.3 s) or a
+  Content-MD5, and every answer is checked on this side as well (`integrity`): a CRC32 must
+  come back as sent, an MD5 ETag must be the body's, so a store that checks nothing (moto,
+  s3rver) cannot keep a damaged body unnoticed. botocore's own flexible checksums are set
+  to ``when_required`` so that S3-compatible stores which do not speak them (or their
+  aws-chunked trailers) still work.
 
 Bodies (PutObject, UploadPart) go through the lean path of `s3direct` unless
 ``StoreConfig.direct_uploads`` is off; control calls always go through botocore, and so do
@@ -35,14 +36,17 @@ from urllib.parse import urlsplit
 
 from ..config import StoreConfig
 from ..errors import (
-    ChecksumNotConfirmed,
+    BadDigest,
     FatalStoreError,
     NoSuchUpload,
     NotFound,
+    NotSupported,
     ObjectChanged,
     StoreError,
     TransientStoreError,
 )
+from .capabilities import Capabilities, Capability
+from .integrity import Answer, Verdicts, md5_b64_of
 from .protocol import (
     GET_CHUNK,
     MultipartUpload,
@@ -80,6 +84,7 @@ class S3Store:
         on_retry: RetryObserver | None,
         direct: DirectUploads | None = None,
         pace: Pace | None = None,
+        capabilities: Capabilities | None = None,
     ) -> None:
         self._client = client
         self._direct = direct
@@ -92,8 +97,11 @@ class S3Store:
         self._endpoint = str(getattr(client.meta, "endpoint_url", "") or "")
         self._timeouts = (config.connect_timeout, config.read_timeout)
         self._location = f"s3://{bucket}" + (f" at {self._endpoint}" if self._endpoint else "")
-        # Whether uploads take CRC32 part checksums: None until a store's answer says.
-        self._crc32_parts: bool | None = None
+        # What this store was seen to do (CRC32 echo, ListParts...), kept by the pipeline.
+        self.capabilities = capabilities if capabilities is not None else Capabilities()
+        self._verdicts = Verdicts(self._location, self.capabilities)
+        # Uploads with a part nothing proved: their object's size is checked once complete.
+        self._unproven_uploads: set[str] = set()
 
     @property
     def location(self) -> str:
@@ -162,27 +170,66 @@ class S3Store:
     async def put_object(
         self, key: str, body: bytes, *, md5_b64: str, attributes: ObjectAttributes
     ) -> str:
-        if self._direct is not None:
-            direct = self._direct
-            return await self._retried(
-                lambda: direct.put_object(key, body, md5_b64=md5_b64, attributes=attributes)
-            )
-        if self._pace is not None:
-            await self._pace(len(body))  # whole bodies only: botocore sends them in one go
-        extra = self._attribute_args(attributes)
-        response = await self._call(
-            "PutObject", key,
-            lambda: self._client.put_object(
-                Bucket=self._bucket, Key=key, Body=body, ContentMD5=md5_b64, **extra
-            ),
+        where = f"PutObject s3://{self._bucket}/{key}"
+
+        async def attempt() -> str:
+            if self._direct is not None:
+                answer = await self._direct.put_object(
+                    key, body, md5_b64=md5_b64, attributes=attributes
+                )
+            else:
+                if self._pace is not None:
+                    await self._pace(len(body))  # botocore sends a body in one go
+                response = await self._attempt(
+                    "PutObject", key,
+                    lambda: self._client.put_object(
+                        Bucket=self._bucket, Key=key, Body=body, ContentMD5=md5_b64,
+                        **self._attribute_args(attributes),
+                    ),
+                )
+                answer = Answer.of_response(response)
+            if not self._verdicts.check(where, "PutObject", key, answer.etag, md5_b64,
+                                        encrypted=answer.encrypted):
+                self._verdicts.unproven("PutObject")
+                await self._confirm_size(where, key, len(body))
+            return answer.etag
+
+        try:
+            return await self._retried(attempt)
+        except BadDigest:
+            # The last attempt left damaged bytes under the file's digest: a later
+            # --reconcile would adopt them. The key holds nothing rather than that.
+            await self._discard(key)
+            raise
+
+    async def _confirm_size(self, where: str, key: str, size: int) -> None:
+        """For an answer that proves nothing: the object must at least be the size sent."""
+        response = await self._attempt(
+            "HeadObject", key, lambda: self._client.head_object(Bucket=self._bucket, Key=key)
         )
-        return str(response["ETag"])
+        stored = int(response["ContentLength"])
+        if stored != size:
+            raise BadDigest(f"{where}: the store kept {stored} bytes of the {size} sent",
+                            op="HeadObject", key=key, code="BadDigest")
+
+    async def _discard(self, key: str) -> None:
+        try:
+            await self.delete_object(key)
+        except StoreError as exc:
+            log.warning("%s: could not delete the damaged object: %s", key, exc)
+
+    async def delete_object(self, key: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self._call(
+                "DeleteObject", key,
+                lambda: self._client.delete_object(Bucket=self._bucket, Key=key),
+            )
 
     async def create_multipart_upload(
         self, key: str, *, attributes: ObjectAttributes, crc32: bool = False
     ) -> MultipartUpload:
         extra = self._attribute_args(attributes)
-        if crc32 and self._crc32_parts is not False:
+        if crc32 and self.capabilities[Capability.CRC32_ECHO] is not False:
             try:
                 response = await self._call(
                     "CreateMultipartUpload", key,
@@ -193,21 +240,21 @@ class S3Store:
             except FatalStoreError:
                 raise
             except StoreError as exc:
-                if exc.code not in _UNSUPPORTED_CODES:
+                if exc.code not in _UNSUPPORTED_CODES and not isinstance(exc, NotSupported):
                     raise
-                # A store that does not know the parameter: Content-MD5 parts from now on.
+                # A store that does not know the parameter: Content-MD5 parts from now on
+                # (remembered in the manifest: the next run does not ask again).
                 log.info("%s: no CRC32 part checksums (%s); using Content-MD5", self.location,
                          exc.code)
-                self._crc32_parts = False
+                self.capabilities.learn(Capability.CRC32_ECHO, False)
             else:
                 upload_id = str(response["UploadId"])
                 # The answer names the algorithm only where the store took it.
                 if str(response.get("ChecksumAlgorithm") or "").upper() == "CRC32":
-                    self._crc32_parts = True
                     return MultipartUpload(upload_id, crc32=True)
                 # Silent about it: whatever the store made of the parameter, this upload
                 # is dropped for a plain one, and parts carry Content-MD5 from now on.
-                self._crc32_parts = False
+                self.capabilities.learn(Capability.CRC32_ECHO, False)
                 log.info("%s: no CRC32 part checksums; using Content-MD5", self.location)
                 try:
                     await self.abort_multipart_upload(key, upload_id)
@@ -226,43 +273,75 @@ class S3Store:
     ) -> str:
         if md5_b64 is None and crc32_b64 is None:
             raise ValueError("a part needs a checksum")
-        if self._direct is not None:
-            direct = self._direct
-            return await self._retried(
-                lambda: direct.upload_part(key, upload_id, part_number, body,
-                                           md5_b64=md5_b64, crc32_b64=crc32_b64)
-            )
-        if self._pace is not None:
-            await self._pace(len(body))
-        checksums: dict[str, str] = {}
-        if md5_b64 is not None:
-            checksums["ContentMD5"] = md5_b64
+        where = f"UploadPart s3://{self._bucket}/{key}"
+
+        async def attempt() -> str:
+            if self._direct is not None:
+                answer = await self._direct.upload_part(
+                    key, upload_id, part_number, body, md5_b64=md5_b64, crc32_b64=crc32_b64
+                )
+            else:
+                if self._pace is not None:
+                    await self._pace(len(body))
+                checksums: dict[str, str] = {}
+                if md5_b64 is not None:
+                    checksums["ContentMD5"] = md5_b64
+                if crc32_b64 is not None:
+                    checksums["ChecksumCRC32"] = crc32_b64
+                response = await self._attempt(
+                    "UploadPart", key,
+                    lambda: self._client.upload_part(
+                        Bucket=self._bucket, Key=key, UploadId=upload_id,
+                        PartNumber=part_number, Body=body, **checksums,
+                    ),
+                )
+                answer = Answer.of_response(response)
+            await self._prove_part(where, key, upload_id, body, answer, md5_b64, crc32_b64)
+            return answer.etag
+
+        return await self._retried(attempt)
+
+    async def _prove_part(
+        self, where: str, key: str, upload_id: str, body: bytes, answer: Answer,
+        md5_b64: str | None, crc32_b64: str | None,
+    ) -> None:
+        """Is the part the store kept the one sent? A CRC32 echoed is the store's word that
+        it checked it; failing that, the ETag must be the body's MD5 (computed now if only a
+        CRC32 was sent: cheaper than sending the part again)."""
+        if crc32_b64 is not None and answer.crc32 is not None:
+            if answer.crc32 != crc32_b64:
+                raise BadDigest(
+                    f"{where}: the store echoes CRC32 {answer.crc32}, the part's is {crc32_b64}",
+                    op="UploadPart", key=key, code="BadDigest",
+                )
+            self.capabilities.learn(Capability.CRC32_ECHO, True)
+            return
         if crc32_b64 is not None:
-            checksums["ChecksumCRC32"] = crc32_b64
-        response = await self._call(
-            "UploadPart", key,
-            lambda: self._client.upload_part(
-                Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=part_number,
-                Body=body, **checksums,
-            ),
-        )
-        if md5_b64 is None and response.get("ChecksumCRC32") != crc32_b64:
-            raise ChecksumNotConfirmed(
-                f"UploadPart s3://{self._bucket}/{key}: the store did not confirm the part's"
-                " CRC32", op="UploadPart", key=key,
-            )
-        return str(response["ETag"])
+            if self.capabilities.learn(Capability.CRC32_ECHO, False):
+                log.info("%s does not echo part checksums: parts are proven by their MD5",
+                         self.location)
+            if md5_b64 is None:
+                md5_b64 = await asyncio.to_thread(md5_b64_of, body)
+        if not self._verdicts.check(where, "UploadPart", key, answer.etag, md5_b64,
+                                    encrypted=answer.encrypted):
+            self._verdicts.unproven("UploadPart")
+            self._unproven_uploads.add(upload_id)
 
     async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
         parts: list[UploadedPart] = []
         marker = 0
         while True:
-            page = await self._call(
-                "ListParts", key,
-                lambda m=marker: self._client.list_parts(  # type: ignore[misc]
-                    Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumberMarker=m
-                ),
-            )
+            try:
+                page = await self._call(
+                    "ListParts", key,
+                    lambda m=marker: self._client.list_parts(  # type: ignore[misc]
+                        Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumberMarker=m
+                    ),
+                )
+            except NotSupported:
+                self.capabilities.learn(Capability.LIST_PARTS, False)
+                raise
+            self.capabilities.learn(Capability.LIST_PARTS, True)
             for part in page.get("Parts", []):
                 parts.append(UploadedPart(
                     int(part["PartNumber"]), str(part["ETag"]), int(part["Size"]),
@@ -288,16 +367,32 @@ class S3Store:
                 Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload=layout
             ),
         )
+        if upload_id in self._unproven_uploads:
+            self._unproven_uploads.discard(upload_id)
+            where = f"CompleteMultipartUpload s3://{self._bucket}/{key}"
+            try:
+                await self._retried(
+                    lambda: self._confirm_size(where, key, sum(p.size for p in parts))
+                )
+            except BadDigest:
+                await self._discard(key)
+                raise
         return str(response["ETag"])
 
     async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
-        with contextlib.suppress(NoSuchUpload, NotFound):
-            await self._call(
-                "AbortMultipartUpload", key,
-                lambda: self._client.abort_multipart_upload(
-                    Bucket=self._bucket, Key=key, UploadId=upload_id
-                ),
-            )
+        self._unproven_uploads.discard(upload_id)
+        try:
+            with contextlib.suppress(NoSuchUpload, NotFound):
+                await self._call(
+                    "AbortMultipartUpload", key,
+                    lambda: self._client.abort_multipart_upload(
+                        Bucket=self._bucket, Key=key, UploadId=upload_id
+                    ),
+                )
+        except NotSupported:
+            self.capabilities.learn(Capability.ABORT_MULTIPART, False)
+            raise
+        self.capabilities.learn(Capability.ABORT_MULTIPART, True)
 
     async def head_object(self, key: str) -> ObjectInfo | None:
         try:
@@ -493,7 +588,7 @@ def _send_bodies_at_once(client: Any) -> None:
 
 async def open_s3_store(
     bucket: str, config: StoreConfig, *, on_retry: RetryObserver | None = None,
-    pace: Pace | None = None,
+    pace: Pace | None = None, capabilities: Capabilities | None = None,
 ) -> S3Store:
     """Create the client (credentials from the standard chain) for one bucket."""
     from aiobotocore.config import AioConfig
@@ -537,4 +632,4 @@ async def open_s3_store(
                 raise translate_error(exc, op="configure", key="", location=f"s3://{bucket}") \
                     from exc
             raise
-    return S3Store(client, stack, bucket, config, on_retry, direct, pace)
+    return S3Store(client, stack, bucket, config, on_retry, direct, pace, capabilities)

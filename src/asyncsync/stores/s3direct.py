@@ -28,7 +28,8 @@ import aiohttp
 from yarl import URL
 
 from ..config import StoreConfig
-from ..errors import ChecksumNotConfirmed, FatalStoreError, StoreError
+from ..errors import FatalStoreError, StoreError
+from .integrity import Answer, headers_encryption
 from .protocol import ObjectAttributes
 from .s3errors import classify_response, translate_transport_error
 from .sigv4 import SigV4Signer, canonical_query, quote_path
@@ -79,7 +80,7 @@ class DirectUploads:
 
     async def put_object(
         self, key: str, body: bytes, *, md5_b64: str, attributes: ObjectAttributes
-    ) -> str:
+    ) -> Answer:
         headers = {"content-md5": md5_b64, "content-length": str(len(body))}
         for name, value in attributes.metadata.items():
             headers[f"x-amz-meta-{name.lower()}"] = value
@@ -92,16 +93,14 @@ class DirectUploads:
     async def upload_part(
         self, key: str, upload_id: str, part_number: int, body: bytes, *,
         md5_b64: str | None = None, crc32_b64: str | None = None,
-    ) -> str:
+    ) -> Answer:
         headers = {"content-length": str(len(body))}
         if md5_b64 is not None:
             headers["content-md5"] = md5_b64
         if crc32_b64 is not None:
             headers[CRC32_HEADER] = crc32_b64
         query = {"partNumber": str(part_number), "uploadId": upload_id}
-        # A CRC32 alone proves the body only if the store says it checked it.
-        confirm = crc32_b64 if md5_b64 is None else None
-        return await self._put("UploadPart", key, query, headers, body, confirm_crc32=confirm)
+        return await self._put("UploadPart", key, query, headers, body)
 
     async def head_bucket(self) -> None:
         """HeadBucket on these connections: a push that needs no control call then never
@@ -148,38 +147,33 @@ class DirectUploads:
 
     async def _put(
         self, op: str, key: str, query: Mapping[str, str], headers: dict[str, str], body: bytes,
-        *, confirm_crc32: str | None = None,
-    ) -> str:
+    ) -> Answer:
         where = f"{op} {self._location}/{key}"
         url = await self._signed("PUT", op, self._path_prefix + key, query, headers)
         with _TransportErrors(where, op, key, self._endpoint, self._timeouts):
             if len(body) <= WHOLE_BODY and self._pace is None:
                 # One write that never waits: sock_read times the whole request, and a
                 # small object (most of a run) pays for no deadline of its own.
-                return await self._send(where, op, key, url, headers, body, confirm_crc32)
+                return await self._send(where, op, key, url, headers, body)
             async with asyncio.timeout(None) as deadline, _Stall(
                 deadline, self._timeouts[1]
             ) as stall:
                 return await self._send(where, op, key, url, headers,
-                                        _slices(body, self._pace, stall), confirm_crc32)
+                                        _slices(body, self._pace, stall))
 
     async def _send(
         self, where: str, op: str, key: str, url: URL, headers: dict[str, str],
-        data: bytes | AsyncIterator[memoryview], confirm_crc32: str | None,
-    ) -> str:
+        data: bytes | AsyncIterator[memoryview],
+    ) -> Answer:
         async with self._http.put(url, data=data, headers=headers, proxy=self._proxy) as response:
             payload = await response.read()
             if response.status == 200:
                 etag = response.headers.get("ETag")
                 if not etag:
                     raise StoreError(f"{where}: the store sent no ETag", op=op, key=key)
-                if confirm_crc32 is not None and (
-                    response.headers.get(CRC32_HEADER) != confirm_crc32
-                ):
-                    raise ChecksumNotConfirmed(
-                        f"{where}: the store did not confirm the part's CRC32", op=op, key=key,
-                    )
-                return etag
+                # What the store says it kept; `S3Store` compares it with what was sent.
+                return Answer(etag, response.headers.get(CRC32_HEADER),
+                              headers_encryption(response.headers))
             code, message = _error_fields(payload)
             raise classify_response(
                 where, op=op, key=key, status=response.status, code=code, message=message

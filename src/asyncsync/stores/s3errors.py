@@ -13,6 +13,7 @@ from ..errors import (
     FatalStoreError,
     NoSuchUpload,
     NotFound,
+    NotSupported,
     StoreError,
     TransientStoreError,
 )
@@ -136,6 +137,11 @@ def classify_response(
         return FatalStoreError(f"{where}: {_FATAL_CODES[code]} ({code})", op=op, key=key, code=code)
     if code in ("NoSuchKey", "404", "NotFound") or status == 404:
         return NotFound(f"{where}: not found", op=op, key=key, code=code or "404")
+    if code in ("NotImplemented", "MethodNotAllowed") or status in (405, 501):
+        return NotSupported(
+            f"{where}: the store does not support this ({code or status})", op=op, key=key,
+            code=code or str(status),
+        )
     if code in _TRANSIENT_CODES or status >= 500 or status == 429:
         return TransientStoreError(
             f"{where}: {message} ({code or status})", op=op, key=key, code=code

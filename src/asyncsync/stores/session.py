@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from ..config import PushConfig
 from ..errors import EndpointUnreachable, FatalStoreError, TransientStoreError
+from .capabilities import Capabilities
 from .protocol import ObjectStore
 
 
@@ -100,9 +101,12 @@ class StoreSession:
             self._store = None
 
 
-def open_store(config: PushConfig, on_retry: Callable[..., None]) -> Callable[[], object]:
+def open_store(
+    config: PushConfig, on_retry: Callable[..., None], capabilities: Capabilities | None = None
+) -> Callable[[], object]:
     """The store implementation for the destination's scheme, opened on first use, with
-    --retries and --max-bandwidth (a directory on NFS shares the node's network too)."""
+    --retries and --max-bandwidth (a directory on NFS shares the node's network too), and,
+    for S3, what the store is already known to do (``capabilities``)."""
     pace: Callable[[int], Awaitable[None]] | None = None
     if config.transfer.max_bandwidth:
         from ..pipeline.ratelimit import RateLimiter
@@ -113,7 +117,8 @@ def open_store(config: PushConfig, on_retry: Callable[..., None]) -> Callable[[]
         from .s3 import open_s3_store
 
         return await open_s3_store(
-            config.destination.bucket, config.store, on_retry=on_retry, pace=pace
+            config.destination.bucket, config.store, on_retry=on_retry, pace=pace,
+            capabilities=capabilities,
         )
 
     async def open_directory() -> ObjectStore:
