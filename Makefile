@@ -45,7 +45,27 @@ system-deps:
 	    echo "promtool not found: install Debian's prometheus package (the lint test will skip)"; \
 	  fi; }
 
-test: lint system-deps $(STAMP_TRAIN)
+# The conformance matrix's other S3 servers (tests/s3servers.py). moto pins a botocore of its
+# own, so it gets a virtualenv of its own, as the aws cli does below; s3rver is an npm
+# package (node is on the machine), installed into the virtualenv's folder too.
+MOTO_VENV := $(VENV)/moto
+STAMP_MOTO := $(VENV)/.installed-moto
+MOTO_VERSION ?= 5.2.6
+S3RVER_DIR := $(VENV)/s3rver
+STAMP_S3RVER := $(VENV)/.installed-s3rver
+S3RVER_VERSION ?= 3.7.1
+
+$(STAMP_MOTO): | $(BIN)/python
+	$(PYTHON) -m venv $(MOTO_VENV)
+	$(MOTO_VENV)/bin/python -m pip install --quiet 'moto[server]==$(MOTO_VERSION)'
+	touch $@
+
+$(STAMP_S3RVER): | $(BIN)/python
+	mkdir -p $(S3RVER_DIR)
+	npm install --silent --no-audit --no-fund --prefix $(S3RVER_DIR) s3rver@$(S3RVER_VERSION)
+	touch $@
+
+test: lint system-deps $(STAMP_TRAIN) $(STAMP_MOTO) $(STAMP_S3RVER)
 	$(BIN)/python -m pytest
 
 unit: $(STAMP_DEV)

@@ -6,6 +6,7 @@ to run the same tests against another S3 endpoint instead of the embedded server
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -51,11 +52,63 @@ def _describe_body(value: object) -> str:
     return repr(value)[:80]
 
 
+# The conformance matrix: every test that talks to S3 (through the `s3_server` fixture) runs
+# against each of these real servers, unless it is marked ``@pytest.mark.servers(...)`` with
+# the ones that have the behaviour it depends on. ASYNCSYNC_TEST_SERVERS=seaweedfs (a comma-
+# separated list) narrows a local run.
+SERVERS = ("seaweedfs", "moto", "s3rver")
+
+
+def selected_servers() -> tuple[str, ...]:
+    wanted = os.environ.get("ASYNCSYNC_TEST_SERVERS")
+    if os.environ.get("ASYNCSYNC_TEST_ENDPOINT"):
+        return ("external",)
+    if not wanted:
+        return SERVERS
+    names = tuple(name.strip() for name in wanted.split(",") if name.strip())
+    unknown = set(names) - set(SERVERS)
+    if unknown:
+        raise pytest.UsageError(f"ASYNCSYNC_TEST_SERVERS: unknown {sorted(unknown)}; "
+                                f"known: {', '.join(SERVERS)}")
+    return names
+
+
 @dataclass(frozen=True)
 class S3Server:
     endpoint: str
     access_key: str
     secret_key: str
+    kind: str = "seaweedfs"  # which of SERVERS (or "external": ASYNCSYNC_TEST_ENDPOINT)
+
+    @property
+    def checks_content_md5(self) -> bool:
+        """Refuses a body whose Content-MD5 is wrong (moto and s3rver store it anyway)."""
+        return self.kind in ("seaweedfs", "external")
+
+    @property
+    def lists_parts(self) -> bool:
+        """ListParts, AbortMultipartUpload and ListMultipartUploads (s3rver has none)."""
+        return self.kind != "s3rver"
+
+    @property
+    def echoes_crc32(self) -> bool:
+        """Checks a part's CRC32 and echoes it (moto echoes nothing, s3rver ignores it)."""
+        return self.kind in ("seaweedfs", "external")
+
+    @property
+    def aborts_uploads(self) -> bool:
+        """AbortMultipartUpload (s3rver has none: its uploads stay until completed)."""
+        return self.kind != "s3rver"
+
+    @property
+    def counts_parts_in_etag(self) -> bool:
+        """A multipart object's ETag is ``"<md5 of md5s>-N"`` (s3rver's is a plain MD5)."""
+        return self.kind != "s3rver"
+
+    @property
+    def checks_credentials(self) -> bool:
+        """Refuses a wrong secret key (moto takes any keys, s3rver does not check them)."""
+        return self.kind in ("seaweedfs", "external")
 
     def env(self, **extra: str) -> dict[str, str]:
         """A subprocess environment that reaches this server through the standard AWS chain."""
@@ -93,37 +146,92 @@ class S3Server:
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    endpoint = os.environ.get("ASYNCSYNC_TEST_ENDPOINT")
-    if endpoint:
-        yield S3Server(
-            endpoint, os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
-        )
-        return
+def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server = SeaweedFS(data_dir=tmp_path_factory.mktemp("seaweedfs"))
     server.start()
     try:
-        yield S3Server(server.endpoint, server.access_key, server.secret_key)
+        yield S3Server(server.endpoint, server.access_key, server.secret_key, "seaweedfs")
     finally:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    from .s3servers import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    server.start()
+    try:
+        yield S3Server(server.endpoint, server.access_key, server.secret_key, "moto")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3rver_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    from .s3servers import S3rver
+
+    server = S3rver(tmp_path_factory.mktemp("s3rver"))
+    server.start()
+    S3RVER_DATA[server.endpoint] = server.data_dir / "data"
+    try:
+        yield S3Server(server.endpoint, server.access_key, server.secret_key, "s3rver")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def external_server() -> S3Server:
+    return S3Server(os.environ["ASYNCSYNC_TEST_ENDPOINT"], os.environ["AWS_ACCESS_KEY_ID"],
+                    os.environ["AWS_SECRET_ACCESS_KEY"], "external")
+
+
+def servers_for(node: Any) -> tuple[str, ...]:
+    """The servers a test runs against: the selection, narrowed by its ``servers`` mark."""
+    selected = selected_servers()
+    mark = node.get_closest_marker("servers")
+    if mark is None or selected == ("external",):
+        return selected
+    return tuple(name for name in selected if name in mark.args)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "s3_server" in metafunc.fixturenames:
+        names = servers_for(metafunc.definition)
+        metafunc.parametrize("s3_server", names or [pytest.param(
+            "none", marks=pytest.mark.skip(reason="no selected server has what it needs"))],
+            indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def s3_server(request: pytest.FixtureRequest) -> S3Server:
+    """The S3 server of this test's place in the matrix."""
+    server: S3Server = request.getfixturevalue(f"{request.param}_server")
+    return server
+
+
 def empty_bucket(client: Any, bucket: str) -> None:
     """Abort every multipart upload and delete every object of a bucket."""
-    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
-        for upload in page.get("Uploads", []):
-            client.abort_multipart_upload(
-                Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-            )
+    from botocore.exceptions import ClientError
+
+    try:
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+            for upload in page.get("Uploads", []):
+                client.abort_multipart_upload(
+                    Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+    except ClientError as exc:  # s3rver cannot list uploads (nor abort them)
+        if exc.response.get("Error", {}).get("Code") != "NotImplemented":
+            raise
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
             client.delete_object(Bucket=bucket, Key=obj["Key"])
 
 
-@pytest.fixture
-def bucket(s3_server: S3Server) -> Iterator[str]:
-    """A new, empty bucket for one test, deleted afterwards (SeaweedFS gives each a volume)."""
-    client = s3_server.client()
+@contextlib.contextmanager
+def new_bucket(server: S3Server) -> Iterator[str]:
+    """A new, empty bucket on ``server``, emptied and deleted afterwards."""
+    client = server.client()
     name = f"test-{uuid.uuid4().hex[:16]}"
     client.create_bucket(Bucket=name)
     try:
@@ -131,6 +239,21 @@ def bucket(s3_server: S3Server) -> Iterator[str]:
     finally:
         empty_bucket(client, name)
         client.delete_bucket(Bucket=name)
+        client.close()
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server) -> Iterator[str]:
+    """A new, empty bucket for one test, deleted afterwards (SeaweedFS gives each a volume)."""
+    with new_bucket(s3_server) as name:
+        yield name
+
+
+def server_params(prefix: str) -> list[Any]:
+    """Parameters ``PREFIX:SERVER`` for a fixture that picks its S3 server itself (with
+    `request.getfixturevalue(f"{server}_server")`), one per selected server, marked s3."""
+    return [pytest.param(f"{prefix}:{name}", marks=pytest.mark.s3, id=f"{prefix}-{name}")
+            for name in selected_servers()]
 
 
 @dataclass
@@ -189,8 +312,25 @@ def bucket_keys(client: Any, bucket: str, prefix: str = "") -> list[str]:
     return sorted(keys)
 
 
+# s3rver's data directories by endpoint: it has no ListMultipartUploads, but keeps each
+# upload in BUCKET/._S3rver_uploads/ID/ (its key in a file `key`) until it completes.
+S3RVER_DATA: dict[str, Path] = {}
+
+
 def open_uploads(client: Any, bucket: str) -> list[dict[str, Any]]:
-    return list(client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+    """The bucket's multipart uploads in progress (Key, UploadId)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return list(client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+    except ClientError as exc:
+        data = S3RVER_DATA.get(str(client.meta.endpoint_url))
+        if exc.response.get("Error", {}).get("Code") != "NotImplemented" or data is None:
+            raise
+    uploads = data / bucket / "._S3rver_uploads"
+    found = sorted(uploads.iterdir()) if uploads.is_dir() else []
+    return [{"Key": (entry / "key").read_text(), "UploadId": entry.name}
+            for entry in found if (entry / "key").is_file()]
 
 
 def recorded_parts(state_dir: Path) -> int:

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
 ACTIONS = ("503", "500", "reset", "delay", "lose-response", "strip-checksum",
-           "truncate-response")
+           "truncate-response", "corrupt-body")
 
 _PIECE = 64 * 1024
 _MAX_HEAD = 1024 * 1024
@@ -352,7 +352,10 @@ class FaultProxy:
         a reset with count=2 for the client to see one. "lose-response" forwards the request,
         lets the server act on it, and resets the client instead of relaying the answer.
         "strip-checksum" relays the answer without its x-amz-checksum-* headers, as a store
-        that ignores checksums would send it. "truncate-response" forwards the request, relays
+        that ignores checksums would send it. "corrupt-body" forwards the request with the
+        first byte of its (Content-Length) body inverted, as a faulty network or middlebox
+        would: the signature still holds for UNSIGNED-PAYLOAD requests. "truncate-response"
+        forwards the request, relays
         the answer's head and its first `truncate_at` body bytes, waits until the client has
         them (the kernel's send queue is empty, then `delay` seconds more, for the client to
         take them from its own buffers: aiohttp drops what it has buffered but not handed
@@ -538,7 +541,8 @@ class FaultProxy:
         if rule is not None and rule.action == "delay":
             await asyncio.sleep(rule.delay)
         strip = rule is not None and rule.action == "strip-checksum"
-        return await self._forward(request, reader, writer, upstream, strip)
+        corrupt = rule is not None and rule.action == "corrupt-body"
+        return await self._forward(request, reader, writer, upstream, strip, corrupt)
 
     async def _reset(
         self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -586,10 +590,12 @@ class FaultProxy:
         writer: asyncio.StreamWriter,
         upstream: _Upstream,
         strip_checksums: bool = False,
+        corrupt: bool = False,
     ) -> bool:
         """Send one request upstream and relay its response; False when the client is done."""
         try:
-            up_reader, up_writer = await self._send_upstream(request, reader, writer, upstream)
+            up_reader, up_writer = await self._send_upstream(request, reader, writer, upstream,
+                                                             corrupt)
             close_after = await self._relay_response(request, up_reader, writer,
                                                      strip_checksums)
         except _UpstreamError:
@@ -612,6 +618,7 @@ class FaultProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         upstream: _Upstream,
+        corrupt: bool = False,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Send the request head and body to the server; return the upstream streams."""
         up_reader, up_writer = await upstream.ensure_open()
@@ -633,7 +640,7 @@ class FaultProxy:
         if request.expects_continue:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await writer.drain()
-        await self._forward_body(request, reader, up_writer)
+        await self._forward_body(request, reader, up_writer, corrupt)
         return up_reader, up_writer
 
     async def _forward_then_reset(
@@ -691,9 +698,15 @@ class FaultProxy:
         writer.transport.abort()
 
     async def _forward_body(
-        self, request: _Request, reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter
+        self, request: _Request, reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
+        corrupt: bool = False,
     ) -> None:
+        flip = [corrupt and not request.chunked]
+
         async def send_upstream(data: bytes) -> None:
+            if flip[0] and data:
+                # Damage on the way: the body's first byte inverted, its length unchanged.
+                data, flip[0] = bytes([data[0] ^ 0xFF]) + data[1:], False
             await self._pace(len(data))
             try:
                 up_writer.write(data)

@@ -330,6 +330,75 @@ def test_validate_endpoint_refuses_credentials_without_echoing_them(url: str, ho
     assert "hunter2" not in str(info.value) and "minio-user" not in str(info.value)
 
 
+# -- --addressing-style virtual needs a host name ---------------------------------------------
+
+_NO_VIRTUAL = ("is an IP address, which cannot carry the bucket in its host name (botocore "
+               "would quietly address by path); use --addressing-style path")
+
+
+@pytest.fixture
+def no_aws_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9000", "https://10.1.2.3", "http://[::1]:8333",
+            "http://[fe80::1%25eth0]:9000"],
+)
+@pytest.mark.usefixtures("no_aws_endpoint")
+def test_virtual_addressing_with_an_ip_endpoint_is_refused(url: str) -> None:
+    settings = resolve("push", flags={"addressing_style": "virtual", "endpoint_url": url})
+    with pytest.raises(ConfigError) as info:
+        check_settings(settings)
+    assert str(info.value) == f"--addressing-style virtual: the endpoint {url} {_NO_VIRTUAL}"
+
+
+@pytest.mark.usefixtures("no_aws_endpoint")
+def test_virtual_addressing_refusal_names_where_the_style_and_endpoint_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.example.com")  # the _S3 one wins
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://[::1]:9000")
+    settings = resolve("watch", environ={"ASYNCSYNC_ADDRESSING_STYLE": "virtual"})
+    with pytest.raises(ConfigError) as info:
+        push_config_from(settings, source=tmp_path, destination="s3://bucket-a/x")
+    assert str(info.value) == (
+        "ASYNCSYNC_ADDRESSING_STYLE: --addressing-style virtual: the endpoint "
+        f"http://[::1]:9000 (from $AWS_ENDPOINT_URL_S3) {_NO_VIRTUAL}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("style", "url"),
+    [("virtual", "http://localhost:9000"), ("virtual", "https://s3.example.com"),
+     ("virtual", None), ("path", "http://127.0.0.1:9000"), ("auto", "http://[::1]:9000")],
+)
+@pytest.mark.usefixtures("no_aws_endpoint")
+def test_virtual_addressing_with_a_host_name_and_other_styles_with_ips_are_fine(
+    tmp_path: Path, style: str, url: str | None
+) -> None:
+    flags = {"addressing_style": style} | ({"endpoint_url": url} if url else {})
+    config = push_config_from(resolve("push", flags=flags), source=tmp_path,
+                              destination="s3://bucket-a/x")
+    assert config.store.addressing_style == style and config.store.endpoint_url == url
+
+
+def test_virtual_addressing_with_an_ip_endpoint_exits_2_through_the_cli(tmp_path: Path) -> None:
+    from .conftest import run_cli
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ASYNCSYNC_"))}
+    env.update(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y",
+               AWS_ENDPOINT_URL="http://127.0.0.1:9")
+    result = run_cli("push", tmp_path, "s3://bucket-a/x", "--state-dir", tmp_path / "state",
+                     "--addressing-style", "virtual", env=env, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "asyncsync: error: --addressing-style virtual: the endpoint http://127.0.0.1:9 "
+        f"(from $AWS_ENDPOINT_URL) {_NO_VIRTUAL}"
+    ]
+
+
 # -- seconds ---------------------------------------------------------------------------------
 
 

@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
     add_options(run, "run")
 
+    doctor = commands.add_parser(
+        "doctor",
+        help="probe a store: what it supports, what asyncsync does about each gap",
+        description="Probe s3://BUCKET[/PREFIX] with the store options push would use: the "
+        "bucket, the clock, and each capability (CRC32 echo, ListParts, abort, MD5 ETags, "
+        "Content-MD5 checks, conditional writes), under PREFIX/_asyncsync/doctor-*/, removed "
+        "afterwards. What it finds is kept in the manifest for push and watch. Exit 0: the "
+        "store works; 1: uploads would fail; 2: bad configuration, unreachable bucket, clock "
+        "off by more than 5 minutes.", epilog=_LAYERS_EPILOG,
+    )
+    doctor.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
+    add_options(doctor, "doctor")
+
     config = commands.add_parser(
         "config",
         help="print the effective settings and where each came from",
@@ -139,7 +152,8 @@ def _help(option: Option, command: str) -> str:
         shown = f" {default}"
     else:  # flags are off unless given; a count starts where the default is
         shown = ""
-    text = f"{option.help} (default{shown})" if shown else option.help
+    described = option.help_for(command)
+    text = f"{described} (default{shown})" if shown else described
     return text.replace("%", "%%")  # argparse formats help with %
 
 
@@ -172,7 +186,7 @@ def _config_file(args: argparse.Namespace) -> str | None:
 
 def _given_flags(args: argparse.Namespace, command: str) -> dict[str, Any]:
     return {name: value for name, value in vars(args).items()
-            if name in BY_NAME and command in BY_NAME[name].commands}
+            if name in BY_NAME and BY_NAME[name].applies_to(command)}
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
@@ -270,6 +284,22 @@ def run_push_command(args: argparse.Namespace) -> int:
         return 128 + interrupted
     summary = reporter.finish(quiet=args.quiet)
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
+
+
+def run_doctor_command(args: argparse.Namespace) -> int:
+    from .commands.doctor import doctor_config_from, run_doctor
+
+    config = doctor_config_from(settings_of(args), args.destination)
+    codes: list[int] = []
+
+    async def main() -> None:
+        codes.append(await run_doctor(config))
+
+    # The first SIGINT/SIGTERM cancels the probes, which still remove what they made.
+    interrupted = _run_with_signals(main)
+    if interrupted:
+        return 128 + interrupted
+    return codes[0]
 
 
 def watch_config(args: argparse.Namespace) -> WatchConfig:
@@ -408,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_watch_command(args)
         if args.subcommand == "run":
             return run_run_command(args)
+        if args.subcommand == "doctor":
+            return run_doctor_command(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE

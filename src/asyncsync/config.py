@@ -352,7 +352,42 @@ def check_settings(settings: Settings) -> None:
         ensure_open_files(needed, workers=workers)
     except ConfigError as exc:
         raise settings.error("workers", str(exc)) from None
+    check_addressing_style(settings)
     cleanup_from(settings)
+
+
+def endpoint_from(settings: Settings) -> str | None:
+    """--endpoint-url, else AWS's own variables, as botocore would read them. The option
+    was validated with the others; the variables are checked here."""
+    return settings.get("endpoint_url") or validate_endpoint(_aws_endpoint_variable()[1])
+
+
+def _aws_endpoint_variable() -> tuple[str, str | None]:
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(name):
+            return name, os.environ[name]
+    return "", None
+
+
+def check_addressing_style(settings: Settings) -> None:
+    """Virtual-hosted addressing puts the bucket in the host name, which an IP address
+    cannot carry: botocore then quietly addresses by path, so asking for it is a mistake."""
+    if settings.get("addressing_style") != "virtual":
+        return
+    endpoint = endpoint_from(settings)
+    host = urlsplit(endpoint).hostname if endpoint else None
+    try:
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return
+    variable = "" if settings.get("endpoint_url") else _aws_endpoint_variable()[0]
+    origin = f" (from ${variable})" if variable else ""
+    raise settings.error(
+        "addressing_style",
+        f"--addressing-style virtual: the endpoint {endpoint}{origin} is an IP address, "
+        "which cannot carry the bucket in its host name (botocore would quietly address "
+        "by path); use --addressing-style path",
+    )
 
 
 def cleanup_from(settings: Settings) -> CleanupSettings | None:
@@ -387,10 +422,7 @@ def push_config_from(
     else:
         src = validate_source(Path(source))
     check_destination_outside(src, dest)
-    # The option was validated with the others; AWS's own variables are checked here.
-    endpoint = settings["endpoint_url"] or validate_endpoint(
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    endpoint = endpoint_from(settings)
     connections = _connections(settings)
     check_settings(settings)
     store = StoreConfig(

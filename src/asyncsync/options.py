@@ -92,6 +92,8 @@ class Option:
     default_text: str = ""  # what an unset value means, when the default is not a value
     # A command whose default differs (attach's 8 workers, watch's info-level logging).
     command_defaults: tuple[tuple[str, Any], ...] = ()
+    # A command that borrows the option for something else (doctor's --json).
+    command_help: tuple[tuple[str, str], ...] = ()
 
     @property
     def env(self) -> str:
@@ -113,6 +115,12 @@ class Option:
 
     def default_for(self, command: str) -> Any:
         return dict(self.command_defaults).get(command, self.default)
+
+    def help_for(self, command: str) -> str:
+        return dict(self.command_help).get(command, self.help)
+
+    def applies_to(self, command: str) -> bool:
+        return command in self.commands or self.name in BORROWED.get(command, ())
 
 
 _UPLOADS = frozenset({"push", "watch", "run", "attach"})
@@ -197,7 +205,8 @@ OPTIONS: tuple[Option, ...] = (
            "show what would be uploaded; send nothing", _PUSH, "push"),
     # -- output ---------------------------------------------------------------------------
     Option("json", Kind.FLAG, False,
-           "one JSON object per file on stdout, then a summary object", _PUSH, "output"),
+           "one JSON object per file on stdout, then a summary object", _PUSH, "output",
+           command_help=(("doctor", "the findings as one JSON object on stdout"),)),
     Option("quiet", Kind.FLAG, False, "errors only", _CLI, "output", flags=("-q", "--quiet")),
     # A count: each -v adds one to what the environment, the file or the default set.
     Option("verbose", Kind.COUNT, 0,
@@ -261,9 +270,21 @@ OPTIONS: tuple[Option, ...] = (
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 
+# `asyncsync doctor` probes the store an upload would talk to, so it takes the options that
+# reach that store, where the manifest lives (what it learns is kept there for push and
+# watch) and how to print. It borrows them by name: ``commands`` stays the list of commands
+# that upload. A config file's top-level keys apply to doctor as to push; it has no section
+# of its own (the store is configured for the uploads, and doctor must see that store).
+BORROWED: dict[str, frozenset[str]] = {
+    "doctor": frozenset({
+        "endpoint_url", "region", "profile", "addressing_style", "direct_uploads", "retries",
+        "connect_timeout", "read_timeout", "state_dir", "json", "quiet", "verbose",
+    }),
+}
+
 
 def options_for(command: str) -> tuple[Option, ...]:
-    return tuple(option for option in OPTIONS if command in option.commands)
+    return tuple(option for option in OPTIONS if option.applies_to(command))
 
 
 # -- where a value came from -----------------------------------------------------------------
@@ -505,7 +526,7 @@ def read_file(path: str | Path, command: str | None) -> _Layer:
                 raise ConfigError(f"{where}: [{key}]: unknown section "
                                   f"(sections: {', '.join(CLI_COMMANDS)})")
             raise ConfigError(f"{where}: {_unknown(key, cli_names)}")
-        elif command is not None and command in BY_NAME[key].commands:
+        elif command is not None and BY_NAME[key].applies_to(command):
             layer[key] = (value, Origin(Source.FILE, f"{where}: {key}"))
     section = document.get(command, {}) if command else {}
     for name, value in section.items():

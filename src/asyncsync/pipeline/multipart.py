@@ -18,11 +18,13 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import (
+    BadDigest,
     FatalStoreError,
     ManifestError,
     NoSuchUpload,
     NotSupported,
     SourceChanged,
+    StoreError,
     first_error,
 )
 from ..stores.capabilities import Capability
@@ -88,15 +90,19 @@ class LargeUpload:
     ) -> str:
         try:
             return await store.complete_multipart_upload(self.key, upload_id, parts)
-        except NoSuchUpload:
+        except (FatalStoreError, BadDigest):
+            raise
+        except StoreError:
             # A retried Complete whose first answer was lost finds the upload gone because it
-            # succeeded. The object then carries exactly our digest and size.
+            # succeeded (NoSuchUpload; s3rver says InternalError). The object then carries
+            # exactly our digest and size.
             head = await store.head_object(self.key)
             if (
                 head is not None
                 and head.metadata.get(META_DIGEST) == self.digest
                 and head.size == self.body_size
-                and head.etag.endswith(f'-{len(parts)}"')
+                # A multipart ETag names its part count (s3rver's is a plain MD5).
+                and ("-" not in head.etag or head.etag.endswith(f'-{len(parts)}"'))
             ):
                 return head.etag
             raise
@@ -158,8 +164,8 @@ class LargeUpload:
         if listed is None:
             # Without ListParts nothing says which parts the store kept: start over (the
             # old upload is aborted, or forgotten where even that is not possible).
-            log.info("%s: %s cannot list the parts of an upload; starting it again",
-                     self.scanned.relative, store.location)
+            log.warning("%s: %s cannot list the parts of an upload: sending the file again"
+                        " from its first part", self.scanned.relative, store.location)
             await self._abort(store, pending.upload_id, forget_anyway=True)
             return None
         self.crc32 = pending.checksum == "crc32"
@@ -276,12 +282,17 @@ class LargeUpload:
         unless the store cannot abort at all (or ``forget_anyway``): then kept, it would
         only block every later run of this file."""
         try:
-            await store.abort_multipart_upload(self.key, upload_id)
+            if store.capabilities[Capability.ABORT_MULTIPART] is False:
+                # Said once, when the store first refused; asking again only fails again.
+                log.info("%s: %s cannot abort upload %s; forgetting it",
+                         self.scanned.relative, store.location, upload_id)
+            else:
+                await store.abort_multipart_upload(self.key, upload_id)
         except asyncio.CancelledError:
             raise
         except NotSupported as exc:
-            log.warning("%s: %s; upload %s is left to the store's own expiry",
-                        self.scanned.relative, exc, upload_id)
+            log.warning("%s: %s; the upload is left to the bucket's lifecycle rules",
+                        self.scanned.relative, exc)
         except Exception as exc:  # noqa: BLE001 - best effort; the record stays
             if not forget_anyway:
                 log.warning("%s: could not abort upload (%s); will retry next run",

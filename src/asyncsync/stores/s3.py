@@ -107,6 +107,12 @@ class S3Store:
     def location(self) -> str:
         return self._location
 
+    @property
+    def client(self) -> Any:
+        """The aiobotocore client, for requests the Protocol has no place for (`doctor`'s
+        probes: a wrong Content-MD5 on purpose, If-None-Match)."""
+        return self._client
+
     async def _call(self, op: str, key: str, call: Callable[[], Awaitable[T]]) -> T:
         return await self._retried(lambda: self._attempt(op, key, call))
 
@@ -252,15 +258,15 @@ class S3Store:
                 # The answer names the algorithm only where the store took it.
                 if str(response.get("ChecksumAlgorithm") or "").upper() == "CRC32":
                     return MultipartUpload(upload_id, crc32=True)
-                # Silent about it: whatever the store made of the parameter, this upload
-                # is dropped for a plain one, and parts carry Content-MD5 from now on.
+                # Silent about it: the store may have ignored the parameter (s3rver) or
+                # taken it without saying (then Complete needs every part's CRC32). Parts
+                # of this upload carry both checksums, which either kind accepts, and the
+                # next uploads ask for no CRC32 (unless a part's answer echoes one). Aborting
+                # it instead would leave an orphan where abort is missing, on every run.
                 self.capabilities.learn(Capability.CRC32_ECHO, False)
-                log.info("%s: no CRC32 part checksums; using Content-MD5", self.location)
-                try:
-                    await self.abort_multipart_upload(key, upload_id)
-                except StoreError as exc:  # the upload holds no part: it only costs a record
-                    log.warning("%s: could not abort an empty upload %s: %s", key, upload_id,
-                                exc)
+                log.info("%s: no CRC32 part checksums confirmed; using Content-MD5",
+                         self.location)
+                return MultipartUpload(upload_id, crc32=True)
         response = await self._call(
             "CreateMultipartUpload", key,
             lambda: self._client.create_multipart_upload(Bucket=self._bucket, Key=key, **extra),
@@ -629,7 +635,7 @@ async def open_s3_store(
         except BaseException as exc:
             await stack.aclose()
             if isinstance(exc, bce.BotoCoreError):
-                raise translate_error(exc, op="configure", key="", location=f"s3://{bucket}") \
-                    from exc
+                raise translate_error(exc, op="configure", key="", location=f"s3://{bucket}",
+                                      endpoint=config.endpoint_url or "") from exc
             raise
     return S3Store(client, stack, bucket, config, on_retry, direct, pace, capabilities)

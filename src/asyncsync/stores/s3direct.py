@@ -75,6 +75,7 @@ class DirectUploads:
         self._signer = signer
         self._credentials = credentials
         self._location = f"s3://{bucket}"
+        self._bucket = bucket
         self._endpoint = endpoint
         self._timeouts = timeouts  # (connect, read) seconds
 
@@ -110,7 +111,8 @@ class DirectUploads:
         where = f"{op} {self._location}"
         headers: dict[str, str] = {}
         url = await self._signed("HEAD", op, self._path_prefix.rstrip("/") or "/", {}, headers)
-        with _TransportErrors(where, op, "", self._endpoint, self._timeouts):
+        with _TransportErrors(where, op, "", self._endpoint, self._timeouts, self._bucket,
+                              self._origin):
             async with self._http.head(
                 url, headers=headers, proxy=self._proxy, allow_redirects=False
             ) as response:
@@ -150,7 +152,8 @@ class DirectUploads:
     ) -> Answer:
         where = f"{op} {self._location}/{key}"
         url = await self._signed("PUT", op, self._path_prefix + key, query, headers)
-        with _TransportErrors(where, op, key, self._endpoint, self._timeouts):
+        with _TransportErrors(where, op, key, self._endpoint, self._timeouts, self._bucket,
+                              self._origin):
             if len(body) <= WHOLE_BODY and self._pace is None:
                 # One write that never waits: sock_read times the whole request, and a
                 # small object (most of a run) pays for no deadline of its own.
@@ -195,13 +198,16 @@ class _TransportErrors:
     """Around one request: a failure that is not a StoreError already (no answer, a dropped
     connection, a timeout) leaves as one, its cause kept. Cancellation passes untouched."""
 
-    __slots__ = ("_where", "_op", "_key", "_endpoint", "_timeouts")
+    __slots__ = ("_where", "_op", "_key", "_endpoint", "_timeouts", "_bucket", "_url")
 
     def __init__(
-        self, where: str, op: str, key: str, endpoint: str, timeouts: tuple[float, float]
+        self, where: str, op: str, key: str, endpoint: str, timeouts: tuple[float, float],
+        bucket: str = "", url: str = "",
     ) -> None:
         self._where, self._op, self._key, self._endpoint = where, op, key, endpoint
-        self._timeouts = timeouts
+        # The bucket, and the origin actually dialled (BUCKET.host with virtual addressing):
+        # what a failure's message names, and how an unresolvable bucket host is told.
+        self._timeouts, self._bucket, self._url = timeouts, bucket, url
 
     def __enter__(self) -> None:
         return None
@@ -212,7 +218,7 @@ class _TransportErrors:
         if isinstance(exc, Exception) and not isinstance(exc, StoreError):
             raise translate_transport_error(
                 exc, where=self._where, op=self._op, key=self._key, endpoint=self._endpoint,
-                timeouts=self._timeouts,
+                timeouts=self._timeouts, bucket=self._bucket, url=self._url,
             ) from exc
 
 

@@ -7,6 +7,7 @@ wrong here, so a SlowDown or an expired key means the same thing whichever path 
 from __future__ import annotations
 
 import asyncio
+import socket
 from urllib.parse import urlsplit
 
 from ..errors import (
@@ -38,6 +39,12 @@ _TRANSIENT_CODES = {
     "BadDigest",  # the body was damaged on the way: sending it again is the cure
     "IncompleteBody", "OperationAborted",
 }
+# getaddrinfo's answers that the name has no address: asking again will not change that,
+# unlike EAI_AGAIN (the resolver could not be reached), which is worth retrying.
+_NO_SUCH_NAME = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
+
 
 def translate_error(
     exc: BaseException, *, op: str, key: str, location: str, endpoint: str = "",
@@ -63,28 +70,54 @@ def translate_error(
         )
     if isinstance(exc, bce.ProfileNotFound):
         return FatalStoreError(f"AWS profile not found: {exc}", op=op)
+    bucket = location.removeprefix("s3://").partition("/")[0]
     return translate_transport_error(
-        exc, where=where, op=op, key=key, endpoint=endpoint, timeouts=timeouts
+        exc, where=where, op=op, key=key, endpoint=endpoint, timeouts=timeouts, bucket=bucket
     )
 
 
 def translate_transport_error(
     exc: BaseException, *, where: str, op: str, key: str, endpoint: str,
-    timeouts: tuple[float, float] = (0.0, 0.0),
+    timeouts: tuple[float, float] = (0.0, 0.0), bucket: str = "", url: str = "",
 ) -> StoreError:
-    """Connection-level failures (no HTTP answer): all worth retrying."""
+    """Connection-level failures (no HTTP answer): worth retrying, except a bucket's
+    virtual-hosted name that does not resolve, which only another addressing style cures.
+
+    ``endpoint`` is the configured endpoint URL; ``url`` the one the request went to, if the
+    caller knows it (virtual-hosted, it starts with the bucket). Messages name the host the
+    exception says was dialled, else ``url``'s, else ``endpoint``'s."""
     import aiohttp
     from botocore import exceptions as bce
 
+    host = dialled_host(exc) or endpoint_host(url or endpoint)
     waited = _timed_out(exc, timeouts)
     if waited is not None:
         within = f" within {waited:g} s" if waited else ""
-        return TransientStoreError(
-            f"{where}: no answer from {endpoint_host(endpoint)}{within}", op=op, key=key
-        )
+        return TransientStoreError(f"{where}: no answer from {host}{within}", op=op, key=key)
     if isinstance(exc, aiohttp.ClientConnectorError | bce.EndpointConnectionError):
+        lookup = _name_lookup_failure(exc)
+        if lookup is None:
+            return TransientStoreError(f"{where}: cannot connect to {host}", op=op, key=key)
+        name = _hostname(host)
+        if isinstance(lookup, socket.gaierror) and lookup.errno not in _NO_SUCH_NAME:
+            return TransientStoreError(
+                f"{where}: cannot connect to {host}: looking up {name} failed ({lookup.strerror})",
+                op=op, key=key,
+            )
+        # Only a name the client made up (bucket + endpoint host) is a settings mistake:
+        # the endpoint's own name may yet appear in DNS (a store still starting), so retry it.
+        base = urlsplit(endpoint).hostname or ""
+        dialled = name.lower()
+        if base and (dialled == f"{bucket}.{base}" if bucket else dialled.endswith(f".{base}")):
+            return FatalStoreError(
+                f"{where}: the host name {name} does not resolve: virtual-hosted addressing "
+                f"puts the bucket in the host name, which needs DNS entries for *.{base}; "
+                "use --addressing-style path",
+                op=op, key=key,
+            )
         return TransientStoreError(
-            f"{where}: cannot connect to {endpoint_host(endpoint)}", op=op, key=key
+            f"{where}: cannot connect to {host}: the name {name} does not resolve",
+            op=op, key=key,
         )
     if isinstance(exc, bce.BotoCoreError | asyncio.TimeoutError | OSError | aiohttp.ClientError):
         detail = str(exc) or "no answer"
@@ -110,6 +143,57 @@ def _timed_out(exc: BaseException, timeouts: tuple[float, float]) -> float | Non
     if isinstance(exc, asyncio.TimeoutError):  # s3direct's stalled-body deadline
         return read
     return None
+
+
+def dialled_host(exc: BaseException) -> str:
+    """'host:port' the failed request dialled, as the exception records it; "" if it does
+    not. botocore keeps the URL (without credentials: it signs in headers), aiohttp the
+    connection key (through a proxy, the proxy's: that is what was dialled)."""
+    import aiohttp
+    from botocore import exceptions as bce
+
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        host = f"[{exc.host}]" if ":" in exc.host else exc.host
+        return f"{host}:{exc.port}" if exc.port else host
+    if isinstance(exc, bce.BotoCoreError):
+        url = getattr(exc, "kwargs", {}).get("endpoint_url")
+        if isinstance(url, str) and urlsplit(url).hostname:
+            return endpoint_host(url)
+    return ""
+
+
+def _name_lookup_failure(exc: BaseException) -> OSError | None:
+    """The resolver's error under a failed connection, if looking the host up is what
+    failed: a socket.gaierror, or whatever aiohttp's resolver raised (aiodns's carries no
+    code). Followed through botocore's wrapper and aiohttp's, and explicit causes."""
+    import aiohttp
+    from botocore import exceptions as bce
+
+    dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)  # aiohttp >= 3.11
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror):
+            return current
+        if isinstance(current, aiohttp.ClientConnectorError):
+            os_error: OSError = current.os_error
+            if dns_error is not None and isinstance(current, dns_error):
+                return os_error
+            current = os_error
+        elif isinstance(current, bce.EndpointConnectionError):
+            wrapped = getattr(current, "kwargs", {}).get("error")
+            current = wrapped if isinstance(wrapped, BaseException) else current.__cause__
+        else:
+            current = current.__cause__
+    return None
+
+
+def _hostname(host: str) -> str:
+    """'host:port' (as `endpoint_host` writes it) -> the name that was looked up."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if ":" in host else host
 
 
 def endpoint_host(endpoint: str) -> str:
