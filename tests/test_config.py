@@ -34,6 +34,7 @@ from asyncsync.config import (
 from asyncsync.errors import ConfigError
 from asyncsync.options import (
     BY_NAME,
+    COMMANDS,
     OPTIONS,
     Kind,
     Source,
@@ -718,7 +719,7 @@ def test_every_option_has_one_name_flag_and_variable_and_a_valid_default() -> No
     assert len(spellings) == len(set(spellings))
     for option in OPTIONS:
         assert option.env == "ASYNCSYNC_" + option.name.upper()
-        assert option.commands <= {"push", "watch", "run", "attach"} and option.help
+        assert option.commands <= set(COMMANDS) and option.help
         for command in option.commands:
             default = option.default_for(command)
             if default is not None and option.kind not in (Kind.RATE, Kind.DURATION,

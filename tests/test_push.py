@@ -224,9 +224,17 @@ def test_gzip_compressible_types_only(s3_server: S3Server, bucket: str, tmp_path
     src = tmp_path / "runs"
     csv = write(src / "results.csv", b"epoch,loss,mAP50\n" + b"1,0.25,0.5\n" * 2000)
     jpg = write(src / "val_batch0_pred.jpg", os.urandom(5000))
-    result = push(s3_server, src, f"s3://{bucket}/g", tmp_path / "state", "--gzip")
+    tiny = write(src / "run.log", b"done\n")  # gzip would make it 25 bytes
+    dense = write(src / "embeddings.txt", os.urandom(8000))  # does not shrink
+    big_dense = write(src / "events.log", os.urandom(6 * MiB))  # nor does this, multipart
+    result = push(s3_server, src, f"s3://{bucket}/g", tmp_path / "state", "--gzip",
+                  "--multipart-threshold", "5MiB")
     assert result.returncode == 0, result.stderr
     client = s3_server.client()
+    for name, data in (("run.log", tiny), ("embeddings.txt", dense), ("events.log", big_dense)):
+        head = client.head_object(Bucket=bucket, Key=f"g/{name}")
+        assert "ContentEncoding" not in head, name
+        assert read_object(client, bucket, f"g/{name}") == data
     head = client.head_object(Bucket=bucket, Key="g/results.csv")
     assert head["ContentEncoding"] == "gzip"
     assert head["ContentLength"] < len(csv) // 5
@@ -1018,6 +1026,9 @@ def test_a_body_damaged_on_the_way_is_sent_again_on_every_store(
         assert proxy.stats.faults_by_action == {"corrupt-body": 3}
     assert result.returncode == 0, result.stderr
     assert result.summary["retries"] >= 3
+    # Every byte that crossed the wire counts: the two small bodies and part 2 went twice.
+    resent = 3000 + 700 + 5 * MiB
+    assert result.summary["bytes"] == sum(map(len, files.values())) + resent
     client = s3_server.client()
     for name, data in files.items():
         assert read_object(client, bucket, f"c/{name}") == data

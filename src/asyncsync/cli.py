@@ -15,7 +15,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from . import __version__
@@ -114,6 +114,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
     add_options(doctor, "doctor")
+
+    pull = commands.add_parser(
+        "pull",
+        help="download a prefix (a run, or every run) into a local directory",
+        description="Restore s3://BUCKET/PREFIX[/RUN] into DEST: keys below the prefix become "
+        "paths below DEST; files already there with the object's digest are skipped; every "
+        "file is placed whole (temp file, fsync, rename) and checked against the object's "
+        "xxh128; gzip bodies written by push --gzip are restored to their original bytes. "
+        "Nothing is ever written outside DEST.", epilog=_LAYERS_EPILOG,
+    )
+    pull.add_argument("source", metavar="SRC", help="s3://BUCKET[/PREFIX[/RUN]]")
+    pull.add_argument("destination", metavar="DEST", help="local directory (created if "
+                      "missing)")
+    add_options(pull, "pull")
+
+    verify = commands.add_parser(
+        "verify",
+        help="check that the bucket holds what the local tree has",
+        description="Compare SRC with s3://BUCKET/PREFIX in one listing: missing objects, "
+        "size and digest mismatches, objects without a digest, objects with no local file "
+        "(reported, never deleted). Reads the manifest read-only, so it runs beside watch. "
+        "Exit 0: everything matches; 1: a mismatch.", epilog=_LAYERS_EPILOG,
+    )
+    verify.add_argument("source", metavar="SRC", help="local directory")
+    verify.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
+    add_options(verify, "verify")
+
+    runs = commands.add_parser(
+        "runs",
+        help="list the training runs under a prefix and how each ended",
+        description="Every run under s3://BUCKET/PREFIX: status (running, finished, crashed, "
+        "stale), host, start and end, epochs, the main metrics, size and last sync.",
+        epilog=_LAYERS_EPILOG,
+    )
+    runs.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
+    add_options(runs, "runs")
+
+    status = commands.add_parser(
+        "status",
+        help="what the local manifest knows: per source, destination and run",
+        description="From the manifest alone (read-only, no network): per source and "
+        "destination and per run directory, files total, uploaded, pending, failed, bytes "
+        "and the last sync.", epilog=_LAYERS_EPILOG,
+    )
+    add_options(status, "status")
 
     config = commands.add_parser(
         "config",
@@ -286,20 +331,53 @@ def run_push_command(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
 
+def _run_command(main: Callable[[], Awaitable[int]]) -> int:
+    """Run a command's coroutine under the signal policy; its exit code, or 128+N if the
+    first signal N cancelled it (what it started is still cleaned up, by its own finally)."""
+    codes: list[int] = []
+
+    async def wrapped() -> None:
+        codes.append(await main())
+
+    interrupted = _run_with_signals(wrapped)
+    if interrupted:
+        return 128 + interrupted
+    return codes[0]
+
+
 def run_doctor_command(args: argparse.Namespace) -> int:
     from .commands.doctor import doctor_config_from, run_doctor
 
     config = doctor_config_from(settings_of(args), args.destination)
-    codes: list[int] = []
-
-    async def main() -> None:
-        codes.append(await run_doctor(config))
-
     # The first SIGINT/SIGTERM cancels the probes, which still remove what they made.
-    interrupted = _run_with_signals(main)
-    if interrupted:
-        return 128 + interrupted
-    return codes[0]
+    return _run_command(lambda: run_doctor(config))
+
+
+def run_pull_command(args: argparse.Namespace) -> int:
+    from .commands.pull import pull_config_from, run_pull
+
+    config = pull_config_from(settings_of(args), args.source, args.destination)
+    return _run_command(lambda: run_pull(config))
+
+
+def run_verify_command(args: argparse.Namespace) -> int:
+    from .commands.verify import run_verify, verify_config_from
+
+    config = verify_config_from(settings_of(args), args.source, args.destination)
+    return _run_command(lambda: run_verify(config))
+
+
+def run_runs_command(args: argparse.Namespace) -> int:
+    from .commands.runs import run_runs, runs_config_from
+
+    config = runs_config_from(settings_of(args), args.destination)
+    return _run_command(lambda: run_runs(config))
+
+
+def run_status_command(args: argparse.Namespace) -> int:
+    from .commands.status import run_status, status_config_from
+
+    return run_status(status_config_from(settings_of(args)))
 
 
 def watch_config(args: argparse.Namespace) -> WatchConfig:
@@ -440,6 +518,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_run_command(args)
         if args.subcommand == "doctor":
             return run_doctor_command(args)
+        if args.subcommand == "pull":
+            return run_pull_command(args)
+        if args.subcommand == "verify":
+            return run_verify_command(args)
+        if args.subcommand == "runs":
+            return run_runs_command(args)
+        if args.subcommand == "status":
+            return run_status_command(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE

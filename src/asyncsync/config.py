@@ -410,6 +410,21 @@ def cleanup_from(settings: Settings) -> CleanupSettings | None:
     return None
 
 
+def store_config_from(settings: Settings, *, connections: int | None = None) -> StoreConfig:
+    """The store settings every command that talks to S3 reads (push, watch, run, doctor,
+    pull, verify, runs), written once. ``connections``: the HTTP pool's size, when the
+    command runs more requests at once than the default allows."""
+    check_addressing_style(settings)
+    return StoreConfig(
+        endpoint_url=endpoint_from(settings), region=settings["region"],
+        profile=settings["profile"], addressing_style=settings["addressing_style"],
+        max_attempts=settings["retries"], connect_timeout=settings["connect_timeout"],
+        read_timeout=settings["read_timeout"],
+        max_connections=connections or StoreConfig.max_connections,
+        direct_uploads=settings["direct_uploads"],
+    )
+
+
 def push_config_from(
     settings: Settings, *, source: str | Path, destination: str,
     source_may_be_missing: bool = False,
@@ -422,15 +437,8 @@ def push_config_from(
     else:
         src = validate_source(Path(source))
     check_destination_outside(src, dest)
-    endpoint = endpoint_from(settings)
-    connections = _connections(settings)
     check_settings(settings)
-    store = StoreConfig(
-        endpoint_url=endpoint, region=settings["region"], profile=settings["profile"],
-        addressing_style=settings["addressing_style"], max_attempts=settings["retries"],
-        connect_timeout=settings["connect_timeout"], read_timeout=settings["read_timeout"],
-        max_connections=connections, direct_uploads=settings["direct_uploads"],
-    )
+    store = store_config_from(settings, connections=_connections(settings))
     transfer = TransferConfig(
         workers=settings["workers"], max_memory=settings["max_memory"],
         multipart_threshold=settings["multipart_threshold"], part_size=settings["part_size"],

@@ -202,11 +202,22 @@ OPTIONS: tuple[Option, ...] = (
            "list the destination once and re-send objects missing or changed there; "
            "rebuilds a lost manifest without re-uploading", _PUSH, "push"),
     Option("dry_run", Kind.FLAG, PushConfig.dry_run,
-           "show what would be uploaded; send nothing", _PUSH, "push"),
+           "show what would be uploaded; send nothing", _PUSH, "push",
+           command_help=(("pull", "show what would be downloaded; write nothing"),)),
+    # -- pull, verify ---------------------------------------------------------------------
+    Option("with_history", Kind.FLAG, False,
+           "also restore the history copies watch kept of append-only files "
+           "(PREFIX/_asyncsync/history/)", frozenset({"pull"}), "pull"),
+    Option("deep", Kind.FLAG, False,
+           "download and re-hash every object (ranged, parallel, bounded memory) instead of "
+           "trusting its xxh128 metadata", frozenset({"verify"}), "verify"),
     # -- output ---------------------------------------------------------------------------
     Option("json", Kind.FLAG, False,
            "one JSON object per file on stdout, then a summary object", _PUSH, "output",
-           command_help=(("doctor", "the findings as one JSON object on stdout"),)),
+           command_help=(("doctor", "the findings as one JSON object on stdout"),
+                         ("verify", "one JSON object per problem on stdout, then a summary"),
+                         ("runs", "one JSON object per run on stdout"),
+                         ("status", "the state as one JSON object on stdout"))),
     Option("quiet", Kind.FLAG, False, "errors only", _CLI, "output", flags=("-q", "--quiet")),
     # A count: each -v adds one to what the environment, the file or the default set.
     Option("verbose", Kind.COUNT, 0,
@@ -275,12 +286,27 @@ BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 # watch) and how to print. It borrows them by name: ``commands`` stays the list of commands
 # that upload. A config file's top-level keys apply to doctor as to push; it has no section
 # of its own (the store is configured for the uploads, and doctor must see that store).
+# The read side borrows the same way: pull, verify and runs read the store the uploads
+# wrote (pull with the transfer bounds of an upload), status reads the manifest alone.
+_STORE_OPTIONS = frozenset({
+    "endpoint_url", "region", "profile", "addressing_style", "direct_uploads", "retries",
+    "connect_timeout", "read_timeout",
+})
+_OUTPUT = frozenset({"json", "quiet", "verbose"})
 BORROWED: dict[str, frozenset[str]] = {
-    "doctor": frozenset({
-        "endpoint_url", "region", "profile", "addressing_style", "direct_uploads", "retries",
-        "connect_timeout", "read_timeout", "state_dir", "json", "quiet", "verbose",
-    }),
+    "doctor": _STORE_OPTIONS | _OUTPUT | {"state_dir"},
+    "pull": _STORE_OPTIONS | _OUTPUT | {
+        "workers", "max_memory", "part_size", "part_concurrency", "include", "exclude",
+        "max_bandwidth", "dry_run",
+    },
+    "verify": _STORE_OPTIONS | _OUTPUT | {
+        "state_dir", "workers", "max_memory", "include", "exclude", "follow_symlinks",
+    },
+    "runs": _STORE_OPTIONS | _OUTPUT | {"run_depth"},
+    "status": _OUTPUT | {"state_dir"},
 }
+# Every command an option may name, besides the borrowing above.
+COMMANDS = ("push", "watch", "run", "attach", "doctor", "pull", "verify", "runs", "status")
 
 
 def options_for(command: str) -> tuple[Option, ...]:

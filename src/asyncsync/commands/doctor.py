@@ -32,10 +32,9 @@ from ..config import (
     Destination,
     PushConfig,
     StoreConfig,
-    check_addressing_style,
     default_state_dir,
-    endpoint_from,
     parse_destination,
+    store_config_from,
 )
 from ..errors import (
     EXIT_OK,
@@ -96,15 +95,7 @@ def doctor_config_from(settings: Settings, destination: str) -> DoctorConfig:
     if dest.scheme != "s3":
         raise ConfigError(f"destination {destination!r}: doctor probes S3 stores; a file://"
                           " directory has nothing to probe")
-    check_addressing_style(settings)
-    store = StoreConfig(
-        endpoint_url=endpoint_from(settings), region=settings["region"],
-        profile=settings["profile"],
-        addressing_style=settings["addressing_style"], max_attempts=settings["retries"],
-        connect_timeout=settings["connect_timeout"], read_timeout=settings["read_timeout"],
-        max_connections=4,  # one probe at a time
-        direct_uploads=settings["direct_uploads"],
-    )
+    store = store_config_from(settings, connections=4)  # one probe at a time
     state_dir = settings["state_dir"] or default_state_dir()
     return DoctorConfig(dest, store, state_dir.absolute(), json=settings["json"],
                         quiet=settings["quiet"])

@@ -80,7 +80,8 @@ class Events(Protocol):
         """A store request failed transiently and is tried again after ``pause``."""
 
     def sent(self, nbytes: int) -> None:
-        """Body bytes the store acknowledged."""
+        """Body bytes that reached the store: every attempt it answered counts, so a body
+        sent again (after a 503, or damaged on the way) counts again."""
 
 
 class Fanout:

@@ -268,7 +268,6 @@ class LargeUpload:
         )
         finished[number] = UploadedPart(number, etag, len(data), crc32=crc32)
         self.sent += len(data)
-        self.up._on_bytes(len(data))
 
     def _check_still_same(self) -> None:
         now = stat_source(self.scanned.path, self.scanned.root)

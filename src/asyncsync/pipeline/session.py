@@ -99,13 +99,15 @@ class Pipeline:
                     scope, capability.value, value
                 ),
             )
-            session = StoreSession(open_store(config, events.retried, capabilities),
+            # Bytes are counted where they leave: the store, every attempt.
+            session = StoreSession(open_store(config, events.retried, capabilities,
+                                              events.sent),
                                    config.store.max_attempts, sticky=not daemon)
             transfer = replace(config.transfer, changed_retries=0) if settles else config.transfer
             uploader = Uploader(
                 store=session.get, manifest=manifest, scope=scope, config=transfer,
                 budget=ByteBudget(transfer.max_memory), temp_dir=config.state_dir / "tmp",
-                dry_run=config.dry_run, on_bytes=events.sent,
+                dry_run=config.dry_run,
             )
             try:
                 yield cls(config, events, manifest, session, uploader)

@@ -76,7 +76,6 @@ class Uploader:
         budget: ByteBudget,
         temp_dir: Path,
         dry_run: bool = False,
-        on_bytes: Callable[[int], None] = lambda n: None,
     ) -> None:
         self._store = store
         self._manifest = manifest
@@ -86,7 +85,6 @@ class Uploader:
         self._temp_dir = temp_dir
         self._temp_ready = False
         self._dry_run = dry_run
-        self._on_bytes = on_bytes
         # A pool of our own for file reads and hashing: submitting to it directly costs a
         # fraction of a generic to_thread call, which matters at thousands of files a second.
         self._inline_reads = InlineGate(slow_seconds=0.01, strikes=8)
@@ -247,7 +245,6 @@ class Uploader:
             )
         finally:
             self._budget.release(grant)
-        self._on_bytes(len(snap.body))
         await self._read_back(store, key, snap.digest, etag)
         self._manifest.record_object(
             self._scope,

@@ -184,8 +184,10 @@ class FileStore:
 
     def __init__(self, root: str, *, max_attempts: int = 3, backoff: Backoff | None = None,
                  on_retry: RetryObserver | None = None,
-                 pace: Callable[[int], Awaitable[None]] | None = None) -> None:
+                 pace: Callable[[int], Awaitable[None]] | None = None,
+                 on_sent: Callable[[int], None] | None = None) -> None:
         self._root = os.path.abspath(root)
+        self._on_sent = on_sent or (lambda n: None)  # body bytes written
         # --max-bandwidth: a directory on NFS or Lustre shares the node's network too.
         self._pace = pace
         self._meta = os.path.join(self._root, STATE_DIR, "meta")
@@ -324,7 +326,9 @@ class FileStore:
         if self._pace is not None:
             await self._pace(len(body))
         attrs = _attributes_json(attributes)
-        return await self._call(op, key, lambda: self._write_object(op, key, fill, attrs))
+        etag = await self._call(op, key, lambda: self._write_object(op, key, fill, attrs))
+        self._on_sent(len(body))
+        return etag
 
     async def head_object(self, key: str) -> ObjectInfo | None:
         data, sidecar = self._paths("HeadObject", key)
@@ -457,7 +461,9 @@ class FileStore:
 
                 return write_atomically(directory, name, fill, before_publish=describe)
 
-        return await self._call(op, key, store)
+        etag = await self._call(op, key, store)
+        self._on_sent(len(body))
+        return etag
 
     async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
         op = "ListParts"
@@ -523,9 +529,11 @@ class FileStore:
 async def open_file_store(
     root: str, *, max_attempts: int = 3, on_retry: RetryObserver | None = None,
     pace: Callable[[int], Awaitable[None]] | None = None,
+    on_sent: Callable[[int], None] | None = None,
 ) -> FileStore:
     """A FileStore for ``root`` (checked by `FileStore.check_bucket`, not here, as for S3)."""
-    return FileStore(root, max_attempts=max_attempts, on_retry=on_retry, pace=pace)
+    return FileStore(root, max_attempts=max_attempts, on_retry=on_retry, pace=pace,
+                     on_sent=on_sent)
 
 
 class _FileRange:

@@ -85,6 +85,7 @@ class S3Store:
         direct: DirectUploads | None = None,
         pace: Pace | None = None,
         capabilities: Capabilities | None = None,
+        on_sent: Callable[[int], None] | None = None,
     ) -> None:
         self._client = client
         self._direct = direct
@@ -102,6 +103,9 @@ class S3Store:
         self._verdicts = Verdicts(self._location, self.capabilities)
         # Uploads with a part nothing proved: their object's size is checked once complete.
         self._unproven_uploads: set[str] = set()
+        # Body bytes that reached the store, every attempt counted (a body sent again after
+        # a 503 or a BadDigest crossed the wire twice).
+        self._on_sent = on_sent or (lambda n: None)
 
     @property
     def location(self) -> str:
@@ -178,22 +182,24 @@ class S3Store:
     ) -> str:
         where = f"PutObject s3://{self._bucket}/{key}"
 
-        async def attempt() -> str:
+        async def send() -> Answer:
             if self._direct is not None:
-                answer = await self._direct.put_object(
+                return await self._direct.put_object(
                     key, body, md5_b64=md5_b64, attributes=attributes
                 )
-            else:
-                if self._pace is not None:
-                    await self._pace(len(body))  # botocore sends a body in one go
-                response = await self._attempt(
-                    "PutObject", key,
-                    lambda: self._client.put_object(
-                        Bucket=self._bucket, Key=key, Body=body, ContentMD5=md5_b64,
-                        **self._attribute_args(attributes),
-                    ),
-                )
-                answer = Answer.of_response(response)
+            if self._pace is not None:
+                await self._pace(len(body))  # botocore sends a body in one go
+            response = await self._attempt(
+                "PutObject", key,
+                lambda: self._client.put_object(
+                    Bucket=self._bucket, Key=key, Body=body, ContentMD5=md5_b64,
+                    **self._attribute_args(attributes),
+                ),
+            )
+            return Answer.of_response(response)
+
+        async def attempt() -> str:
+            answer = await self._answered(len(body), send)
             if not self._verdicts.check(where, "PutObject", key, answer.etag, md5_b64,
                                         encrypted=answer.encrypted):
                 self._verdicts.unproven("PutObject")
@@ -207,6 +213,18 @@ class S3Store:
             # --reconcile would adopt them. The key holds nothing rather than that.
             await self._discard(key)
             raise
+
+    async def _answered(self, size: int, send: Callable[[], Awaitable[Answer]]) -> Answer:
+        """``send`` a body of ``size`` bytes, counted as sent once the store answered (an
+        error answer too: it came after the body); a connection that failed is not."""
+        try:
+            answer = await send()
+        except StoreError as exc:
+            if exc.code:
+                self._on_sent(size)
+            raise
+        self._on_sent(size)
+        return answer
 
     async def _confirm_size(self, where: str, key: str, size: int) -> None:
         """For an answer that proves nothing: the object must at least be the size sent."""
@@ -281,27 +299,29 @@ class S3Store:
             raise ValueError("a part needs a checksum")
         where = f"UploadPart s3://{self._bucket}/{key}"
 
-        async def attempt() -> str:
+        async def send() -> Answer:
             if self._direct is not None:
-                answer = await self._direct.upload_part(
+                return await self._direct.upload_part(
                     key, upload_id, part_number, body, md5_b64=md5_b64, crc32_b64=crc32_b64
                 )
-            else:
-                if self._pace is not None:
-                    await self._pace(len(body))
-                checksums: dict[str, str] = {}
-                if md5_b64 is not None:
-                    checksums["ContentMD5"] = md5_b64
-                if crc32_b64 is not None:
-                    checksums["ChecksumCRC32"] = crc32_b64
-                response = await self._attempt(
-                    "UploadPart", key,
-                    lambda: self._client.upload_part(
-                        Bucket=self._bucket, Key=key, UploadId=upload_id,
-                        PartNumber=part_number, Body=body, **checksums,
-                    ),
-                )
-                answer = Answer.of_response(response)
+            if self._pace is not None:
+                await self._pace(len(body))
+            checksums: dict[str, str] = {}
+            if md5_b64 is not None:
+                checksums["ContentMD5"] = md5_b64
+            if crc32_b64 is not None:
+                checksums["ChecksumCRC32"] = crc32_b64
+            response = await self._attempt(
+                "UploadPart", key,
+                lambda: self._client.upload_part(
+                    Bucket=self._bucket, Key=key, UploadId=upload_id,
+                    PartNumber=part_number, Body=body, **checksums,
+                ),
+            )
+            return Answer.of_response(response)
+
+        async def attempt() -> str:
+            answer = await self._answered(len(body), send)
             await self._prove_part(where, key, upload_id, body, answer, md5_b64, crc32_b64)
             return answer.etag
 
@@ -595,6 +615,7 @@ def _send_bodies_at_once(client: Any) -> None:
 async def open_s3_store(
     bucket: str, config: StoreConfig, *, on_retry: RetryObserver | None = None,
     pace: Pace | None = None, capabilities: Capabilities | None = None,
+    on_sent: Callable[[int], None] | None = None,
 ) -> S3Store:
     """Create the client (credentials from the standard chain) for one bucket."""
     from aiobotocore.config import AioConfig
@@ -638,4 +659,5 @@ async def open_s3_store(
                 raise translate_error(exc, op="configure", key="", location=f"s3://{bucket}",
                                       endpoint=config.endpoint_url or "") from exc
             raise
-    return S3Store(client, stack, bucket, config, on_retry, direct, pace, capabilities)
+    return S3Store(client, stack, bucket, config, on_retry, direct, pace, capabilities,
+                   on_sent)

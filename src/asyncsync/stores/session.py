@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from ..config import PushConfig
+from ..config import Destination, PushConfig, StoreConfig
 from ..errors import EndpointUnreachable, FatalStoreError, TransientStoreError
 from .capabilities import Capabilities
 from .protocol import ObjectStore
@@ -102,23 +102,36 @@ class StoreSession:
 
 
 def open_store(
-    config: PushConfig, on_retry: Callable[..., None], capabilities: Capabilities | None = None
+    config: PushConfig, on_retry: Callable[..., None], capabilities: Capabilities | None = None,
+    on_sent: Callable[[int], None] | None = None,
 ) -> Callable[[], object]:
-    """The store implementation for the destination's scheme, opened on first use, with
-    --retries and --max-bandwidth (a directory on NFS shares the node's network too), and,
-    for S3, what the store is already known to do (``capabilities``)."""
+    """The store of a push-shaped config (push, watch, run, attach()): see `store_opener`."""
+    return store_opener(config.destination, config.store, on_retry,
+                        max_bandwidth=config.transfer.max_bandwidth,
+                        capabilities=capabilities, on_sent=on_sent)
+
+
+def store_opener(
+    destination: Destination, store: StoreConfig, on_retry: Callable[..., None] | None = None,
+    *, max_bandwidth: float | None = None, capabilities: Capabilities | None = None,
+    on_sent: Callable[[int], None] | None = None,
+) -> Callable[[], object]:
+    """The store implementation for the destination's scheme, opened on first use (hand it
+    to `StoreSession`), with --retries and --max-bandwidth (a directory on NFS shares the
+    node's network too), and, for S3, what the store is already known to do
+    (``capabilities``). Every command that talks to a store opens it here."""
     pace: Callable[[int], Awaitable[None]] | None = None
-    if config.transfer.max_bandwidth:
+    if max_bandwidth:
         from ..pipeline.ratelimit import RateLimiter
 
-        pace = RateLimiter(config.transfer.max_bandwidth).take
+        pace = RateLimiter(max_bandwidth).take
 
     async def open_s3() -> ObjectStore:
         from .s3 import open_s3_store
 
         return await open_s3_store(
-            config.destination.bucket, config.store, on_retry=on_retry, pace=pace,
-            capabilities=capabilities,
+            destination.bucket, store, on_retry=on_retry, pace=pace,
+            capabilities=capabilities, on_sent=on_sent,
         )
 
     async def open_directory() -> ObjectStore:
@@ -126,8 +139,8 @@ def open_store(
 
         # The same --retries as S3: a directory on NFS fails transiently too.
         return await open_file_store(
-            config.destination.bucket, max_attempts=config.store.max_attempts,
-            on_retry=on_retry, pace=pace,
+            destination.bucket, max_attempts=store.max_attempts,
+            on_retry=on_retry, pace=pace, on_sent=on_sent,
         )
 
-    return open_directory if config.destination.scheme == "file" else open_s3
+    return open_directory if destination.scheme == "file" else open_s3
