@@ -101,7 +101,7 @@ class S3rver(ServerProcess):
 
     def command(self) -> list[str]:
         return [str(S3RVER), "--address", "127.0.0.1", "--port", str(self.port),
-                "--directory", str(self.data_dir / "data"), "--silent",
+                "--directory", str(self.data_dir / "data"),
                 "--no-vhost-buckets"]
 
     def start(self, timeout: float = 60.0) -> ServerProcess:

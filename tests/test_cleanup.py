@@ -154,7 +154,9 @@ def test_quiet_uploaded_runs_are_deleted_and_the_bucket_is_untouched(
     client = s3_env.client()
     assert client.head_object(Bucket=bucket, Key=f"{PREFIX}/exp/results.csv")[
         "ContentEncoding"] == "gzip"
-    assert "-" in client.head_object(Bucket=bucket, Key=f"{PREFIX}/exp/weights/last.pt")["ETag"]
+    if s3_env.counts_parts_in_etag:  # a multipart object (s3rver names it by a plain MD5)
+        assert "-" in client.head_object(Bucket=bucket, Key=f"{PREFIX}/exp/weights/last.pt")[
+            "ETag"]
 
     with caplog.at_level(logging.INFO, logger="asyncsync"):
         decisions, heads = clean(s3_env, bucket, src, state, policy())

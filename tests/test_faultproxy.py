@@ -71,6 +71,7 @@ def retrying_client(s3_server: Any, proxy: FaultProxy) -> Iterator[Any]:
 
 
 @pytest.mark.s3
+@pytest.mark.servers("seaweedfs", "s3rver")  # moto closes every connection after its answer
 def test_objects_round_trip_unchanged(client: Any, proxy: FaultProxy, bucket: str) -> None:
     big = os.urandom(8 * MiB)
     client.put_object(Bucket=bucket, Key="small", Body=b"hello")
@@ -91,6 +92,7 @@ def test_objects_round_trip_unchanged(client: Any, proxy: FaultProxy, bucket: st
 
 
 @pytest.mark.s3
+@pytest.mark.servers("seaweedfs", "s3rver")  # moto closes every connection after its answer
 @pytest.mark.parametrize(
     ("action", "status", "code"), [("503", 503, "SlowDown"), ("500", 500, "InternalError")]
 )
@@ -220,6 +222,7 @@ def test_bandwidth_limit_slows_uploads(client: Any, proxy: FaultProxy, bucket: s
 
 
 @pytest.mark.s3
+@pytest.mark.servers("seaweedfs", "s3rver")  # moto closes every connection after its answer
 def test_head_of_missing_object_keeps_connection(
     client: Any, proxy: FaultProxy, bucket: str
 ) -> None:

@@ -159,6 +159,8 @@ def test_json_output_keeps_names_exact() -> None:
 
 
 @pytest.mark.s3
+# moto answers 404 to a key with a newline in it; s3rver cannot list such keys back.
+@pytest.mark.servers("seaweedfs")
 def test_push_of_hostile_names_escapes_them_on_stderr_and_keeps_them_in_the_bucket(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:

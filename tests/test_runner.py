@@ -142,6 +142,7 @@ def test_a_missing_bucket_stops_run_before_the_training_starts(
     assert f"s3://{missing}" in line and "does not exist" in line and "not started" in line
 
 
+@pytest.mark.servers("seaweedfs")  # moto takes any keys; s3rver does not check the secret
 def test_wrong_credentials_stop_run_before_the_training_starts(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
