@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
 ACTIONS = ("503", "500", "reset", "delay", "lose-response", "strip-checksum",
-           "truncate-response", "corrupt-body")
+           "truncate-response", "corrupt-body", "opaque-etag")
 
 _PIECE = 64 * 1024
 _MAX_HEAD = 1024 * 1024
@@ -354,7 +354,9 @@ class FaultProxy:
         "strip-checksum" relays the answer without its x-amz-checksum-* headers, as a store
         that ignores checksums would send it. "corrupt-body" forwards the request with the
         first byte of its (Content-Length) body inverted, as a faulty network or middlebox
-        would: the signature still holds for UNSIGNED-PAYLOAD requests. "truncate-response"
+        would: the signature still holds for UNSIGNED-PAYLOAD requests. "opaque-etag" relays
+        the answer with its ETag replaced by one that is no MD5, as a store with ETags of
+        its own kind (or SSE-KMS) answers. "truncate-response"
         forwards the request, relays
         the answer's head and its first `truncate_at` body bytes, waits until the client has
         them (the kernel's send queue is empty, then `delay` seconds more, for the client to
@@ -542,7 +544,8 @@ class FaultProxy:
             await asyncio.sleep(rule.delay)
         strip = rule is not None and rule.action == "strip-checksum"
         corrupt = rule is not None and rule.action == "corrupt-body"
-        return await self._forward(request, reader, writer, upstream, strip, corrupt)
+        opaque = rule is not None and rule.action == "opaque-etag"
+        return await self._forward(request, reader, writer, upstream, strip, corrupt, opaque)
 
     async def _reset(
         self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -591,13 +594,14 @@ class FaultProxy:
         upstream: _Upstream,
         strip_checksums: bool = False,
         corrupt: bool = False,
+        opaque_etag: bool = False,
     ) -> bool:
         """Send one request upstream and relay its response; False when the client is done."""
         try:
             up_reader, up_writer = await self._send_upstream(request, reader, writer, upstream,
                                                              corrupt)
             close_after = await self._relay_response(request, up_reader, writer,
-                                                     strip_checksums)
+                                                     strip_checksums, opaque_etag)
         except _UpstreamError:
             # This includes a server that answers early and hangs up mid-body (a bad signature
             # on a large PUT): asyncio drops its answer with the reset, much as a client
@@ -726,7 +730,7 @@ class FaultProxy:
 
     async def _relay_response(
         self, request: _Request, up_reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-        strip_checksums: bool = False,
+        strip_checksums: bool = False, opaque_etag: bool = False,
     ) -> bool:
         """Relay one final response; True when the connection must end after it."""
         while True:
@@ -746,6 +750,10 @@ class FaultProxy:
             kept = [line for line in head[:-4].split(b"\r\n")
                     if not line.lower().startswith(b"x-amz-checksum-")]
             head = b"\r\n".join(kept) + b"\r\n\r\n"
+        if opaque_etag:
+            opaque = b'ETag: "opaque-' + uuid.uuid4().hex.encode() + b'"'
+            head = b"\r\n".join(opaque if line.lower().startswith(b"etag:") else line
+                                for line in head[:-4].split(b"\r\n")) + b"\r\n\r\n"
         writer.write(head)
         await writer.drain()
         close_after = b"close" in headers.get(b"connection", b"").lower()

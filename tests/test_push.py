@@ -1034,6 +1034,32 @@ def test_a_body_damaged_on_the_way_is_sent_again_on_every_store(
         assert read_object(client, bucket, f"c/{name}") == data
 
 
+def test_a_store_whose_answers_prove_nothing_is_named_once_and_checked_by_size(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """ETags that are no MD5 and no checksum echoed (SSE-KMS, a store of its own kind):
+    one warning names the store and points at --verify-after-upload, and each object's
+    size is checked with a HEAD."""
+    src = tmp_path / "runs"
+    files = {f"exp/f{i}.txt": write(src / "exp" / f"f{i}.txt", os.urandom(2000 + i))
+             for i in range(3)}
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.inject("opaque-etag", 3, method="PUT")
+        result = run_cli("push", src, f"s3://{bucket}/o", "--state-dir", tmp_path / "s1",
+                         "--json", env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint))
+        heads = proxy.stats.by_method.get("HEAD", 0)
+        store = f"s3://{bucket} at {proxy.endpoint}"
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "neither echoes checksums nor answers with MD5" in warnings[0]
+    assert store in warnings[0]
+    assert "--verify-after-upload" in warnings[0]
+    assert heads >= 3  # HeadBucket aside, one per object
+    client = s3_server.client()
+    for name, data in files.items():
+        assert read_object(client, bucket, f"o/{name}") == data
+
+
 def test_a_body_damaged_every_time_is_never_recorded_nor_left_under_its_digest(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
