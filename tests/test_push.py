@@ -1049,6 +1049,19 @@ def test_a_store_whose_answers_prove_nothing_is_named_once_and_checked_by_size(
                          "--json", env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint))
         heads = proxy.stats.by_method.get("HEAD", 0)
         store = f"s3://{bucket} at {proxy.endpoint}"
+        if s3_server.checks_content_md5:
+            # Once doctor found that the store refuses a wrong Content-MD5, a body sent with
+            # one is proven by the store itself: no warning, no HEAD.
+            env = s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint)
+            doctor = run_cli("doctor", f"s3://{bucket}/d", "--state-dir", tmp_path / "s2",
+                             "-q", env=env)
+            assert doctor.returncode == 0, doctor.stderr
+            proxy.inject("opaque-etag", 3, method="PUT")
+            proxy.reset_stats()
+            trusted = run_cli("push", src, f"s3://{bucket}/t", "--state-dir", tmp_path / "s2",
+                              "--json", env=env)
+            assert trusted.returncode == 0 and trusted.stderr == "", trusted.stderr
+            assert proxy.stats.by_method.get("HEAD", 0) <= 1  # HeadBucket alone
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "neither echoes checksums nor answers with MD5" in warnings[0]
