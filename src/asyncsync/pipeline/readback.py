@@ -17,26 +17,48 @@ from .digest import new_digest
 READ_CHUNK = 1024 * 1024
 
 
+class ContentDigest:
+    """xxh3-128 and length of an object's content, fed its body in order; a gzip body is
+    decoded as it comes, the output bounded per call (a small body may inflate a
+    thousandfold). `finish` raises zlib.error for a gzip body that ends early."""
+
+    def __init__(self, encoding: str | None) -> None:
+        self.hasher = new_digest()
+        self.size = 0
+        self.decoder = (zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+                        if (encoding or "").lower() == "gzip" else None)
+
+    def _hash(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        if self.decoder is None:
+            self.hasher.update(chunk)
+            self.size += len(chunk)
+            return
+        data = self.decoder.decompress(chunk, READ_CHUNK)
+        while True:
+            self._hash(data)
+            if not self.decoder.unconsumed_tail:
+                break
+            data = self.decoder.decompress(self.decoder.unconsumed_tail, READ_CHUNK)
+
+    def finish(self) -> tuple[str, int]:
+        if self.decoder is not None:
+            self._hash(self.decoder.flush())
+            if not self.decoder.eof:
+                raise zlib.error("the gzip stream ends early")
+        return str(self.hasher.hexdigest()), self.size
+
+
 async def content_digest(store: ObjectStore, key: str, *, if_match: str | None = None) -> str:
     """xxh3-128 (hex) of the object's content, decoded when its body is gzip."""
-    hasher = new_digest()
     async with store.get_object(key, if_match=if_match, chunk_size=READ_CHUNK) as body:
-        decoder = (zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-                   if (body.info.content_encoding or "").lower() == "gzip" else None)
+        content = ContentDigest(body.info.content_encoding)
         async for chunk in body:
-            if decoder is None:
-                hasher.update(chunk)
-                continue
-            # Bounded output per call: a small body may inflate a thousandfold.
-            data = decoder.decompress(chunk, READ_CHUNK)
-            while True:
-                hasher.update(data)
-                if not decoder.unconsumed_tail:
-                    break
-                data = decoder.decompress(decoder.unconsumed_tail, READ_CHUNK)
-        if decoder is not None:
-            hasher.update(decoder.flush())
-    return str(hasher.hexdigest())
+            content.feed(chunk)
+    return content.finish()[0]
 
 
 async def verify_object(
