@@ -535,3 +535,23 @@ def test_a_directory_swapped_for_a_symlink_after_its_parent_was_listed_is_not_en
         assert "replaced" in listing.items[0].message  # type: ignore[union-attr]
         os.unlink(root / "train" / "weights")
         os.rename(tmp_path / "moved", root / "train" / "weights")
+
+
+def test_asyncsync_temp_files_are_never_scanned(tmp_path: Path) -> None:
+    """A pull's half-written download (or a placement under way) is asyncsync's own: never
+    uploaded, whatever the filters say."""
+    from asyncsync.pipeline.place import TEMP_PREFIX
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "results.csv").write_text("epoch\n")
+    (tmp_path / "exp" / f"{TEMP_PREFIX}pull-0123abcd").write_bytes(b"half a checkpoint")
+    (tmp_path / "exp" / f"{TEMP_PREFIX}pull-0123abcd.ranges").write_text("{}")
+    assert relatives(scan(tmp_path)) == ["exp/results.csv"]
+
+    async def by_directories() -> list[str]:
+        found: list[str] = []
+        async for batch in scan_directories(str(tmp_path), ScanOptions(), StatCache()):
+            found.extend(i.relative for i in batch if isinstance(i, ScannedFile))
+        return found
+
+    assert asyncio.run(by_directories()) == ["exp/results.csv"]

@@ -171,9 +171,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("part_size", Kind.SIZE, TransferConfig.part_size,
            "fixed multipart part size (raised if 10,000 parts would not suffice)", _UPLOADS,
            "transfer", metavar="SIZE", minimum=MIN_PART_SIZE, maximum=MAX_PART_SIZE,
-           default_text="chosen from each file's size"),
+           default_text="chosen from each file's size",
+           command_help=(("pull", "size of one ranged GET of a large object "
+                                  "(default 8MiB)"),)),
     Option("part_concurrency", Kind.INT, DEFAULT_PART_CONCURRENCY,
-           "parts of one file in flight", _UPLOADS, "transfer", metavar="N", minimum=1),
+           "parts of one file in flight", _UPLOADS, "transfer", metavar="N", minimum=1,
+           command_help=(("pull", "ranges of one object in flight"),)),
     Option("include", Kind.GLOBS, PushConfig.include, "only files matching GLOB (repeatable)",
            _UPLOADS, "transfer", metavar="GLOB", default_text="everything"),
     Option("exclude", Kind.GLOBS, PushConfig.exclude,
@@ -181,7 +184,9 @@ OPTIONS: tuple[Option, ...] = (
            metavar="GLOB", default_text="nothing"),
     Option("max_bandwidth", Kind.RATE, TransferConfig.max_bandwidth,
            "cap on upload bandwidth over all transfers (e.g. 50MB/s, 40MiB/s)", _UPLOADS,
-           "transfer", metavar="RATE", default_text="unlimited"),
+           "transfer", metavar="RATE", default_text="unlimited",
+           command_help=(("pull", "cap on download bandwidth over all transfers (e.g. "
+                                  "50MB/s, 40MiB/s)"),)),
     Option("gzip", Kind.FLAG, TransferConfig.gzip,
            "gzip csv/yaml/json/txt/log files of 1 KiB or more that shrink (stored with "
            "Content-Encoding: gzip: aws cli, s5cmd and rclone download them compressed)",

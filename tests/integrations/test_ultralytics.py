@@ -198,6 +198,38 @@ def test_run_keeps_the_last_epoch_of_a_training_that_dies(
     assert record["runs"][0]["epochs"] == 2
 
 
+def test_a_training_killed_mid_run_resumes_from_the_bucket(
+    s3_server: S3Server, bucket: str, tmp_path: Path, dataset: Path
+) -> None:
+    """The seed's recovery story: a 4-epoch training under `asyncsync run` is SIGKILLed
+    after epoch 2; its directory is wiped (a new machine); `asyncsync pull` brings the run
+    back where it was trained, and ultralytics' own resume continues at epoch 3 and
+    finishes epoch 4 in the restored directory."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    env = training_env(s3_server, tmp_path)
+    killed = run_cli(
+        "run", runs, f"s3://{bucket}/resumable", "--state-dir", tmp_path / "state",
+        *RUN_OPTIONS, "--", *train_command(dataset, runs, "--crash", "kill", "--epochs", "4"),
+        env=env, timeout=300,
+    )
+    assert killed.returncode == 128 + signal.SIGKILL, killed.stderr[-3000:]
+    shutil.rmtree(runs)
+    pulled = run_cli("pull", f"s3://{bucket}/resumable", runs, env=env, timeout=120)
+    assert pulled.returncode == 0, pulled.stderr
+    last = runs / "exp" / "weights" / "last.pt"
+    assert (runs / "exp" / "results.csv").read_text().count("\n") == 3  # header, 2 epochs
+    resumed = subprocess.run(
+        [sys.executable, str(TRAIN), str(dataset), str(runs), "--resume", str(last)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming training" in resumed.stdout + resumed.stderr
+    rows = (runs / "exp" / "results.csv").read_text().strip().splitlines()[1:]
+    assert [int(float(row.split(",")[0])) for row in rows] == [1, 2, 3, 4]
+
+
 class FakeModel:
     """Where attach() registers its callbacks (the unit tests need no ultralytics)."""
 

@@ -10,6 +10,8 @@ start of the epoch (raise), or, once the epoch's checkpoint is saved, os._exit(3
 or SIGKILL (kill). --hold makes the trainer wait, in a callback after the first epoch's
 on_fit_epoch_end, until the test creates DIR/release (it first creates DIR/holding).
 --exit-when-train-returns ends the process with os._exit(0) the moment train() returns.
+--resume LAST_PT continues the training that LAST_PT was saved by, ultralytics' own way
+(`YOLO(LAST_PT).train(resume=True)`), instead of starting one.
 """
 
 from __future__ import annotations
@@ -51,9 +53,15 @@ def main() -> None:
     parser.add_argument("--hold", type=Path)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--exit-when-train-returns", action="store_true")
+    parser.add_argument("--resume", type=Path)
     args = parser.parse_args()
 
     from ultralytics import YOLO
+
+    if args.resume:
+        # Everything else (data, epochs, imgsz, the run directory) comes from the checkpoint.
+        YOLO(str(args.resume)).train(resume=True, device="cpu")
+        return
 
     data = make_dataset(args.dataset)
     model = YOLO("yolov8n.yaml")

@@ -24,6 +24,7 @@ import xxhash
 
 from .inline import InlineGate
 from .keys import PathFilter
+from .place import TEMP_PREFIX
 from .source import SourceRoot, describe_mode
 
 
@@ -259,6 +260,10 @@ class _Walker:
             name = entry.name
             rel = prefix + name
             if skip and rel in skip:
+                continue
+            if name.startswith(TEMP_PREFIX):
+                # asyncsync's own, half-written: a pull's download to resume, a placement
+                # under way. Never a key (place.key_segments refuses the name anyway).
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
