@@ -161,6 +161,31 @@ def put(client: Any, bucket: str, key: str, body: str | bytes) -> None:
     client.put_object(Bucket=bucket, Key=key, Body=data)
 
 
+def runs_at(server: S3Server, dest: str, now: float,
+            monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
+    """The runs as `runs --json` describes them, seen at ``now`` (in-process: a real store
+    cannot be asked for objects stored in the past)."""
+    import asyncio
+
+    from asyncsync.commands.runs import list_runs, runs_config_from
+    from asyncsync.options import from_mapping
+    from asyncsync.stores.session import StoreSession, store_opener
+
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    config = runs_config_from(from_mapping("runs", {"endpoint_url": server.endpoint,
+                                                    "addressing_style": "path"}), dest)
+
+    async def listed() -> list[dict[str, Any]]:
+        session = StoreSession(store_opener(config.destination, config.store), 2)
+        try:
+            return await list_runs(config, await session.get(), now=now)
+        finally:
+            await session.close()
+
+    return {run["run"]: run for run in asyncio.run(listed())}
+
+
 def runs_json(server: S3Server, dest: str, *extra: str) -> dict[str, dict[str, Any]]:
     result = run_cli("runs", dest, "--json", *extra, env=server.env(), timeout=60)
     assert result.returncode == 0, result.stderr
@@ -169,7 +194,7 @@ def runs_json(server: S3Server, dest: str, *extra: str) -> dict[str, dict[str, A
 
 @pytest.mark.s3
 def test_runs_lists_finished_crashed_stale_running_attached_and_pushed_runs(
-    s3_server: S3Server, bucket: str, tmp_path: Path
+    s3_server: S3Server, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     team = f"s3://{bucket}/team"
     # Two trainings under `asyncsync run`, at once: one finishes, one exits 3 at epoch 2.
@@ -227,13 +252,19 @@ def test_runs_lists_finished_crashed_stale_running_attached_and_pushed_runs(
     assert finished["url"] == f"{team}/a/exp"
     assert crashed["status"] == "crashed" and crashed["exit_code"] == 3
     assert crashed["epochs"] == 2
-    assert stale["status"] == "stale" and stale["host"] == "gpu-7"
+    # Its record is two hours old, but its results.csv was stored a moment ago: alive.
+    assert stale["status"] == "running" and stale["host"] == "gpu-7"
     assert stale["metrics"]["metrics/mAP50-95(B)"] == {"last": 0.35, "best": 0.4,
                                                       "best_epoch": 2}
+    # Three hours on with nothing new in the bucket, it is stale (a finished run is not).
+    later = runs_at(s3_server, team, time.time() + 3 * 3600, monkeypatch)
+    assert later["c/exp"]["status"] == "stale" and later["c/exp"]["host"] == "gpu-7"
+    assert later["a/exp"]["status"] == "finished"
     assert runs["d/exp"]["status"] == "running" and runs["d/exp"]["epochs_planned"] == 10
     assert runs["f/train"]["status"] == "finished"
     assert runs["f/train"]["epochs_planned"] == 3 and runs["f/train"]["objects"] == 2
-    assert runs["f/train"]["last_sync"] == iso(now - 400)
+    # The newest object's LastModified (stored just now), later than the record's end.
+    assert runs["f/train"]["last_sync"] >= iso(now - 400)
     assert runs["e"]["status"] == "pushed" and runs["e"]["host"] is None
     assert runs["e"]["epochs"] == 63 and runs["e"]["epochs_planned"] == 40  # decoded gzip
     assert runs["e"]["metrics"]["fitness"]["best"] == 0.41
@@ -247,7 +278,7 @@ def test_runs_lists_finished_crashed_stale_running_attached_and_pushed_runs(
     assert header.split()[:6] == ["RUN", "STATUS", "HOST", "STARTED", "ENDED", "EPOCHS"]
     assert "mAP50-95 (best)" in header and "LAST SYNC" in header
     by_run = {line.split()[0]: line for line in lines}
-    assert by_run["c/exp"].split()[1:3] == ["stale", "gpu-7"]
+    assert by_run["c/exp"].split()[1:3] == ["running", "gpu-7"]
     assert " 3/3 " in by_run["a/exp"] and " 0.350 (0.400) " in by_run["c/exp"]
     assert by_run["e"].split()[1:3] == ["pushed", "-"]
 

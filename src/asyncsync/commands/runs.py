@@ -171,12 +171,8 @@ class Run:
 
 
 def last_modified(info: ObjectInfo) -> float | None:
-    """The object's LastModified, where the store's listing reports it (`ObjectInfo` has no
-    such field yet: then a run's last sign of life comes from its record and results.csv)."""
-    value = getattr(info, "last_modified", None)
-    if isinstance(value, datetime):
-        return value.timestamp()
-    return float(value) if isinstance(value, int | float) else None
+    """The object's LastModified, where the store's listing reports it."""
+    return info.last_modified
 
 
 def join(directory: str, path: str) -> str:

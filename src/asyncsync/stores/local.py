@@ -172,7 +172,8 @@ def _walk(directory: str, meta: str, key_prefix: str, name_prefix: str) -> Itera
         if is_dir[name]:
             yield from _walk(path, os.path.join(meta, name), f"{key_prefix}{name}/", "")
         elif found := _describe(path, os.path.join(meta, name + ".json")):
-            yield ObjectInfo(key_prefix + name, found[0].st_size, found[1])
+            yield ObjectInfo(key_prefix + name, found[0].st_size, found[1],
+                             last_modified=found[0].st_mtime)
 
 
 # A directory checks every body itself and implements every call.
@@ -336,7 +337,8 @@ class FileStore:
             return None
         st, etag, attributes = found
         metadata = dict(attributes.get("metadata") or {})
-        return ObjectInfo(key, st.st_size, etag, metadata, attributes.get("content_encoding"))
+        return ObjectInfo(key, st.st_size, etag, metadata, attributes.get("content_encoding"),
+                          st.st_mtime)
 
     def get_object(
         self, key: str, *, offset: int = 0, end: int | None = None, if_match: str | None = None,

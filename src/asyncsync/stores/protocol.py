@@ -31,6 +31,7 @@ class ObjectInfo:
     etag: str
     metadata: Mapping[str, str] = field(default_factory=dict)
     content_encoding: str | None = None
+    last_modified: float | None = None  # seconds since the epoch: when it was stored
 
 
 @dataclass(frozen=True)

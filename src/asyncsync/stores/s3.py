@@ -440,6 +440,7 @@ class S3Store:
             etag=str(response["ETag"]),
             metadata=dict(response.get("Metadata", {})),
             content_encoding=response.get("ContentEncoding"),
+            last_modified=_timestamp(response.get("LastModified")),
         )
 
     async def list_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
@@ -452,7 +453,8 @@ class S3Store:
                 "ListObjectsV2", prefix, lambda a=args: self._client.list_objects_v2(**a)  # type: ignore[misc]
             )
             for item in page.get("Contents", []):
-                yield ObjectInfo(str(item["Key"]), int(item["Size"]), str(item["ETag"]))
+                yield ObjectInfo(str(item["Key"]), int(item["Size"]), str(item["ETag"]),
+                                 last_modified=_timestamp(item.get("LastModified")))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
@@ -592,6 +594,11 @@ class _S3Range:
             # A body not read to its end cannot go back to the pool: this drops the
             # connection (one read to the end was released at its last byte already).
             stream.close()
+
+
+def _timestamp(value: Any) -> float | None:
+    """botocore's parsed LastModified (a datetime) as seconds since the epoch."""
+    return float(value.timestamp()) if hasattr(value, "timestamp") else None
 
 
 def tls_verify_override(endpoint_url: str | None) -> dict[str, Any]:
