@@ -137,7 +137,7 @@ def test_status_after_a_push_then_changes(
     assert pair["destination"] == f"s3://{bucket}/team" and pair["source"] == str(src)
     assert pair["store"] == s3_server.endpoint and pair["bucket"] == bucket
     assert (pair["files"], pair["uploaded"], pair["in_sync"], pair["pending"],
-            pair["gone"], pair["failed"]) == (7, 7, 7, 0, 0, None)
+            pair["gone"], pair["failed"]) == (7, 7, 7, 0, 0, 0)
     assert pair["bytes"] == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
     assert pair["last_sync"] <= time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(before))
     runs = by_run(pair)
@@ -165,10 +165,10 @@ def test_status_after_a_push_then_changes(
     lines = text.stdout.splitlines()
     assert lines[0] == f"{src} -> s3://{bucket}/team (store {s3_server.endpoint})"
     assert "8 files: 7 uploaded" in lines[1] and "2 pending (1 modified, 1 new" in lines[1]
-    assert lines[2].split() == ["RUN", "FILES", "UPLOADED", "PENDING", "GONE", "BYTES", "LAST",
-                                "SYNC"]
+    assert lines[2].split() == ["RUN", "FILES", "UPLOADED", "PENDING", "FAILED", "GONE", "BYTES",
+                                "LAST", "SYNC"]
     rows = {line.split()[0]: line.split() for line in lines[3:]}
-    assert rows["detect/train2"][1:5] == ["4", "3", "2", "1"]
+    assert rows["detect/train2"][1:6] == ["4", "3", "2", "0", "1"]
     assert rows["(outside"][2:6] == ["1", "1", "0", "0"]
 
 
@@ -203,3 +203,31 @@ def test_status_without_a_manifest_is_one_line_and_exit_2(tmp_path: Path) -> Non
     assert result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert "no manifest at" in line and "nothing-here" in line
+
+
+@pytest.mark.s3
+@pytest.mark.servers("seaweedfs")  # status reads the manifest alone; the push needs a store
+def test_a_failed_upload_is_counted_until_it_succeeds(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    from .faultproxy import FaultProxy
+
+    src, state = tmp_path / "runs", tmp_path / "state"
+    run = src / "exp"
+    run.mkdir(parents=True)
+    (run / "results.csv").write_text("epoch\n1\n")
+    (run / "args.yaml").write_text("epochs: 1\n")
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.inject("503", 100, method="PUT", path_contains="results.csv")
+        failed = run_cli("push", src, f"s3://{bucket}/f", "--state-dir", state, "--retries",
+                         "1", env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint))
+        assert failed.returncode == 1, failed.stderr
+        (pair,) = status(state)["destinations"]
+        assert (pair["uploaded"], pair["failed"]) == (1, 1)
+        assert [run["failed"] for run in pair["runs"]] == [1]
+        proxy.clear_rules()
+        again = run_cli("push", src, f"s3://{bucket}/f", "--state-dir", state,
+                        env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint))
+        assert again.returncode == 0, again.stderr
+    (pair,) = status(state)["destinations"]
+    assert (pair["uploaded"], pair["failed"]) == (2, 0)

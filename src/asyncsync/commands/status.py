@@ -10,9 +10,9 @@ relative to the source), so the rest of each names the pair, and the pair's root
 deepest directory that holds every file recorded for it (never one below a run directory).
 Each row's file is stat()ed: still as recorded (in sync), changed since (modified), or gone
 (local cleanup deleted it, or it was removed); the pair's root is walked for files with no
-row (new). A run directory is a directory holding results.csv, args.yaml or weights/. The
-manifest records no failures: a file whose upload failed is pending, as is every file the
-next push or watch would send.
+row (new). A run directory is a directory holding results.csv, args.yaml or weights/. A
+file whose last upload failed has a row of its own (failures) until an upload succeeds: it
+is counted failed, and pending as every file the next push or watch would send.
 """
 
 from __future__ import annotations
@@ -62,13 +62,14 @@ class Counts:
     gone: int = 0  # rows whose file is no longer there
     new: int = 0  # files with no row
     resumable: int = 0  # multipart uploads begun and not completed (they resume)
+    failed: int = 0  # files whose last upload failed
     bytes: int = 0  # the recorded (original) sizes of the rows
     pending_bytes: int = 0  # the local sizes of the modified and new files
     last_sync: float | None = None  # the newest upload
 
     def add(self, other: Counts) -> None:
-        for name in ("uploaded", "in_sync", "modified", "gone", "new", "resumable", "bytes",
-                     "pending_bytes"):
+        for name in ("uploaded", "in_sync", "modified", "gone", "new", "resumable", "failed",
+                     "bytes", "pending_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.last_sync is not None:
             self.last_sync = max(self.last_sync or 0.0, other.last_sync)
@@ -82,7 +83,7 @@ class Counts:
             "files": self.uploaded + self.new, "uploaded": self.uploaded,
             "in_sync": self.in_sync, "modified": self.modified, "new": self.new,
             "pending": self.pending, "gone": self.gone, "resumable": self.resumable,
-            "failed": None, "bytes": self.bytes, "pending_bytes": self.pending_bytes,
+            "failed": self.failed, "bytes": self.bytes, "pending_bytes": self.pending_bytes,
             "last_sync": _iso(self.last_sync),
         }
 
@@ -234,6 +235,9 @@ def read_pairs(db: sqlite3.Connection) -> list[Pair]:
     for store, bucket, key in db.execute("SELECT store, bucket, key FROM uploads"):
         pair, relative = _owner(pairs, store, bucket, key)
         pair.counts(relative.rpartition("/")[0]).resumable += 1
+    for store, bucket, key in db.execute("SELECT store, bucket, key FROM failures"):
+        pair, relative = _owner(pairs, store, bucket, key)
+        pair.counts(relative.rpartition("/")[0]).failed += 1
     return sorted(pairs.values(), key=lambda p: (p.destination, p.store, p.root or ""))
 
 
@@ -350,15 +354,18 @@ def text_lines(described: list[dict[str, Any]]) -> list[str]:
                         f" {human_bytes(pair['pending_bytes'])})")
         resumable = f", {pair['resumable']} resumable" if pair["resumable"] else ""
         lines.append(f"  {pair['files']} files: {pair['uploaded']} uploaded"
-                     f" ({human_bytes(pair['bytes'])}), {pending}, {pair['gone']} gone"
-                     f"{resumable}; last sync {_when(pair['last_sync'])} UTC")
-        rows = [["RUN", "FILES", "UPLOADED", "PENDING", "GONE", "BYTES", "LAST SYNC"]]
+                     f" ({human_bytes(pair['bytes'])}), {pending}, {pair['failed']} failed,"
+                     f" {pair['gone']} gone{resumable}; last sync {_when(pair['last_sync'])}"
+                     " UTC")
+        rows = [["RUN", "FILES", "UPLOADED", "PENDING", "FAILED", "GONE", "BYTES",
+                 "LAST SYNC"]]
         entries = list(pair["runs"])
         if pair["outside_runs"] is not None and entries:
             entries.append({"run": "(outside runs)", **pair["outside_runs"]})
         for run in entries:
             rows.append([printable(run["run"] or "."), str(run["files"]), str(run["uploaded"]),
-                         str(run["pending"]), str(run["gone"]), human_bytes(run["bytes"]),
+                         str(run["pending"]), str(run["failed"]), str(run["gone"]),
+                         human_bytes(run["bytes"]),
                          _when(run["last_sync"])])
         if entries:
             widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]

@@ -117,6 +117,17 @@ CREATE TABLE IF NOT EXISTS capabilities (
     learned_at REAL NOT NULL,
     PRIMARY KEY (store, bucket, name)
 ) WITHOUT ROWID;
+-- Files whose last upload failed, until one succeeds (what `asyncsync status` counts).
+CREATE TABLE IF NOT EXISTS failures (
+    store TEXT NOT NULL,
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    source TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    error TEXT NOT NULL,
+    failed_at REAL NOT NULL,
+    PRIMARY KEY (store, bucket, key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS parts (
     upload_id TEXT NOT NULL,
     part_number INTEGER NOT NULL,
@@ -210,6 +221,11 @@ class Manifest:
         self.read_only = read_only
         self._pending_rows = 0
         self._last_commit = time.monotonic()
+        # The keys with a failure row: a success deletes one only where there is one.
+        self._failed: set[tuple[str, str, str]] = set()
+        if not read_only:
+            self._failed = {(str(s), str(b), str(k)) for s, b, k in connection.execute(
+                "SELECT store, bucket, key FROM failures")}
 
     @classmethod
     def open(cls, state_dir: Path, *, read_only: bool = False) -> Manifest:
@@ -483,6 +499,27 @@ class Manifest:
         )
         self._execute("DELETE FROM parts WHERE upload_id=?", (upload_id,))
         self.commit()
+
+    # -- failures ------------------------------------------------------------------------
+
+    def record_failure(self, scope: Scope, key: str, source: str, reason: str,
+                       error: str) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO failures (store, bucket, key, source, reason, error,"
+            " failed_at) VALUES (?,?,?,?,?,?,?)",
+            (scope.store, scope.bucket, key, source, reason, error, time.time()),
+        )
+        self._failed.add((scope.store, scope.bucket, key))
+        self._maybe_commit()
+
+    def forget_failure(self, scope: Scope, key: str) -> None:
+        """After a success; costs nothing for a key that never failed (the usual case)."""
+        entry = (scope.store, scope.bucket, key)
+        if entry not in self._failed:
+            return
+        self._failed.discard(entry)
+        self._execute("DELETE FROM failures WHERE store=? AND bucket=? AND key=?", entry)
+        self._maybe_commit()
 
     # -- what the store does --------------------------------------------------------------
 

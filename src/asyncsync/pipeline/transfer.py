@@ -112,7 +112,20 @@ class Uploader:
 
     async def sync(self, scanned: ScannedFile, key: str, decision: Decision) -> FileOutcome:
         """Upload one file (or prove it unchanged). Per-file problems become a failed
-        outcome; fatal store errors and manifest errors propagate and stop the run."""
+        outcome (kept in the manifest until the file goes up: `asyncsync status` counts
+        them); fatal store errors and manifest errors propagate and stop the run."""
+        outcome = await self._sync(scanned, key, decision)
+        if self._dry_run:
+            return outcome
+        if outcome.status is Status.FAILED:
+            self._manifest.record_failure(
+                self._scope, key, scanned.path, str(outcome.failure or ""), outcome.error or ""
+            )
+        elif outcome.status in (Status.UPLOADED, Status.UNCHANGED):
+            self._manifest.forget_failure(self._scope, key)
+        return outcome
+
+    async def _sync(self, scanned: ScannedFile, key: str, decision: Decision) -> FileOutcome:
         for attempt in range(self._config.changed_retries + 1):
             try:
                 return await self._sync_once(scanned, key, decision)
