@@ -1080,6 +1080,10 @@ def test_a_body_damaged_every_time_is_never_recorded_nor_left_under_its_digest(
     carrying the file's digest that a later --reconcile would adopt. The next run, with
     nothing in the way, uploads it."""
     src = tmp_path / "runs"
+    # An earlier version is in the bucket already: a store that refuses the damaged bodies
+    # keeps it (stale, but intact and true to its digest); it must not be deleted.
+    earlier = write(src / "exp" / "results.csv", os.urandom(4000))
+    assert push(s3_server, src, f"s3://{bucket}/d", tmp_path / "earlier").returncode == 0
     data = write(src / "exp" / "results.csv", os.urandom(4000))
     state = tmp_path / "state"
     with FaultProxy(s3_server.endpoint) as proxy:
@@ -1089,7 +1093,10 @@ def test_a_body_damaged_every_time_is_never_recorded_nor_left_under_its_digest(
     assert failed.returncode == 1, failed.stderr
     assert failed.files("failed") == ["exp/results.csv"]
     client = s3_server.client()
-    assert bucket_keys(client, bucket) == []
+    if s3_server.checks_content_md5:
+        assert read_object(client, bucket, "d/exp/results.csv") == earlier
+    else:  # the damaged bytes were stored over it, then deleted
+        assert bucket_keys(client, bucket) == []
     reconciled = push(s3_server, src, f"s3://{bucket}/d", tmp_path / "fresh", "--reconcile")
     assert reconciled.returncode == 0, reconciled.stderr
     assert reconciled.files("uploaded") == ["exp/results.csv"]

@@ -198,20 +198,31 @@ class S3Store:
             )
             return Answer.of_response(response)
 
+        # Whether an attempt left damaged bytes stored under the key (a store that checked
+        # refuses them instead, and the key keeps what it held).
+        damaged_stored = False
+
         async def attempt() -> str:
+            nonlocal damaged_stored
             answer = await self._answered(len(body), send)
-            if not self._verdicts.check(where, "PutObject", key, answer.etag, md5_b64,
-                                        encrypted=answer.encrypted) and not self._checks_md5:
-                self._verdicts.unproven("PutObject")
-                await self._confirm_size(where, key, len(body))
+            try:
+                if not self._verdicts.check(where, "PutObject", key, answer.etag, md5_b64,
+                                            encrypted=answer.encrypted) and not self._checks_md5:
+                    self._verdicts.unproven("PutObject")
+                    await self._confirm_size(where, key, len(body))
+            except BadDigest:
+                damaged_stored = True
+                raise
             return answer.etag
 
         try:
             return await self._retried(attempt)
-        except BadDigest:
-            # The last attempt left damaged bytes under the file's digest: a later
-            # --reconcile would adopt them. The key holds nothing rather than that.
-            await self._discard(key)
+        except StoreError:
+            if damaged_stored:
+                # Damaged bytes under the file's digest: a later --reconcile would adopt
+                # them. The key holds nothing rather than that (what it held before was
+                # overwritten by them already).
+                await self._discard(key)
             raise
 
     @property
