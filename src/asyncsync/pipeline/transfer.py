@@ -121,7 +121,7 @@ class Uploader:
             self._manifest.record_failure(
                 self._scope, key, scanned.path, str(outcome.failure or ""), outcome.error or ""
             )
-        elif outcome.status in (Status.UPLOADED, Status.UNCHANGED):
+        else:  # up, proven unchanged, or gone: nothing failed any more
             self._manifest.forget_failure(self._scope, key)
         return outcome
 
