@@ -579,14 +579,16 @@ def test_get_object_resumes_after_the_connection_drops_mid_body(
             assert got.info.etag == etag
             assert b"".join([chunk async for chunk in got]) == data
         assert len(retries) == 1
-        # Resumed from the last byte received: no byte of the object was sent twice.
-        assert interrupted.transferred() == len(data)
+        # Resumed from the last byte received: no byte of the object was sent twice. (At
+        # most: the proxy counts what it handed the kernel before the reset, and moto's
+        # closing connections can leave a piece of that uncounted.)
+        assert interrupted.transferred() <= len(data)
 
         # A range is resumed within its bounds.
         interrupted.cut(300_000, 1)
         assert await read(s, "run/last.pt", offset=100_000, end=2 * MiB) == data[100_000:2 * MiB]
         assert len(retries) == 2
-        assert interrupted.transferred() == 2 * MiB - 100_000
+        assert interrupted.transferred() <= 2 * MiB - 100_000
 
     interrupted.factory.run(body, on_retry=lambda exc, attempt, pause: retries.append(exc))
 
