@@ -425,6 +425,19 @@ def store_config_from(settings: Settings, *, connections: int | None = None) -> 
     )
 
 
+def store_config_for_workers(settings: Settings, workers: int, connections: int) -> StoreConfig:
+    """`store_config_from` for a reader running ``workers`` transfers over ``connections``
+    (pull, verify): the process must be allowed the descriptors they need (exit 2 naming
+    --workers otherwise)."""
+    try:
+        ensure_open_files(descriptors_needed(workers, connections,
+                                             direct_uploads=bool(settings["direct_uploads"])),
+                          workers=workers)
+    except ConfigError as exc:
+        raise settings.error("workers", str(exc)) from None
+    return store_config_from(settings, connections=connections)
+
+
 def push_config_from(
     settings: Settings, *, source: str | Path, destination: str,
     source_may_be_missing: bool = False,

@@ -29,10 +29,8 @@ from typing import Any, TextIO
 from ..config import (
     Destination,
     StoreConfig,
-    descriptors_needed,
-    ensure_open_files,
     parse_destination,
-    store_config_from,
+    store_config_for_workers,
 )
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError, TransientStoreError, first_error
 from ..names import printable
@@ -126,13 +124,7 @@ def pull_config_from(settings: Settings, source: str, destination: str | Path) -
     # Every worker's request, and the ranges the byte budget lets be in flight besides
     # (each range holds one chunk of it).
     connections = workers + min(workers * (part_concurrency - 1), max_memory // READ_CHUNK)
-    try:
-        ensure_open_files(descriptors_needed(workers, connections,
-                                             direct_uploads=settings["direct_uploads"]),
-                          workers=workers)
-    except ConfigError as exc:
-        raise settings.error("workers", str(exc)) from None
-    store = store_config_from(settings, connections=connections)
+    store = store_config_for_workers(settings, workers, connections)
     return PullConfig(
         source=src, destination=dest, store=store, workers=workers, max_memory=max_memory,
         range_size=range_size, part_concurrency=part_concurrency,

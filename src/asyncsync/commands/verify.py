@@ -32,16 +32,13 @@ from ..config import (
     PushConfig,
     check_destination_outside,
     default_state_dir,
-    descriptors_needed,
-    ensure_open_files,
     parse_destination,
-    store_config_from,
+    store_config_for_workers,
     validate_source,
 )
 from ..errors import (
     EXIT_OK,
     EXIT_SOME_FAILED,
-    ConfigError,
     FatalStoreError,
     ManifestError,
     NotFound,
@@ -99,13 +96,7 @@ def verify_config_from(settings: Settings, source: str | Path, destination: str)
     workers, max_memory, deep = settings["workers"], settings["max_memory"], settings["deep"]
     # A HEAD per worker; with --deep also every range the byte budget lets be in flight.
     connections = workers + (max_memory // range_size_for(max_memory) if deep else 0)
-    try:
-        ensure_open_files(descriptors_needed(workers, connections,
-                                             direct_uploads=settings["direct_uploads"]),
-                          workers=workers)
-    except ConfigError as exc:
-        raise settings.error("workers", str(exc)) from None
-    store = store_config_from(settings, connections=connections)
+    store = store_config_for_workers(settings, workers, connections)
     state_dir = (settings["state_dir"] or default_state_dir()).absolute()
     push = PushConfig(source=src, destination=dest, state_dir=state_dir, store=store,
                       include=settings["include"], exclude=settings["exclude"],
