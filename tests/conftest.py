@@ -155,16 +155,20 @@ def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Ser
         server.stop()
 
 
+def _serve(server: Any, kind: str) -> Iterator[S3Server]:
+    """Start one of tests/s3servers.py's processes for the session; stop it after."""
+    server.start()
+    try:
+        yield S3Server(server.endpoint, server.access_key, server.secret_key, kind)
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     from .s3servers import MotoServer
 
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
-    server.start()
-    try:
-        yield S3Server(server.endpoint, server.access_key, server.secret_key, "moto")
-    finally:
-        server.stop()
+    yield from _serve(MotoServer(tmp_path_factory.mktemp("moto")), "moto")
 
 
 @pytest.fixture(scope="session")
@@ -172,12 +176,8 @@ def s3rver_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server
     from .s3servers import S3rver
 
     server = S3rver(tmp_path_factory.mktemp("s3rver"))
-    server.start()
     S3RVER_DATA[server.endpoint] = server.data_dir / "data"
-    try:
-        yield S3Server(server.endpoint, server.access_key, server.secret_key, "s3rver")
-    finally:
-        server.stop()
+    yield from _serve(server, "s3rver")
 
 
 @pytest.fixture(scope="session")
