@@ -604,7 +604,9 @@ def test_get_object_retries_count_per_chunk(interrupted: Interruptions) -> None:
         interrupted.cut(100_000, 5)  # more drops than attempts, each after some progress
         assert await read(s, "k", chunk_size=16 * 1024) == data
         assert len(retries) == 5
-        assert interrupted.transferred() == len(data)
+        # At most: the proxy counts what it handed the kernel before each reset, and a
+        # server closing its connections (moto, s3rver) can leave a piece of that uncounted.
+        assert interrupted.transferred() <= len(data)
 
         retries.clear()
         interrupted.cut(0, 20)  # every request dies before its first byte
