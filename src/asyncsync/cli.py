@@ -151,6 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
     add_options(runs, "runs")
 
+    metrics = commands.add_parser(
+        "metrics", help="training metrics for Prometheus: export past runs as OpenMetrics",
+        description="Tools around asyncsync's Prometheus metrics.",
+    )
+    metrics_commands = metrics.add_subparsers(dest="metrics_command", metavar="COMMAND",
+                                              required=True, parser_class=_ArgumentParser)
+    export = metrics_commands.add_parser(
+        "export",
+        help="every run's results.csv as OpenMetrics, one sample per epoch (backfill)",
+        description="Read each run's results.csv under s3://BUCKET/PREFIX (or a local runs "
+        "tree) and write OpenMetrics with one sample per epoch, timestamped by the epoch's "
+        "end, for `promtool tsdb create-blocks-from openmetrics FILE DATA`.",
+        epilog=_LAYERS_EPILOG,
+    )
+    export.add_argument("source", metavar="SRC", help="s3://BUCKET[/PREFIX] or a local "
+                        "directory of runs")
+    export.add_argument("--run", dest="run_glob", metavar="GLOB", default=None,
+                        help="only the runs whose path matches GLOB (fnmatch, e.g. "
+                        "'detect/train*')")
+    export.add_argument("-o", "--output", metavar="FILE", default="-",
+                        help="where to write (default: stdout)")
+    add_options(export, "metrics-export")
+
     status = commands.add_parser(
         "status",
         help="what the local manifest knows: per source, destination and run",
@@ -241,6 +264,8 @@ def settings_of(args: argparse.Namespace) -> Settings:
     if isinstance(settings, Settings):
         return settings
     command = getattr(args, "subcommand", "push")
+    if command == "metrics":  # the option table names the subcommand: metrics-export
+        command = f"metrics-{args.metrics_command}"
     settings = resolve(command, flags=_given_flags(args, command), environ=os.environ,
                        file=_config_file(args))
     args.settings = settings
@@ -372,6 +397,14 @@ def run_runs_command(args: argparse.Namespace) -> int:
 
     config = runs_config_from(settings_of(args), args.destination)
     return _run_command(lambda: run_runs(config))
+
+
+def run_metrics_export_command(args: argparse.Namespace) -> int:
+    from .commands.metrics_export import export_config_from, run_export
+
+    config = export_config_from(settings_of(args), args.source, run_glob=args.run_glob,
+                                output=args.output)
+    return _run_command(lambda: run_export(config))
 
 
 def run_status_command(args: argparse.Namespace) -> int:
@@ -524,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_verify_command(args)
         if args.subcommand == "runs":
             return run_runs_command(args)
+        if args.subcommand == "metrics":
+            return run_metrics_export_command(args)
         if args.subcommand == "status":
             return run_status_command(args)
     except ConfigError as exc:

@@ -309,9 +309,11 @@ BORROWED: dict[str, frozenset[str]] = {
     },
     "runs": _STORE_OPTIONS | _OUTPUT | {"run_depth"},
     "status": _OUTPUT | {"state_dir"},
+    "metrics-export": _STORE_OPTIONS | {"quiet", "verbose", "run_depth"},
 }
 # Every command an option may name, besides the borrowing above.
-COMMANDS = ("push", "watch", "run", "attach", "doctor", "pull", "verify", "runs", "status")
+COMMANDS = ("push", "watch", "run", "attach", "doctor", "pull", "verify", "runs", "status",
+            "metrics-export")
 
 
 def options_for(command: str) -> tuple[Option, ...]:

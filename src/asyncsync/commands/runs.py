@@ -17,11 +17,8 @@ run whose record says running with no sign of life for `STALE_AFTER` is stale.
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import json
 import logging
-import math
 import re
 import sys
 import time
@@ -37,6 +34,7 @@ from ..names import printable
 from ..options import Settings
 from ..report import human_bytes
 from ..service.daemon import ABOVE_RUNS, run_of
+from ..service.training import number, parse_results
 from ..stores.protocol import ObjectInfo, ObjectStore
 from ..stores.session import StoreSession, store_opener
 from .record import RECORD_PATH
@@ -243,20 +241,6 @@ def find_runs(tree: Tree, records: list[Record], depth: int) -> tuple[list[Run],
 
 
 # -- what a run's objects say --------------------------------------------------------------
-
-
-def parse_results(text: str) -> list[dict[str, str]]:
-    """results.csv's rows, names and values stripped (ultralytics pads them with spaces)."""
-    rows = csv.DictReader(io.StringIO(text))
-    return [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k} for row in rows]
-
-
-def number(text: object) -> float | None:
-    try:
-        value = float(str(text))
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 def epochs_done(rows: list[dict[str, str]]) -> int:
