@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from asyncsync.config import PushConfig, WatchConfig, parse_destination
+from asyncsync.pipeline.events import Failure, FileOutcome, Status
 from asyncsync.service.daemon import ABOVE_RUNS, Daemon, RunStatus, run_depth_of, run_of
 
 # -- signals, through real processes ----------------------------------------------------------
@@ -388,21 +389,23 @@ def test_snapshot_per_run_pending_last_sync_and_failures(tmp_path: Path) -> None
     daemon = Daemon(watch_config(tmp_path, run_depth=2))
     for relative in ("detect/train2/weights/last.pt", "detect/train2/results.csv",
                      "detect/train/args.yaml", "detect/notes.txt", "README.md"):
-        daemon.pending(relative, 1)
+        daemon.pending(relative, 1, 1000)
     before = time.time()
-    daemon.uploaded("detect/train2/results.csv", 100, 0.01)
-    daemon.pending("detect/train2/results.csv", -1)
-    daemon.failed("detect/train2/weights/last.pt", "read")
-    daemon.failed("detect/train2/weights/last.pt", "store")
-    daemon.in_flight(1)
+    daemon.outcome(FileOutcome("detect/train2/results.csv", "k", Status.UPLOADED, "new", 100))
+    daemon.pending("detect/train2/results.csv", -1, 1000)
+    last = "detect/train2/weights/last.pt"
+    daemon.outcome(FileOutcome(last, "k", Status.FAILED, "new", 9, failure=Failure.READ))
+    daemon.outcome(FileOutcome(last, "k", Status.FAILED, "new", 9, failure=Failure.STORE,
+                               cause="throttled"))
+    daemon.in_flight(1, 1000)
 
     snapshot = daemon.snapshot()
     assert set(snapshot.runs) == {"detect/train2", "detect/train", ABOVE_RUNS}
     train2 = snapshot.runs["detect/train2"]
     assert (train2.pending, train2.failures) == (1, 2)
     assert train2.last_sync is not None and before <= train2.last_sync <= time.time()
-    assert snapshot.runs["detect/train"] == RunStatus(pending=1)
-    assert snapshot.runs[ABOVE_RUNS] == RunStatus(pending=2)
+    assert snapshot.runs["detect/train"] == RunStatus(pending=1, pending_bytes=1000)
+    assert snapshot.runs[ABOVE_RUNS] == RunStatus(pending=2, pending_bytes=2000)
     assert (snapshot.pending, snapshot.in_flight) == (4, 1)
 
     # Read-only, and a snapshot: later reports do not move it.
@@ -410,7 +413,7 @@ def test_snapshot_per_run_pending_last_sync_and_failures(tmp_path: Path) -> None
         snapshot.runs["x"] = RunStatus()  # type: ignore[index]
     with pytest.raises(dataclasses.FrozenInstanceError):
         train2.pending = 0  # type: ignore[misc]
-    daemon.pending("detect/train/args.yaml", -1)
+    daemon.pending("detect/train/args.yaml", -1, 1000)
     assert snapshot.runs["detect/train"].pending == 1
     # A run with nothing left to say leaves the map.
     assert "detect/train" not in daemon.snapshot().runs
@@ -424,7 +427,13 @@ def test_snapshot_per_run_pending_last_sync_and_failures(tmp_path: Path) -> None
              if name == "asyncsync_last_successful_sync_timestamp_seconds"}
     assert syncs == {"detect/train2": train2.last_sync}
     assert samples[("asyncsync_upload_failures_total", frozenset({("reason", "read")}))] == 1
-    assert samples[("asyncsync_files_uploaded_total", frozenset())] == 1
+    assert samples[("asyncsync_upload_failures_total",
+                    frozenset({("reason", "throttled")}))] == 1
+    assert samples[("asyncsync_files_uploaded_total", frozenset({("outcome", "new")}))] == 1
+    assert samples[("asyncsync_bytes_in_flight", frozenset())] == 1000
+    pending = {dict(labels)["run"]: value for (name, labels), value in samples.items()
+               if name == "asyncsync_run_bytes_pending"}
+    assert pending == {"detect/train2": 1000}  # the runs in sync say 0 once they were seen
 
 
 def test_readiness_is_read_from_the_snapshot(tmp_path: Path) -> None:

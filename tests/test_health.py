@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from asyncsync.errors import ConfigError
+from asyncsync.pipeline.events import FileOutcome, Status
 from asyncsync.service.health import HealthServer, parse_listen_address, public_reason
 from asyncsync.service.metrics import Metrics
 
@@ -146,7 +147,7 @@ def test_readyz_is_503_when_the_callback_raises(caplog: pytest.LogCaptureFixture
 
 def test_metrics_serves_the_exposition() -> None:
     metrics = Metrics()
-    metrics.uploaded(123, 0.01, "detect/train")
+    metrics.outcome(FileOutcome("detect/train/a", "a", Status.UPLOADED, "new", 123))
 
     async def main() -> None:
         async with HealthServer("127.0.0.1", 0, metrics, always_ready) as server:
@@ -158,11 +159,12 @@ def test_metrics_serves_the_exposition() -> None:
                 for family in text_string_to_metric_families(body)
                 for s in family.samples
             }
-            assert values["asyncsync_bytes_uploaded_total"] == 123
+            assert values["asyncsync_bytes_sent_total"] == 0
+            assert 'asyncsync_bytes_uploaded_total{outcome="new"} 123.0' in body
             # Served live, not a snapshot taken at start.
-            metrics.uploaded(7, 0.01, None)
+            metrics.outcome(FileOutcome("b", "b", Status.UPLOADED, "new", 7))
             _, _, body = await get(server, "/metrics")
-            assert "asyncsync_bytes_uploaded_total 130.0" in body
+            assert 'asyncsync_bytes_uploaded_total{outcome="new"} 130.0' in body
 
     asyncio.run(main())
 

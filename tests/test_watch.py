@@ -584,8 +584,9 @@ def test_metrics_run_label_is_the_run_directory_at_run_depth(
     s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """The `run` label of the last-sync timestamp is the run directory as --run-depth says
-    (`detect/train2`), not the top-level directory (`detect`); a file above the runs counts
-    for "." (and --run-depth needs no --delete-after to reach the daemon)."""
+    (`detect/train2`), not the top-level directory (`detect`); a file above the runs is in
+    no run and makes no series (and --run-depth needs no --delete-after to reach the
+    daemon)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     src = tmp_path / "runs"
@@ -610,6 +611,6 @@ def test_metrics_run_label_is_the_run_directory_at_run_depth(
             if sample.name == "asyncsync_last_successful_sync_timestamp_seconds"
         }
 
-    wait_for(lambda: run_labels() == {"detect/train2", "."}, 10, "the run labels")
+    wait_for(lambda: run_labels() == {"detect/train2"}, 10, "the run labels")
     assert http_get(port, "/readyz") == (200, "ready")
     assert daemon.stop() == 0, daemon.log

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import (
@@ -41,6 +41,10 @@ from .options import (
     options_for,
     resolve,
 )
+
+if TYPE_CHECKING:
+    # prometheus_client is imported only when push is asked for metrics.
+    from .service.metrics import Metrics
 
 log = logging.getLogger("asyncsync")
 
@@ -162,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="every run's results.csv as OpenMetrics, one sample per epoch (backfill)",
         description="Read each run's results.csv under s3://BUCKET/PREFIX (or a local runs "
         "tree) and write OpenMetrics with one sample per epoch, timestamped by the epoch's "
-        "end, for `promtool tsdb create-blocks-from openmetrics FILE DATA`.",
+        "end, for `promtool tsdb create-blocks-from openmetrics FILE DATA`. An epoch ends at "
+        "the run record's start plus results.csv's `time` column; without `time`, the epochs "
+        "are spread evenly from the record's start to its end; without a record, the last "
+        "ends at results.csv's LastModified (mtime) and those before it `time` apart, else "
+        "60 s apart. Exit 1 when some run could not be read or dated (a warning each).",
         epilog=_LAYERS_EPILOG,
     )
     export.add_argument("source", metavar="SRC", help="s3://BUCKET[/PREFIX] or a local "
@@ -340,20 +348,49 @@ def run_push_command(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty() and not args.json and not args.quiet,
     )
 
+    metrics = None
+    if config.metrics_textfile is not None or config.pushgateway is not None:
+        from .service.metrics import Metrics
+
+        metrics = Metrics(run_depth=config.run_depth, source=str(config.source))
+
     async def main() -> None:
         progress = asyncio.create_task(reporter.draw_progress())
         try:
-            await run_push(config, reporter)
+            await run_push(config, reporter, metrics)
         finally:
             progress.cancel()
 
     interrupted = _run_with_signals(main)
-    if interrupted:
-        reporter.finish(quiet=args.quiet)
-        log.error("interrupted: partial multipart uploads are kept; run again to resume")
-        return 128 + interrupted
     summary = reporter.finish(quiet=args.quiet)
-    return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
+    if interrupted:
+        log.error("interrupted: partial multipart uploads are kept; run again to resume")
+        code = 128 + interrupted
+    else:
+        code = EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
+    if metrics is not None:
+        export_push_metrics(config, metrics, code)
+    return code
+
+
+def export_push_metrics(config: PushConfig, metrics: Metrics, code: int) -> None:
+    """push's metrics, once it is over: to the textfile and/or the Pushgateway. A failure
+    is one error line; the upload's exit code stands (what was uploaded is uploaded)."""
+    import socket
+
+    metrics.finished(code)
+    if config.metrics_textfile is not None:
+        try:
+            metrics.write_textfile(str(config.metrics_textfile))
+        except OSError as exc:
+            log.error("--metrics-textfile %s: not written: %s", config.metrics_textfile,
+                      exc.strerror or exc)
+    if config.pushgateway is not None:
+        try:
+            metrics.push_to_gateway(config.pushgateway, "asyncsync-push", socket.gethostname())
+        except OSError as exc:  # urllib's URLError and HTTPError are OSErrors
+            log.error("--pushgateway %s: not pushed: %s", config.pushgateway,
+                      getattr(exc, "reason", None) or exc)
 
 
 def _run_command(main: Callable[[], Awaitable[int]]) -> int:

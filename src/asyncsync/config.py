@@ -213,6 +213,10 @@ class PushConfig:
     follow_symlinks: bool = False
     reconcile: bool = False
     dry_run: bool = False
+    # push's metrics, written when it ends (watch and run serve theirs instead).
+    metrics_textfile: Path | None = None
+    pushgateway: str | None = None
+    run_depth: int = 1  # what the metrics' run label names
 
 
 def validate_source(path: Path) -> Path:
@@ -330,6 +334,9 @@ class WatchConfig:
     # Runs are directories this many levels below SRC (runs/detect/train: 2): the unit of
     # cleanup, of the metrics' run label and of the daemon's per-run state.
     run_depth: int = 1
+    # Per-run series are bounded: in time (a run quiet this long loses them) and in number.
+    metrics_run_ttl: float = 24 * 3600.0
+    metrics_max_runs: int = 1000
 
 
 # -- from validated settings to the frozen configs ------------------------------------------
@@ -460,11 +467,18 @@ def push_config_from(
         verify_after_upload=settings["verify_after_upload"],
     )
     state_dir = settings["state_dir"] or default_state_dir()
+    textfile = settings.get("metrics_textfile")
+    if textfile is not None and not textfile.absolute().parent.is_dir():
+        # Found out now, not after an hour of uploads when the file cannot be written.
+        raise settings.error("metrics_textfile", f"--metrics-textfile {textfile}: the "
+                             "directory it would be written in does not exist")
     return PushConfig(
         source=src, destination=dest, state_dir=state_dir.absolute(), store=store,
         transfer=transfer, include=settings["include"], exclude=settings["exclude"],
         follow_symlinks=settings["follow_symlinks"],
         reconcile=settings.get("reconcile", False), dry_run=settings.get("dry_run", False),
+        metrics_textfile=settings.get("metrics_textfile"), pushgateway=settings.get("pushgateway"),
+        run_depth=settings.get("run_depth", 1),
     )
 
 
@@ -480,5 +494,6 @@ def watch_config_from(settings: Settings, *, source: str | Path, destination: st
         checkpoint_globs=settings["checkpoint_glob"], history_globs=settings["history_glob"],
         grace=settings["grace"], metrics_addr=settings["metrics_addr"],
         low_priority=settings["low_priority"], cleanup=cleanup,
-        run_depth=settings["run_depth"],
+        run_depth=settings["run_depth"], metrics_run_ttl=settings["metrics_run_ttl"],
+        metrics_max_runs=settings["metrics_max_runs"],
     )

@@ -98,6 +98,32 @@ class SourceNotRegular(AsyncsyncError):
     alone; the caller names the file."""
 
 
+# The store's error codes for "slow down": the answer to load, not a fault.
+_THROTTLE_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
+    "RequestLimitExceeded", "429",
+})
+
+
+def store_cause(exc: BaseException) -> str:
+    """The class of a store failure, for the ``reason`` label of the failure and retry
+    metrics: throttled, server (a 5xx answer), network (no answer: refused, reset, timed
+    out), auth (credentials or permissions), integrity (the body was damaged on the way),
+    or other. A fixed, small set, whatever the store sends."""
+    if isinstance(exc, BadDigest):
+        return "integrity"
+    code = exc.code if isinstance(exc, StoreError) else ""
+    if code in _THROTTLE_CODES:
+        return "throttled"
+    if isinstance(exc, FatalStoreError):
+        return "auth" if code != "NoSuchBucket" else "other"
+    if isinstance(exc, TransientStoreError):
+        return "network" if not code else "server"
+    if isinstance(exc, EndpointUnreachable):
+        return "network"
+    return "other"
+
+
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error that made a task group fail, not the cancellations it caused."""
     for exc in group.exceptions:

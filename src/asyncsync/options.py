@@ -258,8 +258,22 @@ OPTIONS: tuple[Option, ...] = (
            metavar="SECONDS"),
     # -- daemon ---------------------------------------------------------------------------
     Option("metrics_addr", Kind.ADDRESS, WatchConfig.metrics_addr,
-           "serve /healthz, /readyz and /metrics here (e.g. :9100)", _DAEMON, "daemon",
-           metavar="HOST:PORT", default_text="off"),
+           "serve /healthz, /readyz and /metrics here (e.g. :9100)", _DAEMON | {"attach"},
+           "metrics", metavar="HOST:PORT", default_text="off"),
+    Option("metrics_textfile", Kind.PATH, None,
+           "when done, write the metrics here in node_exporter's textfile format "
+           "(atomically: a temp file, then a rename)", _PUSH, "metrics", metavar="PATH",
+           default_text="off"),
+    Option("pushgateway", Kind.URL, None,
+           "when done, push the metrics to this Prometheus Pushgateway (job asyncsync-push, "
+           "instance = this host)", _PUSH, "metrics", metavar="URL", default_text="off"),
+    Option("metrics_run_ttl", Kind.DURATION, WatchConfig.metrics_run_ttl,
+           "drop a run's series once nothing of it was seen this long (e.g. 24h)",
+           _DAEMON | {"attach"}, "metrics", metavar="DURATION"),
+    Option("metrics_max_runs", Kind.INT, WatchConfig.metrics_max_runs,
+           "at most this many runs have series; more are counted in "
+           "asyncsync_metrics_dropped_total", _DAEMON | {"attach"}, "metrics", metavar="N",
+           minimum=1),
     Option("low_priority", Kind.FLAG, WatchConfig.low_priority,
            "run at low CPU and idle I/O priority, so training comes first", _DAEMON, "daemon"),
     Option("log_format", Kind.CHOICE, "text",
@@ -281,7 +295,8 @@ OPTIONS: tuple[Option, ...] = (
            "local cleanup (off by default)"),
     Option("run_depth", Kind.INT, WatchConfig.run_depth,
            "runs are directories N levels below SRC (runs/detect/train is 2): the unit of "
-           "cleanup and of the per-run metrics", _DAEMON, "daemon", metavar="N", minimum=1),
+           "cleanup and of the per-run metrics", _DAEMON | _PUSH, "daemon", metavar="N",
+           minimum=1),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}

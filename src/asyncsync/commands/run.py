@@ -124,6 +124,7 @@ async def _supervise(
         except OSError as exc:
             raise AsyncsyncError(f"cannot start {command[0]!r}: {exc.strerror or exc}") from exc
         daemon.signals.started(child.pid)
+    daemon.metrics.training_status = "running"
     watching = asyncio.create_task(watch(config, daemon, pipeline))
     await record.write(pid=child.pid)
     unsent = 0
@@ -135,8 +136,9 @@ async def _supervise(
             unsent = await watching
         finally:
             code = exit_code_of(child.returncode if child.returncode is not None else -9)
-            await record.write(status="finished" if code == 0 else "crashed", ended=now_iso(),
-                               exit_code=code, unsent=unsent)
+            status = "finished" if code == 0 else "crashed"
+            daemon.metrics.training_ended(status)
+            await record.write(status=status, ended=now_iso(), exit_code=code, unsent=unsent)
     log.info("training exited with %d", exit_code_of(returncode))
     if returncode == 0 and unsent:
         log.error("the training succeeded but %d file(s) could not be uploaded", unsent)

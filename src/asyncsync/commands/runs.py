@@ -105,6 +105,7 @@ class Directory:
     bytes: int = 0
     newest: float | None = None  # the newest LastModified, where the listing reports it
     results: str | None = None  # the key of its results.csv
+    results_modified: float | None = None  # its results.csv's LastModified, where listed
     args: str | None = None  # the key of its args.yaml
 
 
@@ -134,7 +135,7 @@ class Tree:
         if modified is not None and (found.newest is None or modified > found.newest):
             found.newest = modified
         if name == RESULTS:
-            found.results = info.key
+            found.results, found.results_modified = info.key, modified
         elif name == ARGS:
             found.args = info.key
 
@@ -148,12 +149,22 @@ class Run:
     bytes: int = 0
     newest: float | None = None  # the newest LastModified among its objects, where listed
     results: str | None = None  # the key of its results.csv
+    results_modified: float | None = None  # its results.csv's LastModified, where listed
     args: str | None = None  # the key of its args.yaml
     weights: bool = False
 
     @property
     def marked(self) -> bool:
         return bool(self.results or self.args or self.weights)
+
+    @property
+    def fields(self) -> dict[str, Any] | None:
+        """What the records say of the run as a whole (status, host, times): its own record,
+        else the record of the directory `asyncsync run` watched above it."""
+        for record in (self.record, self.parent):
+            if record is not None:
+                return record.fields
+        return None
 
     def add(self, directory: Directory, inside: str) -> None:
         """The objects of one of its directories (``inside``: its path within the run)."""
@@ -164,6 +175,7 @@ class Run:
             self.newest = directory.newest
         if not inside:
             self.results, self.args = directory.results, directory.args
+            self.results_modified = directory.results_modified
         elif inside == WEIGHTS or inside.startswith(WEIGHTS + "/"):
             self.weights = True
 
@@ -310,7 +322,7 @@ def describe_run(run: Run, rows: list[dict[str, str]] | None, planned: int | Non
     results.csv as read from the bucket; ``planned``: the epochs its args.yaml plans."""
     own = run.record.fields if run.record is not None else None
     parent = run.parent.fields if run.parent is not None else None
-    fields = own if own is not None else parent
+    fields = run.fields
     # The epochs and last metrics a record holds: attach()'s record of the run itself, or
     # `asyncsync run`'s entry for this directory (as it stood when that record was written).
     progress: dict[str, Any] = {}
@@ -365,39 +377,58 @@ def describe_run(run: Run, rows: list[dict[str, str]] | None, planned: int | Non
 # -- reading the bucket --------------------------------------------------------------------
 
 
-async def read_text(store: ObjectStore, key: str) -> str | None:
-    """A small object's text (a gzip body decoded), or None if it cannot be read: gone since
-    the listing, unreadable, or larger than MAX_BODY (said once, as a warning)."""
+class Unreadable(Exception):
+    """Why a small object could not be read (the message says it, without the key)."""
+
+    def __init__(self, reason: str, *, gone: bool = False) -> None:
+        super().__init__(reason)
+        self.gone = gone  # not found: deleted since the listing
+
+
+async def read_body(store: ObjectStore, key: str) -> str:
+    """A small object's text (a gzip body decoded); Unreadable if it is gone since the
+    listing, cannot be read, or is larger than MAX_BODY."""
     try:
         async with store.get_object(key) as body:
             chunks, size = [], 0
             async for chunk in body:
                 size += len(chunk)
                 if size > MAX_BODY:
-                    log.warning("%s: larger than %d bytes: not read", printable(key), MAX_BODY)
-                    return None
+                    raise Unreadable(f"larger than {MAX_BODY} bytes: not read")
                 chunks.append(chunk)
             encoding = (body.info.content_encoding or "").lower()
     except NotFound:
-        return None
+        raise Unreadable("gone since the listing", gone=True) from None
     except StoreError as exc:
-        log.warning("%s: not read: %s", printable(key), exc)
-        return None
+        raise Unreadable(f"not read: {exc}") from None
     data = b"".join(chunks)
     if encoding == "gzip":
         try:
             decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
             data = decoder.decompress(data, MAX_BODY)
         except zlib.error as exc:
-            log.warning("%s: its gzip body does not decode (%s): not read", printable(key), exc)
-            return None
+            raise Unreadable(f"its gzip body does not decode ({exc}): not read") from None
     return data.decode(errors="replace")
+
+
+async def read_text(store: ObjectStore, key: str) -> str | None:
+    """`read_body`, or None if the object cannot be read (said once, as a warning; an object
+    gone since the listing is not worth one)."""
+    try:
+        return await read_body(store, key)
+    except Unreadable as exc:
+        if not exc.gone:
+            log.warning("%s: %s", printable(key), exc)
+        return None
 
 
 async def read_record(store: ObjectStore, key: str, directory: str) -> Record | None:
     text = await read_text(store, key)
-    if text is None:
-        return None
+    return None if text is None else record_of(key, directory, text)
+
+
+def record_of(key: str, directory: str, text: str) -> Record | None:
+    """The run record of this text, or None (said as a warning) if it is not one."""
     try:
         fields = json.loads(text)
     except ValueError:
@@ -431,10 +462,11 @@ async def bounded(read: Callable[[str], Awaitable[T]], keys: list[str | None]) -
     return [tasks[index].result() if index in tasks else None for index in range(len(keys))]
 
 
-async def list_runs(config: RunsConfig, store: ObjectStore,
-                    now: float | None = None) -> list[dict[str, Any]]:
-    """Every run under the destination, described (see `describe_run`)."""
-    prefix = config.destination.prefix
+async def discover_runs(store: ObjectStore, destination: Destination,
+                        depth: int) -> list[Run]:
+    """The runs under the destination, with their records: one listing, then the records
+    read (`find_runs`)."""
+    prefix = destination.prefix
     base = f"{prefix}/" if prefix else ""
     tree = Tree()
     async for info in store.list_objects(base):
@@ -443,14 +475,28 @@ async def list_runs(config: RunsConfig, store: ObjectStore,
     async def record(key: str) -> Record | None:
         return await read_record(store, key, tree.records[key])
 
+    records = [found for found in await bounded(record, list(tree.records)) if found]
+    return runs_found(tree, records, depth, destination.url)
+
+
+def runs_found(tree: Tree, records: list[Record], depth: int, where: str) -> list[Run]:
+    """`find_runs`, the results.csv it finds in no run said as a warning (a hint to fix
+    --run-depth)."""
+    runs, lost = find_runs(tree, records, depth)
+    if lost:
+        log.warning("%s: in no run %d level(s) below %s (see --run-depth)", printable(lost[0]),
+                    depth, printable(where))
+    return runs
+
+
+async def list_runs(config: RunsConfig, store: ObjectStore,
+                    now: float | None = None) -> list[dict[str, Any]]:
+    """Every run under the destination, described (see `describe_run`)."""
+    runs = await discover_runs(store, config.destination, config.run_depth)
+
     async def text(key: str) -> str | None:
         return await read_text(store, key)
 
-    records = [found for found in await bounded(record, list(tree.records)) if found]
-    runs, lost = find_runs(tree, records, config.run_depth)
-    if lost:
-        log.warning("%s: in no run %d level(s) below %s (see --run-depth)", printable(lost[0]),
-                    config.run_depth, printable(config.destination.url))
     results = await bounded(text, [run.results for run in runs])
     args = await bounded(text, [None if _planned_by_record(run) else run.args for run in runs])
     moment = time.time() if now is None else now
@@ -509,16 +555,20 @@ def table(described: list[dict[str, Any]]) -> list[str]:
             .rstrip() for line in lines]
 
 
-async def run_runs(config: RunsConfig, out: TextIO | None = None) -> int:
-    """List the runs; 0. A missing bucket or refused credentials raise ConfigError (exit 2),
-    a store that never answers EndpointUnreachable (exit 1)."""
-    stream = out or sys.stdout
+def reading_session(destination: Destination, store: StoreConfig) -> StoreSession:
+    """The store session of a command that only reads the bucket: its retries said at -v."""
 
     def retried(exc: TransientStoreError, attempt: int, pause: float) -> None:
         log.info("retry %d in %.2fs: %s", attempt, pause, printable(str(exc)))
 
-    session = StoreSession(store_opener(config.destination, config.store, retried),
-                           config.store.max_attempts)
+    return StoreSession(store_opener(destination, store, retried), store.max_attempts)
+
+
+async def run_runs(config: RunsConfig, out: TextIO | None = None) -> int:
+    """List the runs; 0. A missing bucket or refused credentials raise ConfigError (exit 2),
+    a store that never answers EndpointUnreachable (exit 1)."""
+    stream = out or sys.stdout
+    session = reading_session(config.destination, config.store)
     try:
         described = await list_runs(config, await session.get())
     finally:

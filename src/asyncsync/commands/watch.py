@@ -107,6 +107,7 @@ class WatchService:
         self._next_cleanup = time.time() + self._cleanup_every
 
     async def start(self) -> None:
+        self.daemon.metrics.watch_pipeline(self.pipeline)
         if await self._check_store_at_start():
             await self._abort_orphans()
         if self.config.events:
@@ -214,7 +215,12 @@ class WatchService:
             )
         except (StoreError, EndpointUnreachable, OSError) as exc:
             log.warning("cleanup skipped this time: %s", exc)
+            self.daemon.cleanup_failed()
             return
         for decision in decisions:
             if decision.action == "deleted":
                 self.daemon.deleted()
+            elif decision.action == "kept" and decision.reason.startswith("cannot "):
+                # Kept because it could not be read or deleted, not by the policy: a disk
+                # that cleanup cannot free fills up (the cleanup-failing alert).
+                self.daemon.cleanup_failed()

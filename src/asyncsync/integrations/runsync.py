@@ -23,13 +23,13 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..commands.record import RECORD_PATH, RunRecord, now_iso, read_results
 from ..config import PushConfig
 from ..errors import AsyncsyncError, TransientStoreError
 from ..names import PrintableFormatter
-from ..pipeline.events import FileOutcome, Status
+from ..pipeline.events import Events, Fanout, FileOutcome, Status
 from ..pipeline.keys import InvalidKey, object_key
 from ..pipeline.mirror import mirror
 from ..pipeline.plan import Action, plan_file
@@ -38,6 +38,10 @@ from ..pipeline.session import Pipeline
 from ..pipeline.source import SourceRoot
 from ..report import Reporter
 from .staging import CheckpointStaging
+
+if TYPE_CHECKING:
+    from ..service.health import HealthServer
+    from ..service.metrics import Metrics
 
 log = logging.getLogger("asyncsync.training")
 
@@ -152,12 +156,13 @@ class RunSync:
     def __init__(
         self, template: PushConfig, run_dir: Path, weights_dir: Path, *, flush_timeout: float,
         epochs_planned: int | None, background_writers: BackgroundWriters,
-        checkpoint_interval: float = 0.0,
+        checkpoint_interval: float = 0.0, metrics_addr: tuple[str, int] | None = None,
     ) -> None:
         """``background_writers``: the threads the framework runs that may still be writing
         into the run directory (ultralytics' plotting threads); passes wait for them.
         ``checkpoint_interval``: a checkpoint is snapshotted at most once per this many
-        seconds (0: every time it changes); the final flush sends the last one anyway."""
+        seconds (0: every time it changes); the final flush sends the last one anyway.
+        ``metrics_addr``: serve /metrics (and /healthz, /readyz) there while the run lasts."""
         _ensure_visible_logging()
         self.run_dir = run_dir.resolve()
         self.weights_dir = weights_dir.resolve()
@@ -184,6 +189,18 @@ class RunSync:
         self._deadline: float | None = None
         self._flush_started = 0.0
         self.tally = _RunTally(self._warn_once)
+        self.metrics_addr = metrics_addr
+        self.metrics: Metrics | None = None
+        self.events: Events = self.tally
+        if metrics_addr is not None:
+            from ..service.metrics import Metrics
+
+            # Every file of this pipeline belongs to the one run: its directory's name, as
+            # its prefix in the bucket is named.
+            self.metrics = Metrics(daemon=True, source=str(self.run_dir), run=self.run_dir.name)
+            self.metrics.training_status = "running"
+            self.events = Fanout((self.tally, self.metrics))
+        self._health: HealthServer | None = None
         self._warned: set[str] = set()
         # Why the last pass stopped short (no bucket, store away), until one goes through.
         self.problem: str | None = None
@@ -308,8 +325,16 @@ class RunSync:
         self._stages = contextlib.AsyncExitStack()
         # A daemon's pipeline: a store that is away for an epoch is tried again at the next.
         self.pipeline = await self._stages.enter_async_context(
-            Pipeline.open(config, self.tally, daemon=True)
+            Pipeline.open(config, self.events, daemon=True)
         )
+        if self.metrics is not None and self.metrics_addr is not None:
+            from ..service.health import HealthServer
+
+            self.metrics.watch_pipeline(self.pipeline)
+            host, port = self.metrics_addr
+            self._health = HealthServer(host, port, self.metrics, self._readiness)
+            await self._health.start()
+            self._stages.push_async_callback(self._health.stop)
         self.manifest, self.session = self.pipeline.manifest, self.pipeline.session
         self.scope, self.uploader = self.pipeline.scope, self.pipeline.uploader
         self.lock = asyncio.Lock()  # one tree sync (and record write) at a time
@@ -375,7 +400,7 @@ class RunSync:
             self.tally.unsent.pop(item.relative, None)
             return None
         outcome = await self.uploader.sync(item, key, decision)
-        self.tally.outcome(outcome)
+        self.events.outcome(outcome)
         return outcome
 
     async def _sync_epoch(self, plotting: list[threading.Thread]) -> None:
@@ -421,7 +446,15 @@ class RunSync:
             fields.update(read_results(results, self.run_dir))
         await self.record.write(**fields)
 
+    def _readiness(self) -> tuple[bool, str]:
+        # Words `health.PUBLIC_REASONS` knows, so a public address may say which part failed.
+        if self.problem:
+            return False, f"store unreachable: {self.problem}"
+        return True, "ready"
+
     async def _finish(self, fields: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.training_ended(fields["status"])
         try:
             async with self.lock:
                 await self._write_record(**fields)

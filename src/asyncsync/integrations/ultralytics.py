@@ -86,6 +86,7 @@ class AttachSettings(NamedTuple):
     push: PushConfig
     flush_timeout: float
     checkpoint_interval: float
+    metrics_addr: tuple[str, int] | None = None  # /metrics, /healthz, /readyz while training
 
 
 def settings_from(destination: str, options: dict[str, Any]) -> AttachSettings:
@@ -104,11 +105,12 @@ def settings_from(destination: str, options: dict[str, Any]) -> AttachSettings:
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(f"attach(): {name}={value!r} must be a whole number of at least "
                               f"{minimum:g}")
-    config = push_config_from(from_mapping("attach", options), source=".",
-                              destination=destination, source_may_be_missing=True)
+    settings = from_mapping("attach", options)
+    config = push_config_from(settings, source=".", destination=destination,
+                              source_may_be_missing=True)
     # The state directory is resolved now: a DDP worker may start in another directory.
     return AttachSettings(replace(config, state_dir=config.state_dir.resolve()),
-                          flush_timeout, checkpoint_interval)
+                          flush_timeout, checkpoint_interval, settings["metrics_addr"])
 
 
 def _seconds(options: dict[str, Any], name: str, default: float, *, zero: bool) -> float:
@@ -200,6 +202,7 @@ class UltralyticsSync:
                     checkpoint_interval=self._settings.checkpoint_interval,
                     epochs_planned=getattr(trainer, "epochs", None),
                     background_writers=plotting_threads,
+                    metrics_addr=self._settings.metrics_addr,
                 )
             except Exception:
                 self._disabled_for = run_dir  # one warning per run, not one per callback

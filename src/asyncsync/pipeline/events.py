@@ -55,6 +55,20 @@ class FileOutcome:
     failure: Failure | None = None  # set when failed
     # What was read (uploaded) or verified (unchanged): the identity the manifest now holds.
     identity: FileIdentity | None = None
+    # An upload's duration, from the first read to the store's acknowledgement.
+    seconds: float = 0.0
+    # A store failure's class (`errors.store_cause`: throttled, server, network, auth...).
+    cause: str = ""
+    # Reads refused because the file changed under them (each one was read again).
+    torn_reads: int = 0
+
+    @property
+    def failure_reason(self) -> str:
+        """The reason label of the failure metric: the store failure's class, else the
+        failure itself (read, changed, key)."""
+        if self.failure is Failure.STORE:
+            return self.cause or "other"
+        return self.failure.value if self.failure is not None else "other"
 
 
 class Events(Protocol):

@@ -446,6 +446,11 @@ class Manifest:
 
     # -- multipart uploads in progress ---------------------------------------------------
 
+    def count_objects(self) -> int:
+        """Rows of every scope (the manifest_rows gauge; a count of the key index)."""
+        row = self._fetchone("SELECT count(*) FROM objects", ())
+        return int(row[0]) if row else 0
+
     def pending_upload(self, scope: Scope, key: str) -> PendingUpload | None:
         row = self._fetchone(
             "SELECT key, upload_id, source, size, mtime_ns, inode, digest, part_size,"

@@ -27,7 +27,13 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from ..config import WatchConfig
-from ..errors import EndpointUnreachable, FatalStoreError, ManifestError, StoreError
+from ..errors import (
+    EndpointUnreachable,
+    FatalStoreError,
+    ManifestError,
+    StoreError,
+    store_cause,
+)
 from ..stores.protocol import ObjectStore
 from .events import Failure, FileOutcome, Status
 from .keys import InvalidKey, PathFilter, object_key
@@ -48,18 +54,20 @@ class QueueObserver(Protocol):
     """What the queue reports; files are named by their path relative to SRC. Called on the
     event loop's thread; must return quickly."""
 
-    def pending(self, relative: str, delta: int) -> None:
-        """The file joined (+1) or left (-1) the files out of sync with the bucket."""
+    def pending(self, relative: str, delta: int, nbytes: int) -> None:
+        """The file (of ``nbytes``) joined (+1) or left (-1) the files out of sync."""
 
-    def uploaded(self, relative: str, nbytes: int, seconds: float) -> None: ...
+    def outcome(self, outcome: FileOutcome) -> None:
+        """An upload ended: uploaded, unchanged or failed."""
 
-    def unchanged(self, relative: str) -> None: ...
+    def torn(self, reads: int) -> None:
+        """Reads refused because the file changed under them (it waits to settle again)."""
 
-    def failed(self, relative: str, reason: str) -> None:
-        """An upload failed; ``reason`` is a `Failure` value, or "other"."""
+    def history_copied(self) -> None:
+        """The previous version of an append-only file was kept before it was overwritten."""
 
-    def in_flight(self, n: int) -> None:
-        """Uploads running now."""
+    def in_flight(self, n: int, nbytes: int) -> None:
+        """Uploads running now, and the bytes of their files."""
 
     def store_reachable(self, ok: bool, problem: str = "") -> None: ...
 
@@ -90,9 +98,10 @@ class SyncQueue:
         # A directory appeared (its files may predate its inotify watch): scan it all.
         self.rescan_requested = False
         self._in_flight: dict[str, asyncio.Task[None]] = {}
-        # The files counted as pending (key -> relative path), kept in step with the tracker
-        # so that the observer's per-run tallies move by one file, never by a recount.
-        self._counted: dict[str, str] = {}
+        self._in_flight_bytes: dict[str, int] = {}
+        # The files counted as pending (key -> relative path and size), kept in step with the
+        # tracker so that the observer's per-run tallies move by one file, never by a recount.
+        self._counted: dict[str, tuple[str, int]] = {}
         self._reported: set[str] = set()
         self._stat_cache = StatCache()
 
@@ -180,8 +189,8 @@ class SyncQueue:
             self.tracker.remember_sent(key, record.uploaded_at)
         self.tracker.observe(key, item, now)
         if key not in self._counted:
-            self._counted[key] = item.relative
-            self.observer.pending(item.relative, 1)
+            self._counted[key] = (item.relative, item.size)
+            self.observer.pending(item.relative, 1, item.size)
 
     def _forget(self, key: str) -> None:
         self.tracker.forget(key)
@@ -189,8 +198,8 @@ class SyncQueue:
 
     def _uncount(self, key: str) -> None:
         """After the tracker may have let ``key`` go: move the pending tally with it."""
-        if key not in self.tracker and (relative := self._counted.pop(key, None)) is not None:
-            self.observer.pending(relative, -1)
+        if key not in self.tracker and (counted := self._counted.pop(key, None)) is not None:
+            self.observer.pending(counted[0], -1, counted[1])
 
     def _report_once(self, relative: str, message: str, failed: bool) -> None:
         """Scans repeat every few seconds: say each problem once, not every time."""
@@ -223,7 +232,11 @@ class SyncQueue:
                     continue
                 tries[key] = tries.get(key, 0) + 1
             self._in_flight[key] = asyncio.create_task(self._upload(key, candidate.scanned))
-        self.observer.in_flight(len(self._in_flight))
+            self._in_flight_bytes[key] = candidate.scanned.size
+        self._report_in_flight()
+
+    def _report_in_flight(self) -> None:
+        self.observer.in_flight(len(self._in_flight), sum(self._in_flight_bytes.values()))
 
     # -- upload -------------------------------------------------------------------------------
 
@@ -245,7 +258,10 @@ class SyncQueue:
         except (FatalStoreError, EndpointUnreachable, StoreError) as exc:
             self.observer.store_reachable(False, str(exc))
             log.error("%s: %s; will retry", scanned.relative, exc)
-            self.observer.failed(scanned.relative, Failure.STORE)
+            self.observer.outcome(FileOutcome(
+                scanned.relative, key, Status.FAILED, "store", scanned.size, error=str(exc),
+                failure=Failure.STORE, cause=store_cause(exc),
+            ))
             self.tracker.failed(key, time.time())
             return
         except ManifestError as exc:
@@ -254,7 +270,8 @@ class SyncQueue:
             return
         finally:
             self._in_flight.pop(key, None)
-            self.observer.in_flight(len(self._in_flight))
+            self._in_flight_bytes.pop(key, None)
+            self._report_in_flight()
             self.observer.wake()
         self._handle(key, scanned, outcome, time.monotonic() - started)
 
@@ -271,6 +288,7 @@ class SyncQueue:
             return
         store = await self.store()
         await store.copy_object(record.key, target)
+        self.observer.history_copied()
         log.info("kept the previous %s as %s before overwriting it", record.key, target)
 
     # -- handle -------------------------------------------------------------------------------
@@ -281,13 +299,12 @@ class SyncQueue:
         now = time.time()
         identity = (scanned.size, scanned.mtime_ns, scanned.inode)
         if outcome.status in (Status.UPLOADED, Status.UNCHANGED):
+            self.observer.outcome(outcome)
             if outcome.status is Status.UPLOADED:
                 self.observer.store_reachable(True)
-                self.observer.uploaded(outcome.relative, outcome.bytes_sent, seconds)
                 log.info("uploaded %s -> %s (%d bytes, %s, %.2fs)", outcome.relative, key,
                          outcome.size, outcome.reason, seconds)
             else:
-                self.observer.unchanged(outcome.relative)
                 log.info("unchanged %s (same content)", outcome.relative)
             # The identity the uploader actually read (what the manifest now holds).
             read = outcome.identity
@@ -304,10 +321,12 @@ class SyncQueue:
             (log.info if outcome.reason == "vanished" else log.warning)(
                 "%s: %s", outcome.relative, outcome.reason)
         elif outcome.failure is Failure.CHANGED:
+            # Not a failure here: the file is still being written, and waits to settle.
+            self.observer.torn(outcome.torn_reads)
             self.tracker.unsettle(key, now)
             log.info("%s: changed while uploading; waiting for it to settle", outcome.relative)
         else:
-            self.observer.failed(outcome.relative, outcome.failure or "other")
+            self.observer.outcome(outcome)
             if outcome.failure is Failure.STORE:
                 self.observer.store_reachable(False, outcome.error or "store error")
             self.tracker.failed(key, now)
@@ -350,4 +369,5 @@ class SyncQueue:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._in_flight.clear()
-        self.observer.in_flight(0)
+        self._in_flight_bytes.clear()
+        self._report_in_flight()

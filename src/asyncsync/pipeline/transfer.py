@@ -28,6 +28,7 @@ from ..errors import (
     SourceNotRegular,
     SourceVanished,
     StoreError,
+    store_cause,
 )
 from ..stores.protocol import META_DIGEST, META_SIZE, ObjectAttributes, ObjectStore
 from .budget import ByteBudget
@@ -93,6 +94,11 @@ class Uploader:
             thread_name_prefix="asyncsync-io",
         )
 
+    @property
+    def budget(self) -> ByteBudget:
+        """The byte budget of the bodies in memory (read by the metrics)."""
+        return self._budget
+
     def _gzip_dir(self) -> Path:
         """The temp directory, made on first need by the uploader itself (watch once forgot
         to make it, and every large compressible file failed with "cannot read")."""
@@ -114,7 +120,10 @@ class Uploader:
         """Upload one file (or prove it unchanged). Per-file problems become a failed
         outcome (kept in the manifest until the file goes up: `asyncsync status` counts
         them); fatal store errors and manifest errors propagate and stop the run."""
+        started = time.monotonic()
         outcome = await self._sync(scanned, key, decision)
+        if outcome.status is Status.UPLOADED:
+            outcome = replace(outcome, seconds=time.monotonic() - started)
         if self._dry_run:
             return outcome
         if outcome.status is Status.FAILED:
@@ -128,12 +137,13 @@ class Uploader:
     async def _sync(self, scanned: ScannedFile, key: str, decision: Decision) -> FileOutcome:
         for attempt in range(self._config.changed_retries + 1):
             try:
-                return await self._sync_once(scanned, key, decision)
+                outcome = await self._sync_once(scanned, key, decision)
+                return replace(outcome, torn_reads=attempt) if attempt else outcome
             except SourceChanged as exc:
                 if attempt == self._config.changed_retries:
-                    return self._failed(
+                    return replace(self._failed(
                         scanned, key, decision, f"{exc}; not published", failure=Failure.CHANGED
-                    )
+                    ), torn_reads=attempt + 1)
                 log.info("%s: changed while uploading, reading it again", scanned.relative)
                 await asyncio.sleep(min(0.2 * (attempt + 1), 2.0))
                 try:
@@ -155,7 +165,10 @@ class Uploader:
             except (FatalStoreError, ManifestError):
                 raise
             except StoreError as exc:
-                return self._failed(scanned, key, decision, str(exc), failure=Failure.STORE)
+                return replace(
+                    self._failed(scanned, key, decision, str(exc), failure=Failure.STORE),
+                    cause=store_cause(exc),
+                )
             except OSError as exc:
                 reason = exc.strerror or type(exc).__name__
                 return self._failed(

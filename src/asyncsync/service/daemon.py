@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..config import WatchConfig
 from ..errors import TransientStoreError
-from ..pipeline.events import NoEvents
+from ..pipeline.events import FileOutcome, NoEvents, Status
 
 if TYPE_CHECKING:
     # Imported only where a Daemon uses them: push takes its `Signals` from here, and aiohttp.web
@@ -146,6 +146,7 @@ class RunStatus:
     """One run directory as the daemon sees it."""
 
     pending: int = 0  # files out of sync with the bucket, uploading ones included
+    pending_bytes: int = 0  # their sizes as last seen
     last_sync: float | None = None  # Unix time of the last upload of one of its files
     failures: int = 0  # failed uploads since the daemon started
 
@@ -187,15 +188,19 @@ class Service(Protocol):
         """Stop; with ``flush``, send what is still out of sync first."""
 
 
-class _RetryEvents(NoEvents):
-    """What the daemon takes from the pipeline's events rather than from its work: retries."""
+class _StoreEvents(NoEvents):
+    """What the daemon takes from the pipeline's events rather than from its work: the
+    store's retries and the bytes it sent (the outcomes come through the queue)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
     def retried(self, exc: TransientStoreError, attempt: int, pause: float) -> None:
-        self._metrics.retried()
+        self._metrics.retried(exc, attempt, pause)
         log.debug("retry %d in %.2fs: %s", attempt, pause, exc)
+
+    def sent(self, nbytes: int) -> None:
+        self._metrics.sent(nbytes)
 
 
 class Daemon:
@@ -210,8 +215,11 @@ class Daemon:
         from .metrics import Metrics
 
         self.config = config
-        self.metrics = metrics or Metrics()
-        self.events = _RetryEvents(self.metrics)  # the `Events` sink for `Pipeline.open`
+        self.metrics = metrics or Metrics(
+            run_depth=config.run_depth, daemon=True, source=str(config.push.source),
+            run_ttl=config.metrics_run_ttl, max_runs=config.metrics_max_runs,
+        )
+        self.events = _StoreEvents(self.metrics)  # the `Events` sink for `Pipeline.open`
         self.signals = Signals(drain or self._stop_on_signal)
         self.run_depth = run_depth_of(config)
         self._stopping = asyncio.Event()
@@ -221,10 +229,13 @@ class Daemon:
         # The state: written by the report methods below, read only through snapshot().
         self._runs: dict[str, RunStatus] = {}
         self._in_flight = 0
+        self._in_flight_bytes = 0
         self._store_up: bool | None = None
         self._store_problem = "store not contacted yet"
         self._manifest_open = False
-        self._exported_syncs: dict[str, float] = {}  # the last-sync gauges as last set
+        # The per-run gauges as last set: only what moved is set again on a tick.
+        self._exported_syncs: dict[str, float] = {}
+        self._exported_pending: dict[str, tuple[int, int]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -300,32 +311,38 @@ class Daemon:
 
     # -- what the work reports (pipeline.syncqueue.QueueObserver) ------------------------------
 
-    def pending(self, relative: str, delta: int) -> None:
+    def pending(self, relative: str, delta: int, nbytes: int) -> None:
         run = run_of(relative, self.run_depth)
         status = self._runs.get(run, RunStatus())
-        status = replace(status, pending=max(0, status.pending + delta))
+        status = replace(status, pending=max(0, status.pending + delta),
+                         pending_bytes=max(0, status.pending_bytes + delta * nbytes))
+        if status.pending == 0:
+            status = replace(status, pending_bytes=0)
         if status == RunStatus():
             self._runs.pop(run, None)  # nothing to say about it any more: the map stays small
         else:
             self._runs[run] = status
 
-    def uploaded(self, relative: str, nbytes: int, seconds: float) -> None:
-        run = run_of(relative, self.run_depth)
-        self._runs[run] = replace(self._runs.get(run, RunStatus()), last_sync=time.time())
-        # The counters move here; the run's timestamp reaches its gauge from the snapshot.
-        self.metrics.uploaded(nbytes, seconds, None)
+    def outcome(self, outcome: FileOutcome) -> None:
+        """One file's upload ended (any status)."""
+        if outcome.status is Status.UPLOADED:
+            run = run_of(outcome.relative, self.run_depth)
+            self._runs[run] = replace(self._runs.get(run, RunStatus()), last_sync=time.time())
+        elif outcome.status is Status.FAILED:
+            run = run_of(outcome.relative, self.run_depth)
+            status = self._runs.get(run, RunStatus())
+            self._runs[run] = replace(status, failures=status.failures + 1)
+        self.metrics.outcome(outcome)
 
-    def unchanged(self, relative: str) -> None:
-        self.metrics.unchanged()
+    def torn(self, reads: int) -> None:
+        self.metrics.torn_reads.inc(reads)
 
-    def failed(self, relative: str, reason: str) -> None:
-        run = run_of(relative, self.run_depth)
-        status = self._runs.get(run, RunStatus())
-        self._runs[run] = replace(status, failures=status.failures + 1)
-        self.metrics.failed(reason)
+    def history_copied(self) -> None:
+        self.metrics.history_copied()
 
-    def in_flight(self, n: int) -> None:
+    def in_flight(self, n: int, nbytes: int = 0) -> None:
         self._in_flight = n
+        self._in_flight_bytes = nbytes
 
     def store_reachable(self, ok: bool, problem: str = "") -> None:
         self._store_up = ok
@@ -336,10 +353,13 @@ class Daemon:
         self._manifest_open = is_open
 
     def scanned(self, seconds: float) -> None:
-        self.metrics.scanned(seconds)
+        self.metrics.scanned_tree(seconds)
 
     def deleted(self) -> None:
         self.metrics.deleted()
+
+    def cleanup_failed(self) -> None:
+        self.metrics.cleanup_failed()
 
     # -- what readers get -------------------------------------------------------------------
 
@@ -357,13 +377,27 @@ class Daemon:
     def publish(self) -> Snapshot:
         """Set the gauges of /metrics from a fresh snapshot, and return it."""
         snapshot = self.snapshot()
-        self.metrics.set_queue_depth(snapshot.pending)
-        self.metrics.set_in_flight(snapshot.in_flight)
+        metrics = self.metrics
+        metrics.set_queue_depth(snapshot.pending)
+        metrics.set_in_flight(snapshot.in_flight, self._in_flight_bytes)
         if snapshot.store_up is not None:
-            self.metrics.store_reachable(snapshot.store_up)
+            metrics.store_reachable(snapshot.store_up)
         for run, status in snapshot.runs.items():
-            # Only the runs whose time moved: a label lookup per run on every tick adds up.
+            # Only the runs whose figures moved: a label lookup per run on every tick adds up.
             if status.last_sync is not None and self._exported_syncs.get(run) != status.last_sync:
-                self.metrics.last_successful_sync.labels(run=run).set(status.last_sync)
+                metrics.run_synced(run, status.last_sync)
                 self._exported_syncs[run] = status.last_sync
+            pending = (status.pending, status.pending_bytes)
+            if self._exported_pending.get(run, (0, 0)) != pending:
+                metrics.run_pending(run, *pending)
+                self._exported_pending[run] = pending
+        for run in [run for run in self._exported_pending if run not in snapshot.runs]:
+            # In sync now: its gauges say 0 (until the TTL removes the run's series).
+            if self._exported_pending.pop(run) != (0, 0):
+                metrics.run_pending(run, 0, 0)
+        for run in [run for run in self._exported_syncs if run not in snapshot.runs]:
+            del self._exported_syncs[run]
+        if metrics.expire():
+            self._exported_syncs = {r: t for r, t in self._exported_syncs.items()
+                                    if r in snapshot.runs}
         return snapshot

@@ -81,3 +81,16 @@ def epoch_seconds(epochs: list[Epoch]) -> float | None:
         return epochs[-1].elapsed
     before = epochs[-2].elapsed
     return None if before is None else max(0.0, epochs[-1].elapsed - before)
+
+
+def epoch_durations(epochs: list[Epoch]) -> list[float | None]:
+    """Each epoch's wall time from the ``time`` column: its elapsed less the row before's
+    (the first row's own elapsed), None where either is unknown. A difference below zero
+    (the count restarted, as a resumed training's does) is kept: the caller decides."""
+    durations: list[float | None] = []
+    before: float | None = 0.0
+    for epoch in epochs:
+        now = epoch.elapsed
+        durations.append(None if now is None or before is None else now - before)
+        before = now
+    return durations

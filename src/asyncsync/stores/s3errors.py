@@ -227,8 +227,10 @@ def classify_response(
             code=code or str(status),
         )
     if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+        # The status stands in for a missing code: a bare 503 is the server's, not the
+        # network's (`errors.store_cause`).
         return TransientStoreError(
-            f"{where}: {message} ({code or status})", op=op, key=key, code=code
+            f"{where}: {message} ({code or status})", op=op, key=key, code=code or str(status)
         )
     if status == 403:
         return FatalStoreError(
