@@ -25,6 +25,13 @@ and the machine), README.md and throughput.png in the output directory, with the
     .venv/bin/python benchmarks/run.py            # the full run, as `make bench` does
     .venv/bin/python benchmarks/run.py --quick    # a scaled-down smoke run, into work/quick/
     .venv/bin/python benchmarks/run.py --render-only   # redraw README/plot from results.json
+    .venv/bin/python benchmarks/run.py --corpora small --rounds 4 --baseline 9a09664
+
+--baseline REV adds one more tool, asyncsync@SHA: the same asyncsync executable running
+REV's src/asyncsync (the old code, in the same rounds: peers' ratios move with the machine,
+so only the old code measured beside the new shows whether a change slowed asyncsync down).
+It is no peer: never the best peer, judged by no target; README.md gets a table of
+asyncsync ÷ asyncsync@SHA.
 
 aws cli comes from its own virtualenv (`make bench` makes .venv/peers: its botocore pin
 conflicts with aiobotocore's), rclone from Debian's package.
@@ -61,7 +68,7 @@ from corpus import CORPORA, DEFAULT_WORK_DIR, Corpus, ensure
 HERE = Path(__file__).resolve().parent
 LAUNCHER = HERE / "launcher.py"
 BUCKET = "asyncsync-bench"
-TOOLS = ("asyncsync", "s5cmd", "aws", "rclone")
+TOOLS = ("asyncsync", "s5cmd", "aws", "rclone")  # without --baseline; see Bench.tools
 PEERS = TOOLS[1:]
 # Corpora whose cold upload is only setup: done once per tool, then no-op re-syncs each round.
 SETUP_CORPORA = ("noop",)
@@ -76,7 +83,8 @@ NOOP_S5CMD_TARGET = 0.1  # the same, x s5cmd sync
 RSS_TARGET_MB = 150.0
 # Two balanced squares: each tool leads two rounds. Single runs on this kind of shared
 # machine vary by ±10%, so four samples a tool left medians a coin flip between tools
-# within a few percent of each other.
+# within a few percent of each other. With --baseline, 2 × 5: still two leads a tool, and
+# for an odd count of tools exactly the rounds balanced_order needs to balance neighbours.
 DEFAULT_ROUNDS = 2 * len(TOOLS)
 
 
@@ -348,16 +356,87 @@ def freeze_source(work: Path) -> FrozenSource:
     return FrozenSource(root, digest)
 
 
-def check_frozen(bench: Bench) -> None:
-    """The asyncsync child must import the frozen copy, not src/: check, don't assume."""
-    env = bench.envs["asyncsync"]
+@dataclass(frozen=True)
+class Baseline:
+    """An earlier revision's asyncsync package (--baseline REV), run as one more tool.
+
+    Peers' ratios move with the machine and its load, so a change to asyncsync is shown not
+    to have slowed it down only by the old code measured in the same rounds. The tool runs
+    asyncsync's own executable and argv; PYTHONPATH selects this copy, as it selects the
+    frozen one for asyncsync.
+    """
+
+    rev: str  # as given on the command line
+    sha: str  # the commit it names, in full
+    short: str  # its abbreviation, as in the tool's name
+    subject: str  # the commit's subject line
+    root: Path  # the directory to put on PYTHONPATH; holds asyncsync/
+
+    @property
+    def tool(self) -> str:
+        return f"asyncsync@{self.short}"
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise BenchFailure(f"git {' '.join(args)}: {done.stderr.strip() or done.returncode}")
+    return done.stdout.strip()
+
+
+def freeze_revision(work: Path, rev: str) -> Baseline:
+    """REV's src/asyncsync, extracted with git archive into WORK/frozen/baseline-SHORT and
+    byte-compiled as freeze_source compiles the code under test (or BenchFailure)."""
+    repo = Path(_git(HERE, "rev-parse", "--show-toplevel"))
+    try:
+        sha = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except BenchFailure:
+        raise BenchFailure(f"--baseline {rev!r}: no such commit in {repo}") from None
+    short = _git(repo, "rev-parse", "--short", sha)
+    subject = _git(repo, "log", "-1", "--format=%s", sha)
+    root = work / "frozen" / f"baseline-{short}"
+    marker = root / "COMMIT"  # a copy is reused only for the commit it was taken from
+    if not (marker.is_file() and marker.read_text().strip() == sha):
+        staging = work / "frozen" / f".baseline-{short}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(repo), "archive", sha, "src/asyncsync"],
+                                 capture_output=True, check=False)
+        if archive.returncode != 0:
+            raise BenchFailure(f"--baseline {rev}: git archive failed: "
+                               f"{archive.stderr.decode(errors='replace').strip()}")
+        # --strip-components=1: src/asyncsync/... lands as asyncsync/..., beside COMMIT.
+        subprocess.run(["tar", "-x", "--strip-components=1", "-C", str(staging)],
+                       input=archive.stdout, check=True)
+        (staging / "COMMIT").write_text(sha + "\n")
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)  # whole or not at all, as in freeze_source
+    compileall.compile_dir(root, quiet=1)
+    return Baseline(rev=rev, sha=sha, short=short, subject=subject, root=root)
+
+
+def check_imports(env: dict[str, str], root: Path, tool: str) -> None:
+    """A child with this env must import asyncsync from root, not src/: check, don't assume."""
     done = subprocess.run(
         [sys.executable, "-c", "import asyncsync; print(asyncsync.__file__)"],
         env=env, capture_output=True, text=True, check=True,
     )
     imported = Path(done.stdout.strip()).resolve()
-    if bench.frozen.root.resolve() not in imported.parents:
-        raise BenchFailure(f"asyncsync child imports {imported}, not the frozen copy")
+    if root.resolve() not in imported.parents:
+        raise BenchFailure(f"{tool} child imports {imported}, not its copy in {root}")
+
+
+def check_frozen(bench: Bench) -> None:
+    """The asyncsync child must import the frozen copy, not src/."""
+    check_imports(bench.envs["asyncsync"], bench.frozen.root, "asyncsync")
+
+
+def check_baseline(bench: Bench) -> None:
+    """The baseline child must import REV's copy: not src/, and not the code under test."""
+    if bench.baseline is not None:
+        check_imports(bench.envs[bench.baseline.tool], bench.baseline.root,
+                      bench.baseline.tool)
 
 
 def git_state(path: Path) -> str:
@@ -393,9 +472,12 @@ def child_env(server: SeaweedFS) -> dict[str, str]:
     return env
 
 
-def tool_envs(server: SeaweedFS, work: Path, workers: int,
-              frozen: FrozenSource) -> dict[str, dict[str, str]]:
+def tool_envs(server: SeaweedFS, work: Path, workers: int, frozen: FrozenSource,
+              baseline: Baseline | None = None) -> dict[str, dict[str, str]]:
     """Each tool's environment: the server's endpoint and credentials, nothing inherited.
+
+    The baseline's differs from asyncsync's in PYTHONPATH alone: the same executable then
+    imports REV's copy instead of the frozen one.
 
     aws cli reads its concurrency from a config file only, so it gets one of its own, in the
     work dir. rclone is configured by RCLONE_CONFIG_BENCH_* variables alone (an empty config
@@ -417,12 +499,20 @@ def tool_envs(server: SeaweedFS, work: Path, workers: int,
         remote + "REGION": "us-east-1",
         remote + "FORCE_PATH_STYLE": "true",
     }
-    return {
+    envs = {
         "asyncsync": base | {"PYTHONPATH": str(frozen.root)},
         "s5cmd": base,
         "aws": base | {"AWS_CONFIG_FILE": str(aws_config)},
         "rclone": rclone,
     }
+    if baseline is not None:
+        envs[baseline.tool] = base | {"PYTHONPATH": str(baseline.root)}
+    return envs
+
+
+def program_of(tool: str) -> str:
+    """The program a tool runs, and so its argv and checks: asyncsync@SHA runs asyncsync's."""
+    return tool.partition("@")[0]
 
 
 @dataclass
@@ -434,32 +524,39 @@ class Bench:
     frozen: FrozenSource
     work: Path
     workers: int
-    binaries: dict[str, str]  # per tool: see find_tools()
+    binaries: dict[str, str]  # per program: see find_tools() and program_of()
+    baseline: Baseline | None = None
     # After each upload, the listing digest of its prefix: a no-op re-sync must leave it as is.
     uploaded: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def tools(self) -> tuple[str, ...]:
+        """Every tool of every round, in balanced_order's input order."""
+        return TOOLS if self.baseline is None else (*TOOLS, self.baseline.tool)
+
     def argv(self, tool: str, case: str, src: Path, prefix: str, state: Path) -> list[str]:
-        exe = self.binaries[tool]
+        program = program_of(tool)
+        exe = self.binaries[program]
         workers = str(self.workers)
         dest = f"s3://{BUCKET}/{prefix}"
         cold = case in ("cold", "setup")
-        if tool == "asyncsync":
+        if program == "asyncsync":
             # The same command for cold and no-op: only the state dir's contents differ. A
             # no-op re-sync runs as a user runs it, printing one summary line (as s5cmd sync
             # prints nothing for unchanged files); a cold upload's --json lines are checked.
             return [exe, "push", str(src), dest, "--state-dir", str(state),
                     "--workers", workers, *(["--json"] if cold else [])]
-        if tool == "s5cmd":
+        if program == "s5cmd":
             # 'SRC/*' with a trailing-slash destination keeps relative paths as keys, like push.
             return [exe, "--endpoint-url", self.server.endpoint, "--numworkers", workers,
                     "cp" if cold else "sync", f"{src}/*", dest + "/"]
-        if tool == "aws":
+        if program == "aws":
             # --no-progress: without it aws writes a progress line per part even to a file;
             # the "upload: ..." line per file stays. Concurrency is in AWS_CONFIG_FILE.
             verb = ["cp", "--recursive"] if cold else ["sync"]
             return [exe, "s3", *verb, str(src), dest + "/", "--endpoint-url",
                     self.server.endpoint, "--no-progress"]
-        if tool == "rclone":
+        if program == "rclone":
             # -v: one "Copied (new)" line per file it uploads, and the final stats.
             return [exe, "copy" if cold else "sync", str(src),
                     f"{RCLONE_REMOTE}:{BUCKET}/{prefix}", "--transfers", workers,
@@ -474,7 +571,10 @@ class Bench:
         if case in ("cold", "setup"):  # a no-op re-sync reads no file's contents
             cache_corpus(corpus.path)
         settle(self.server)
-        m = measure(self.argv(tool, case, corpus.path, prefix, state), self.envs[tool], stem)
+        # A state dir per tool: asyncsync and its baseline must not read each other's
+        # manifest (nor an older schema); the peers keep none.
+        m = measure(self.argv(tool, case, corpus.path, prefix, state / tool), self.envs[tool],
+                    stem)
         if m.exit_code != 0:
             raise BenchFailure(f"{tool} {case} exited {m.exit_code}: see {m.stderr}")
         verified = self.verify(corpus, case, tool, prefix, m)
@@ -483,7 +583,8 @@ class Bench:
     def verify(self, corpus: Corpus, case: str, tool: str, prefix: str, m: Measured) -> str:
         """Check the run's claims against the bucket and its own output; raise if off."""
         cold = case in ("cold", "setup")
-        if tool == "asyncsync":
+        program = program_of(tool)
+        if program == "asyncsync":
             expected = (corpus.files, 0) if cold else (0, corpus.files)
             if cold:
                 lines = m.stdout.read_text().splitlines()
@@ -498,11 +599,11 @@ class Bench:
                 got = (int(counts[1]), int(counts[2])) if counts else None
                 failed = not counts or counts[3] != "0"
             if got != expected or failed:
-                raise BenchFailure(f"asyncsync {case}: summary {summary}, expected "
+                raise BenchFailure(f"{tool} {case}: summary {summary}, expected "
                                    f"uploaded/skipped {expected}")
         elif not cold:
             # What each peer prints per object it copies; a no-op re-sync prints none.
-            if tool == "rclone":
+            if program == "rclone":
                 copied = [line for line in m.stderr.read_text().splitlines()
                           if ": Copied (" in line]
             else:  # s5cmd: one line per object; aws (--no-progress): "upload: ..." per file
@@ -569,8 +670,8 @@ def balanced_order(items: Sequence[str], rnd: int) -> list[str]:
     return [items[i] for i in row]
 
 
-def report(sample: Sample) -> None:
-    print(f"  r{sample.round} {sample.case:5} {sample.tool:9} {sample.wall_s:7.2f}s wall "
+def report(sample: Sample, width: int = 9) -> None:
+    print(f"  r{sample.round} {sample.case:5} {sample.tool:{width}} {sample.wall_s:7.2f}s wall "
           f"{sample.cpu_s:7.2f}s cpu {sample.peak_rss_mb:6.0f} MB rss "
           f"{sample.files_per_s:9.0f} files/s {sample.mb_per_s:7.1f} MB/s", flush=True)
 
@@ -583,25 +684,27 @@ def bench_corpus(bench: Bench, corpus: Corpus, rounds: int) -> list[Sample]:
     """
     samples: list[Sample] = []
     setup = corpus.name in SETUP_CORPORA
-    kept = {tool: f"{corpus.name}/setup/{tool}" for tool in TOOLS}
+    tools = bench.tools
+    width = max(len(tool) for tool in tools)
+    kept = {tool: f"{corpus.name}/setup/{tool}" for tool in tools}
     kept_state = bench.work / "state" / f"{corpus.name}-setup"
     shutil.rmtree(kept_state, ignore_errors=True)
     try:
         if setup:
-            for position, tool in enumerate(TOOLS):
+            for position, tool in enumerate(tools):
                 sample = bench.run_tool(corpus, "setup", tool, 0, position, kept[tool],
                                         kept_state)
                 samples.append(sample)
-                report(sample)
+                report(sample, width)
         else:
             prime(bench, corpus)
         for rnd in range(rounds):
-            order = balanced_order(TOOLS, rnd)
+            order = balanced_order(tools, rnd)
             cases: tuple[str, ...]
             if setup:
                 prefixes, state, cases = kept, kept_state, ("noop",)
             else:
-                prefixes = {tool: f"{corpus.name}/r{rnd}/{tool}" for tool in TOOLS}
+                prefixes = {tool: f"{corpus.name}/r{rnd}/{tool}" for tool in tools}
                 state = bench.work / "state" / f"{corpus.name}-r{rnd}"
                 cases = ("cold", "noop")
                 shutil.rmtree(state, ignore_errors=True)
@@ -611,10 +714,10 @@ def bench_corpus(bench: Bench, corpus: Corpus, rounds: int) -> list[Sample]:
                         sample = bench.run_tool(corpus, case, tool, rnd, position,
                                                 prefixes[tool], state)
                         samples.append(sample)
-                        report(sample)
+                        report(sample, width)
                 sample = bench.floor(corpus, rnd)
                 samples.append(sample)
-                print(f"  r{rnd} floor find      {sample.wall_s:7.2f}s wall", flush=True)
+                print(f"  r{rnd} floor {'find':{width}} {sample.wall_s:7.2f}s wall", flush=True)
             finally:
                 if not setup:
                     for prefix in prefixes.values():
@@ -641,7 +744,7 @@ def prime(bench: Bench, corpus: Corpus) -> None:
     was deleted, files not read for minutes) was billed to that tool every time.
     """
     state = bench.work / "state" / f"{corpus.name}-prime"
-    prefixes = {tool: f"{corpus.name}/prime/{tool}" for tool in TOOLS}
+    prefixes = {tool: f"{corpus.name}/prime/{tool}" for tool in bench.tools}
     try:
         for tool, prefix in prefixes.items():
             bench.run_tool(corpus, "cold", tool, -1, 0, prefix, state)
@@ -661,7 +764,7 @@ def warm_up(bench: Bench) -> None:
         (src / f"w{i}.bin").write_bytes(os.urandom(64 * 1024))
     tiny = Corpus("warmup", src, 4, 4 * 64 * 1024)
     state = bench.work / "state" / "warmup"
-    for tool in TOOLS:
+    for tool in bench.tools:
         bench.run_tool(tiny, "cold", tool, 0, 0, f"warmup/{tool}", state)
         delete_prefix(bench.client, f"warmup/{tool}/")
     shutil.rmtree(state, ignore_errors=True)
@@ -698,6 +801,9 @@ def _ratio(ours: float, theirs: float) -> float:
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """asyncsync / the best peer (the fastest by median wall) and / s5cmd, per corpus and case,
     and / find for the no-op re-sync (< 1: asyncsync is cheaper). None where a tool is absent.
+
+    A baseline (asyncsync@SHA) is not among PEERS, so never the best peer: beating old
+    asyncsync is no claim against the others. See baseline_ratios.
     """
     index = {(r["corpus"], r["case"], r["tool"]): r for r in rows}
     out = []
@@ -715,6 +821,25 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 q[f"{metric}_vs_{name}"] = _ratio(ours[key], ref[key]) if ref else None
         q["wall_vs_find"] = _ratio(ours["wall_s"], find["wall_s"]) if find else None
         out.append(q)
+    return out
+
+
+def baseline_ratios(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """asyncsync / its baseline (the tool named asyncsync@SHA) per corpus and case: below 1,
+    the code under test took less than the old code did in the same rounds."""
+    index = {(r["corpus"], r["case"], r["tool"]): r for r in rows}
+    out = []
+    for (corpus, case, tool), ours in index.items():
+        old = index.get((corpus, case, baseline))
+        if tool != "asyncsync" or old is None:
+            continue
+        out.append({
+            "corpus": corpus, "case": case, "wall_s": ours["wall_s"],
+            "baseline_wall_s": old["wall_s"],
+            "wall_vs_baseline": _ratio(ours["wall_s"], old["wall_s"]),
+            "cpu_vs_baseline": _ratio(ours["cpu_s"], old["cpu_s"]),
+            "rss_vs_baseline": _ratio(ours["peak_rss_mb"], old["peak_rss_mb"]),
+        })
     return out
 
 
@@ -833,8 +958,30 @@ TOOL_COLOR = {"asyncsync": "tab:blue", "s5cmd": "tab:orange", "aws": "tab:green"
               "rclone": "tab:red", "find": "tab:gray"}
 
 
+# The baseline's bars: a colour no other tool has.
+BASELINE_COLOR = "tab:purple"
+
+
 def _label(case: str, tool: str) -> str:
-    return TOOL_LABEL.get(("cold" if case == "setup" else case, tool), tool)
+    program = program_of(tool)
+    label = TOOL_LABEL.get(("cold" if case == "setup" else case, program), tool)
+    # A baseline runs asyncsync's command: "asyncsync@SHA push (fresh state)".
+    return label.replace(program, tool, 1) if tool != program else label
+
+
+def _tool_rank(tool: str) -> float:
+    """Tables and plot list a baseline right after asyncsync, the tool it is compared with."""
+    if tool not in TOOL_ORDER and program_of(tool) == "asyncsync":
+        return TOOL_ORDER["asyncsync"] + 0.5
+    return TOOL_ORDER.get(tool, 99)
+
+
+def _balance(tools: int) -> str:
+    """What balanced_order guarantees for this many tools, in words."""
+    period, times = (tools, "once") if tools % 2 == 0 else (2 * tools, "twice")
+    words = {4: "four", 5: "five", 6: "six", 8: "eight", 10: "ten"}
+    return (f"in every {words.get(period, str(period))} rounds each tool runs first {times} "
+            f"and follows each other tool {times}")
 
 
 def _fmt(value: float, digits: int = 2) -> str:
@@ -878,13 +1025,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.6), squeeze=False)
     for ax, (data, metric, title, log) in zip(axes[0], panels, strict=True):
         names = corpora_of(data)
-        tools = [t for t in TOOL_ORDER if any(r["tool"] == t for r in data)]
+        tools = sorted({r["tool"] for r in data}, key=_tool_rank)
         width = 0.84 / len(tools)
         for i, tool in enumerate(tools):
             values = [next((r[metric] for r in data if r["corpus"] == c and r["tool"] == tool),
                            float("nan")) for c in names]
             xs = [x + (i - (len(tools) - 1) / 2) * width for x in range(len(names))]
-            bars = ax.bar(xs, values, width, label=tool, color=TOOL_COLOR.get(tool))
+            bars = ax.bar(xs, values, width, label=tool,
+                          color=TOOL_COLOR.get(tool, BASELINE_COLOR))
             ax.bar_label(bars, labels=[_rate(v) if v == v else "" for v in values],
                          fontsize=6, padding=2, rotation=90)
         ax.set_xticks(range(len(names)), names)
@@ -916,6 +1064,24 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
     w = cfg["workers"]
     sizes = {c["name"]: c for c in results["corpora"]}
     absent = [t for t in TOOLS if not any(r["tool"] == t for r in rows)]
+    # Without --baseline nothing below mentions one: the README reads as it always did.
+    b: dict[str, Any] | None = results.get("baseline")
+    baseline_method = [] if b is None else [
+        f"- **Baseline** (`--baseline {b['rev']}`): asyncsync at git `{b['short']}`, its "
+        "`src/asyncsync` taken with `git archive` and byte-compiled like the code under test, "
+        f"runs as one more tool, `{b['tool']}`: the same executable and command as asyncsync "
+        "with `PYTHONPATH` on that copy, in the same rounds and balanced order, checked the "
+        "same way. Peers' ratios move with the machine and its load, so the old code measured "
+        "in the same run is what shows whether a change slowed asyncsync down; it is no peer "
+        "(never the best peer, judged by no target).",
+    ]
+    baseline_example = [] if b is None else [
+        ".venv/bin/python benchmarks/run.py --corpora small --rounds 4 --baseline 9a09664"
+        "   # and asyncsync at that commit",
+    ]
+    baseline_versions = "" if b is None else (
+        f" Baseline: `{b['tool']}`, git {b['sha']} (`--baseline {b['rev']}`)."
+    )
     lines = [
         "# Benchmarks",
         "",
@@ -977,10 +1143,10 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "(its sha256 is in the results) and byte-compiled, as pip compiles an installed "
         "package (the peers' Python code included); every round runs that copy, so edits to "
         "`src/` during a run cannot mix versions.",
+        *baseline_method,
         f"- **Rounds**: {cfg['rounds']}; the tools' order changes each round in a balanced "
-        "design: in every four rounds each tool runs first once and follows each other "
-        "tool once, so no tool keeps the same neighbour; prefixes are deleted between "
-        "rounds. Figures are **medians** "
+        f"design: {_balance(len(TOOLS) + (b is not None))}, so no tool keeps the same "
+        "neighbour; prefixes are deleted between rounds. Figures are **medians** "
         "over rounds, each column on its own (one row's wall and RSS may come from different "
         "rounds); the wall range is min–max over rounds; every raw round is in "
         "`results.json`. One untimed warm-up upload per tool precedes the runs, and one "
@@ -1015,6 +1181,7 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         ".venv/bin/python benchmarks/run.py --quick   # smoke run, scaled down, into "
         "benchmarks/work/quick/",
         ".venv/bin/python benchmarks/run.py --corpora small noop --rounds 4",
+        *baseline_example,
         "```",
         "",
         "It regenerates `results.json`, this README and `throughput.png`.",
@@ -1028,7 +1195,8 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         f"{m.get('aws', 'aws cli: not run')}; {m.get('rclone', 'rclone: not run')}; "
         f"SeaweedFS {m['seaweedfs']}. Scale: {cfg['scale']:g}, rounds: {cfg['rounds']}, "
         f"workers: {w}. Load average (1, 5, 15 min) at start: "
-        f"{_loads(m.get('loadavg_at_start'))}, at end: {_loads(m.get('loadavg_at_end'))}.",
+        f"{_loads(m.get('loadavg_at_start'))}, at end: {_loads(m.get('loadavg_at_end'))}."
+        + baseline_versions,
     ]
     if absent:
         lines += ["", f"Not in these results: {', '.join(absent)}."]
@@ -1042,6 +1210,27 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
     for t in results.get("targets") or targets(rows):
         lines.append(f"| {t['target']} | {t['corpus']} | {t['asyncsync']} | {t['reference']} "
                      f"| {_times(t['ratio'])} | {'met' if t['met'] else '**not met**'} |")
+    order = {c: i for i, c in enumerate(CORPORA)}
+    if b is not None:
+        lines += [
+            "",
+            f"### asyncsync ÷ {b['tool']}",
+            "",
+            f"`{b['tool']}` is git `{b['short']}` (“{b['subject']}”), measured in the same "
+            "rounds as the code under test. Below 1 means the code under test took less; "
+            "read it next to the wall ranges under *Every tool* before calling it a change.",
+            "",
+            f"| corpus | case | asyncsync wall s | {b['tool']} wall s | wall ÷ | CPU ÷ "
+            "| RSS ÷ |",
+            "|---|---|--:|--:|--:|--:|--:|",
+        ]
+        for q in sorted(results.get("baseline_ratios") or baseline_ratios(rows, b["tool"]),
+                        key=lambda q: (order.get(q["corpus"], 99), CASE_ORDER[q["case"]])):
+            lines.append(
+                f"| {q['corpus']} | {CASE_LABEL[q['case']]} | {_secs(q['wall_s'])} "
+                f"| {_secs(q['baseline_wall_s'])} | {_times(q['wall_vs_baseline'])} "
+                f"| {_times(q['cpu_vs_baseline'])} | {_times(q['rss_vs_baseline'])} |"
+            )
     lines += [
         "",
         "### Every tool",
@@ -1049,9 +1238,8 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         "| corpus | case | tool | wall s | wall range | CPU s | peak RSS MB | files/s | MB/s |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|",
     ]
-    order = {c: i for i, c in enumerate(CORPORA)}
     for r in sorted(rows, key=lambda r: (order.get(r["corpus"], 99), CASE_ORDER[r["case"]],
-                                         TOOL_ORDER.get(r["tool"], 99))):
+                                         _tool_rank(r["tool"]))):
         mbs = _rate(r["mb_per_s"]) if r["case"] in ("cold", "setup") else "—"
         spread = f"{_secs(r['wall_min_s'])}–{_secs(r['wall_max_s'])}" if r["rounds"] > 1 else ""
         # find's peak is below the launcher's ~9 MB floor, so the figure would be the floor's.
@@ -1107,8 +1295,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "embedded SeaweedFS."
     )
     parser.add_argument("--rounds", type=int, default=None,
-                        help=f"rounds per corpus (default {DEFAULT_ROUNDS}: each tool leads "
-                             "two; 1 with --quick)")
+                        help=f"rounds per corpus (default {DEFAULT_ROUNDS}, "
+                             f"{DEFAULT_ROUNDS + 2} with --baseline: each tool leads two; "
+                             "1 with --quick)")
     parser.add_argument("--corpora", nargs="+", default=list(CORPORA), metavar="NAME",
                         help=f"which corpora (default: {' '.join(CORPORA)})")
     parser.add_argument("--workers", type=int, default=32,
@@ -1125,6 +1314,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--render-only", action="store_true",
                         help="run nothing: redraw README.md and throughput.png from the "
                              "results.json in --out")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also run asyncsync at this git revision (a commit, HEAD~5, ...) "
+                             "as the tool asyncsync@SHA, in the same rounds, and report "
+                             "asyncsync / asyncsync@SHA")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
                         help="corpora, server data, state dirs and logs (default: "
                              "benchmarks/work/)")
@@ -1133,7 +1326,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown corpus {', '.join(unknown)}; choose from {', '.join(CORPORA)}")
     if args.rounds is None:
-        args.rounds = 1 if args.quick else DEFAULT_ROUNDS
+        # Each tool still leads two rounds when the baseline joins them.
+        args.rounds = 1 if args.quick else DEFAULT_ROUNDS + 2 * (args.baseline is not None)
     if args.scale is None:
         args.scale = QUICK_SCALE if args.quick else 1.0
     if args.out is None:
@@ -1143,7 +1337,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_benchmark(args: argparse.Namespace, binaries: dict[str, str]) -> dict[str, Any]:
+def run_benchmark(args: argparse.Namespace, binaries: dict[str, str],
+                  baseline: Baseline | None = None) -> dict[str, Any]:
     """Generate or reuse the corpora, run every round on one server, return the results."""
     work: Path = args.work_dir
     names = [c for c in CORPORA if c in args.corpora]
@@ -1161,11 +1356,16 @@ def run_benchmark(args: argparse.Namespace, binaries: dict[str, str]) -> dict[st
         client.create_bucket(Bucket=BUCKET)
         frozen = freeze_source(work)
         bench = Bench(server=server, client=client, env=child_env(server),
-                      envs=tool_envs(server, work, args.workers, frozen), frozen=frozen,
-                      work=work, workers=args.workers, binaries=binaries)
+                      envs=tool_envs(server, work, args.workers, frozen, baseline),
+                      frozen=frozen, work=work, workers=args.workers, binaries=binaries,
+                      baseline=baseline)
         check_frozen(bench)
+        check_baseline(bench)
         print(f"SeaweedFS at {server.endpoint}; asyncsync source {bench.frozen.digest} frozen "
               f"in {bench.frozen.root}", flush=True)
+        if baseline is not None:
+            print(f"  baseline {baseline.tool}: git {baseline.sha} ({baseline.subject}) in "
+                  f"{baseline.root}", flush=True)
         for tool, exe in binaries.items():
             print(f"  {tool}: {exe}", flush=True)
         machine = machine_info(
@@ -1183,16 +1383,25 @@ def run_benchmark(args: argparse.Namespace, binaries: dict[str, str]) -> dict[st
     machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     rows = medians(samples)
-    return {
+    results: dict[str, Any] = {
         "machine": machine,
         "config": {"rounds": args.rounds, "workers": args.workers, "scale": args.scale,
                    "corpora": names},
+    }
+    if baseline is not None:
+        results["baseline"] = {"rev": baseline.rev, "sha": baseline.sha,
+                               "short": baseline.short, "subject": baseline.subject,
+                               "tool": baseline.tool}
+    results |= {
         "corpora": [{"name": c.name, "files": c.files, "bytes": c.bytes} for c in sets],
         "medians": rows,
         "ratios": ratios(rows),
         "targets": targets(rows),
-        "rounds": [asdict(s) for s in samples],
     }
+    if baseline is not None:
+        results["baseline_ratios"] = baseline_ratios(rows, baseline.tool)
+    results["rounds"] = [asdict(s) for s in samples]
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1204,14 +1413,19 @@ def main(argv: list[str] | None = None) -> int:
         # Summaries are recomputed from the raw rounds, so a renderer change needs no rerun.
         rows = medians([Sample(**raw) for raw in results["rounds"]])
         results.update(medians=rows, ratios=ratios(rows), targets=targets(rows))
+        if "baseline" in results:
+            results["baseline_ratios"] = baseline_ratios(rows, results["baseline"]["tool"])
     else:
-        # Every tool is found first, before minutes of corpus generation.
+        # Every tool, and the baseline's revision, are found first, before minutes of
+        # corpus generation.
         try:
             binaries = find_tools()
-        except FileNotFoundError as exc:  # a tool is missing: say which, in one line
+            baseline = (freeze_revision(args.work_dir, args.baseline)
+                        if args.baseline is not None else None)
+        except (FileNotFoundError, BenchFailure) as exc:  # say what is missing, in one line
             print(f"run.py: {exc}", file=sys.stderr)
             return 2
-        results = run_benchmark(args, binaries)
+        results = run_benchmark(args, binaries, baseline)
         out.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results["medians"], out / "throughput.png")
