@@ -35,14 +35,16 @@ lint: $(STAMP_DEV)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
-# System packages the tests use: promtool (Debian's prometheus) lints the /metrics
-# exposition. Installed here when missing, so a fresh machine needs nothing by hand.
+# System packages the tests use: Debian's prometheus (the server scrapes a real daemon and
+# serves backfilled blocks; promtool lints the exposition and tests the alert rules) and its
+# pushgateway (push --pushgateway). Installed here when missing, so a fresh machine needs
+# nothing by hand.
 system-deps:
-	@command -v promtool >/dev/null 2>&1 || { \
+	@{ command -v promtool && command -v prometheus && command -v prometheus-pushgateway; } >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway >/dev/null; \
 	  else \
-	    echo "promtool not found: install Debian's prometheus package (the lint test will skip)"; \
+	    echo "prometheus, promtool or prometheus-pushgateway not found: install Debian's prometheus and prometheus-pushgateway packages (those tests will skip)"; \
 	  fi; }
 
 # The conformance matrix's other S3 servers (tests/s3servers.py). moto pins a botocore of its

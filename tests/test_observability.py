@@ -9,6 +9,7 @@ the same queries (matplotlib), the picture README shows.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -333,3 +334,57 @@ def test_run_serves_metrics_with_the_training_status(
     finally:
         out, _ = child.communicate(timeout=60)
     assert child.returncode == 0, out
+
+
+@pytest.mark.skipif(shutil.which("prometheus-pushgateway") is None,
+                    reason="needs prometheus-pushgateway (make test installs Debian's)")
+def test_push_sends_its_metrics_to_a_real_pushgateway(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    import socket
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("hello\n")
+    port = free_port()
+    with open(tmp_path / "pushgateway.log", "wb") as log:
+        gateway = subprocess.Popen(
+            ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}",
+             f"--persistence.file={tmp_path / 'pushgateway.data'}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: _reachable(port), 30, "the pushgateway")
+        done = subprocess.run(
+            [ASYNCSYNC, "push", str(src), f"s3://{bucket}/pg", "--state-dir",
+             str(tmp_path / "s"), "--pushgateway", f"http://127.0.0.1:{port}"],
+            env=s3_server.env(), capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        grouping = {("job", "asyncsync-push"), ("instance", socket.gethostname())}
+        values = _samples(_get(port, "/metrics"))
+        assert values[("asyncsync_files_uploaded_total",
+                       frozenset(grouping | {("outcome", "new")}))] == 1
+        assert values[("asyncsync_exit_code", frozenset(grouping))] == 0
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=20)
+
+    # A gateway that is not there: one error line; what was uploaded stays uploaded (exit 0).
+    (src / "b.txt").write_text("more\n")
+    done = subprocess.run(
+        [ASYNCSYNC, "push", str(src), f"s3://{bucket}/pg", "--state-dir", str(tmp_path / "s"),
+         "--pushgateway", f"http://127.0.0.1:{port}"],
+        env=s3_server.env(), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"--pushgateway http://127.0.0.1:{port}: not pushed" in errors[0]
+
+
+def _reachable(port: int) -> bool:
+    try:
+        _get(port, "/-/ready")
+    except OSError:
+        return False
+    return True
