@@ -492,3 +492,44 @@ def test_unpickled_callbacks_start_their_uploader_in_rank_0(
             assert (tmp_path / "bucket" / relative).read_bytes() == path.read_bytes()
     record = json.loads((tmp_path / "bucket" / "train2/_asyncsync/run.json").read_text())
     assert record["status"] == "finished" and record["epochs"] == 1
+
+
+def test_attach_serves_metrics_while_the_training_runs(
+    s3_server: S3Server, bucket: str, tmp_path: Path, aws_env: None
+) -> None:
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    model = FakeModel()
+    attach(model, f"s3://{bucket}/m", state_dir=tmp_path / "state",
+           metrics_addr=f"127.0.0.1:{port}")
+    trainer = FakeTrainer(model, tmp_path / "runs" / "exp", epochs=2)
+    trainer.callback("on_pretrain_routine_start")
+    trainer.save_epoch(os.urandom(100_000))
+
+    def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    run = frozenset({("run", "exp")})
+    deadline = time.monotonic() + 20
+    while scrape().get(("asyncsync_training_epoch", run)) != 1:
+        assert time.monotonic() < deadline, "the epoch never reached /metrics"
+        time.sleep(0.1)
+    values = scrape()
+    assert values[("asyncsync_run_status", run | {("status", "running")})] == 1
+    assert values[("asyncsync_files_uploaded_total", frozenset({("outcome", "new")}))] >= 2
+    trainer.save_epoch(os.urandom(100_000))
+    trainer.callback("on_train_end")
+    trainer.callback("teardown")
+    assert_in_bucket(s3_server, bucket, "m/exp", trainer.run)
+    # The run is over: its server is gone with it (the port is free for the next run).
+    with pytest.raises(OSError):
+        scrape()
