@@ -8,17 +8,11 @@ back every epoch of every run at the time the rule says, with the value of the C
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import socket
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +32,7 @@ from asyncsync.commands.runs import Record, Run
 from asyncsync.service.training import epochs_of, metric_name
 
 from .conftest import ASYNCSYNC, S3Server, run_cli
+from .prometheus import Prometheus, needs_prometheus
 
 # ultralytics pads its names and values; the second epoch has no mAP50-95 (an empty cell).
 RESULTS = (
@@ -268,67 +263,17 @@ def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
 # -- a bucket, promtool and prometheus --------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextlib.contextmanager
-def prometheus(data: Path, logs: Path) -> Iterator[str]:
-    """A real prometheus serving the TSDB in ``data`` (nothing scraped), until the end."""
-    config = write(data.parent / "prometheus.yml", "global:\n  scrape_interval: 1h\n")
-    base = f"http://127.0.0.1:{free_port()}"
-    with open(logs, "wb") as log_file:
-        process = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={data}",
-             f"--web.listen-address={base[len('http://'):]}",
-             "--storage.tsdb.retention.time=3650d"],
-            stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, logs.read_text()[-2000:]
-            assert time.monotonic() < deadline, logs.read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except urllib.error.HTTPError as exc:  # 503 while it loads the blocks
-                exc.close()
-            except OSError:  # not listening yet
-                pass
-            time.sleep(0.2)
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def raw_samples(base: str, selector: str, at: float) -> dict[tuple[str, ...], list[Any]]:
+def raw_samples(prom: Prometheus, selector: str, at: float) -> dict[tuple[str, ...], list[Any]]:
     """Every stored sample of the series of ``selector`` in the 30 days before ``at``, by
     their labels (sorted, the name left out): [(timestamp, value as float)...]."""
-    query = urllib.parse.urlencode({"query": f"{selector}[30d]", "time": f"{at:.3f}"})
-    with urllib.request.urlopen(f"{base}/api/v1/query?{query}", timeout=30) as answer:
-        body = json.load(answer)
-    assert body["status"] == "success" and body["data"]["resultType"] == "matrix", body
     return {
         tuple(f"{k}={v}" for k, v in sorted(series["metric"].items()) if k != "__name__"):
         [(stamp, float(value)) for stamp, value in series["values"]]
-        for series in body["data"]["result"]
+        for series in prom.query(f"{selector}[30d]", at=round(at, 3))
     }
 
 
-NEEDS_PROMETHEUS = pytest.mark.skipif(
-    not (shutil.which("prometheus") and shutil.which("promtool")),
-    reason="needs prometheus and promtool on PATH (Debian: apt install prometheus)")
-
-
-@NEEDS_PROMETHEUS
+@needs_prometheus
 @pytest.mark.s3
 @pytest.mark.slow
 @pytest.mark.servers("seaweedfs")  # the backfill is the test; one real server will do
@@ -374,10 +319,12 @@ def test_runs_in_a_bucket_backfill_prometheus_one_sample_per_epoch(
                             timeout=120)
     assert blocks.returncode == 0, blocks.stdout + blocks.stderr
 
-    with prometheus(data, tmp_path / "prometheus.log") as base:
-        metrics = raw_samples(base, "asyncsync_training_metric", now)
-        epochs = raw_samples(base, "asyncsync_training_epoch", now)
-        durations = raw_samples(base, "asyncsync_training_epoch_duration_seconds", now)
+    # Nothing scraped: it only serves the blocks, kept however old they are.
+    with Prometheus("global:\n  scrape_interval: 1h\n", data,
+                    "--storage.tsdb.retention.time=3650d") as prom:
+        metrics = raw_samples(prom, "asyncsync_training_metric", now)
+        epochs = raw_samples(prom, "asyncsync_training_epoch", now)
+        durations = raw_samples(prom, "asyncsync_training_epoch_duration_seconds", now)
 
     ends = {name: [started[name] + seconds for seconds in elapsed] for name in names}
     assert metrics == {
