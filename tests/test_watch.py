@@ -614,3 +614,41 @@ def test_metrics_run_label_is_the_run_directory_at_run_depth(
     wait_for(lambda: run_labels() == {"detect/train2"}, 10, "the run labels")
     assert http_get(port, "/readyz") == (200, "ready")
     assert daemon.stop() == 0, daemon.log
+
+
+def test_the_training_pod_flow_a_sidecar_stopped_after_the_training_flushes_everything(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """deploy/k8s/training-job as processes: watch (the native sidecar) and a training share
+    a directory; the training exits; the kubelet then SIGTERMs the sidecar, whose final
+    flush puts everything in the bucket before it exits 0, within the grace period."""
+    import sys
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    daemon = Daemon(s3_server, runs, f"s3://{bucket}/job", tmp_path / "state", "--interval",
+                    "0.5", "--settle", "30", "--checkpoint-interval", "600", "--grace", "20")
+    daemons.append(daemon)
+    time.sleep(1.5)  # the sidecar starts first (an initContainer), and is up by then
+    training = subprocess.run(
+        [sys.executable, "-c",
+         "import os, pathlib\n"
+         f"run = pathlib.Path({str(runs)!r}) / 'train'\n"
+         "(run / 'weights').mkdir(parents=True)\n"
+         "(run / 'args.yaml').write_text('epochs: 2\\n')\n"
+         "for epoch in (1, 2):\n"
+         "    with open(run / 'results.csv', 'a') as f: f.write(f'{epoch},0.{epoch}\\n')\n"
+         "    (run / 'weights' / 'last.pt').write_bytes(os.urandom(9_000_000 + epoch))\n"
+         "(run / 'weights' / 'best.pt').write_bytes((run / 'weights' / 'last.pt').read_bytes())\n"],
+        timeout=60, check=True,
+    )
+    assert training.returncode == 0
+    # The main container is done: the sidecar is stopped next (settle never elapsed).
+    started = time.monotonic()
+    assert daemon.stop(signal.SIGTERM, timeout=30) == 0, daemon.log
+    assert time.monotonic() - started < 20  # within --grace, so the kubelet never SIGKILLs
+    client = s3_server.client()
+    for path in (runs / "train").rglob("*"):
+        if path.is_file():
+            relative = path.relative_to(runs).as_posix()
+            assert read_object(client, bucket, f"job/{relative}") == path.read_bytes(), relative

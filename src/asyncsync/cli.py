@@ -155,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
     add_options(runs, "runs")
 
+    shards = commands.add_parser(
+        "shards",
+        help="the state of a sharded push (push --shard I/N) at a glance",
+        description="Every shard's completion report under s3://BUCKET/PREFIX/_asyncsync/"
+        "shards/: done, running, missing or failed, with totals and throughput. Exit 0 when "
+        "all N shards are done without failures, 1 otherwise.", epilog=_LAYERS_EPILOG,
+    )
+    shards.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX] as given "
+                        "to push --shard")
+    add_options(shards, "shards")
+
     metrics = commands.add_parser(
         "metrics", help="training metrics for Prometheus: export past runs as OpenMetrics",
         description="Tools around asyncsync's Prometheus metrics.",
@@ -444,6 +455,13 @@ def run_metrics_export_command(args: argparse.Namespace) -> int:
     return _run_command(lambda: run_export(config))
 
 
+def run_shards_command(args: argparse.Namespace) -> int:
+    from .commands.shards import run_shards, shards_config_from
+
+    config = shards_config_from(settings_of(args), args.destination)
+    return _run_command(lambda: run_shards(config))
+
+
 def run_status_command(args: argparse.Namespace) -> int:
     from .commands.status import run_status, status_config_from
 
@@ -594,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_verify_command(args)
         if args.subcommand == "runs":
             return run_runs_command(args)
+        if args.subcommand == "shards":
+            return run_shards_command(args)
         if args.subcommand == "metrics":
             return run_metrics_export_command(args)
         if args.subcommand == "status":

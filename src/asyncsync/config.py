@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .pipeline.shard import Shard, parse_shard
 
 if TYPE_CHECKING:  # options.py imports this module; the builders only need the type
     from .options import Settings
@@ -216,7 +217,9 @@ class PushConfig:
     # push's metrics, written when it ends (watch and run serve theirs instead).
     metrics_textfile: Path | None = None
     pushgateway: str | None = None
-    run_depth: int = 1  # what the metrics' run label names
+    run_depth: int = 1  # what the metrics' run label names (and --shard's unit)
+    shard: Shard | None = None
+    checkpoint_manifest: float = 60.0  # seconds between copies of a shard's manifest
 
 
 def validate_source(path: Path) -> Path:
@@ -467,6 +470,15 @@ def push_config_from(
         verify_after_upload=settings["verify_after_upload"],
     )
     state_dir = settings["state_dir"] or default_state_dir()
+    shard = None
+    if settings.get("shard"):
+        try:
+            shard = parse_shard(settings["shard"], by=settings["shard_by"],
+                                run_depth=settings["run_depth"])
+        except ConfigError as exc:
+            raise settings.error("shard", str(exc)) from None
+        # Its own manifest (and temp dir), even where shards share a disk.
+        state_dir = state_dir / "shards" / f"{shard.count}-{shard.index}"
     textfile = settings.get("metrics_textfile")
     if textfile is not None and not textfile.absolute().parent.is_dir():
         # Found out now, not after an hour of uploads when the file cannot be written.
@@ -478,7 +490,8 @@ def push_config_from(
         follow_symlinks=settings["follow_symlinks"],
         reconcile=settings.get("reconcile", False), dry_run=settings.get("dry_run", False),
         metrics_textfile=settings.get("metrics_textfile"), pushgateway=settings.get("pushgateway"),
-        run_depth=settings.get("run_depth", 1),
+        run_depth=settings.get("run_depth", 1), shard=shard,
+        checkpoint_manifest=settings.get("checkpoint_manifest", 60.0),
     )
 
 

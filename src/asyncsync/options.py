@@ -209,6 +209,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("dry_run", Kind.FLAG, PushConfig.dry_run,
            "show what would be uploaded; send nothing", _PUSH, "push",
            command_help=(("pull", "show what would be downloaded; write nothing"),)),
+    Option("shard", Kind.TEXT, None,
+           "upload only shard I of N (I/N, or auto/N with I from $JOB_COMPLETION_INDEX): N "
+           "processes with the same N upload every file exactly once", _PUSH, "push",
+           metavar="I/N", default_text="the whole tree"),
+    Option("shard_by", Kind.CHOICE, "run",
+           "what --shard splits: run directories (--run-depth; each shard walks only its "
+           "own) or single files (a tree that is one huge directory)", _PUSH, "push",
+           choices=("run", "file")),
+    Option("checkpoint_manifest", Kind.SECONDS, 60.0,
+           "with --shard: copy the shard's manifest to PREFIX/_asyncsync/shards/ this often "
+           "(and at exit), so a replacement pod resumes from it; 0: at exit only", _PUSH,
+           "push", metavar="SECONDS"),
     # -- pull, verify ---------------------------------------------------------------------
     Option("with_history", Kind.FLAG, False,
            "also restore the history copies watch kept of append-only files "
@@ -222,7 +234,8 @@ OPTIONS: tuple[Option, ...] = (
            command_help=(("doctor", "the findings as one JSON object on stdout"),
                          ("verify", "one JSON object per problem on stdout, then a summary"),
                          ("runs", "one JSON object per run on stdout"),
-                         ("status", "the state as one JSON object on stdout"))),
+                         ("status", "the state as one JSON object on stdout"),
+                         ("shards", "one JSON object per shard on stdout, then a summary"))),
     Option("quiet", Kind.FLAG, False, "errors only", _CLI, "output", flags=("-q", "--quiet")),
     # A count: each -v adds one to what the environment, the file or the default set.
     Option("verbose", Kind.COUNT, 0,
@@ -325,10 +338,11 @@ BORROWED: dict[str, frozenset[str]] = {
     "runs": _STORE_OPTIONS | _OUTPUT | {"run_depth"},
     "status": _OUTPUT | {"state_dir"},
     "metrics-export": _STORE_OPTIONS | {"quiet", "verbose", "run_depth"},
+    "shards": _STORE_OPTIONS | _OUTPUT,
 }
 # Every command an option may name, besides the borrowing above.
 COMMANDS = ("push", "watch", "run", "attach", "doctor", "pull", "verify", "runs", "status",
-            "metrics-export")
+            "metrics-export", "shards")
 
 
 def options_for(command: str) -> tuple[Option, ...]:

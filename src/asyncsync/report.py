@@ -171,6 +171,7 @@ class Reporter:
             "bytes": self.bytes_sent,
             "retries": self.retries,
             "resumed_parts": self.resumed_parts,
+            "scanned": self.scanned_files,  # files this run looked at (a shard: its own)
             "seconds": round(seconds, 3),
         }
 

@@ -446,6 +446,19 @@ class Manifest:
 
     # -- multipart uploads in progress ---------------------------------------------------
 
+    def backup_to(self, path: Path) -> None:
+        """A consistent copy of the database at ``path`` (SQLite's online backup: what is
+        committed now, whatever is written meanwhile)."""
+        self.commit()
+        try:
+            target = sqlite3.connect(path)
+            try:
+                self._db.backup(target)
+            finally:
+                target.close()
+        except sqlite3.Error as exc:
+            raise ManifestError(_describe(exc, self.path)) from exc
+
     def count_objects(self) -> int:
         """Rows of every scope (the manifest_rows gauge; a count of the key index)."""
         row = self._fetchone("SELECT count(*) FROM objects", ())

@@ -25,6 +25,7 @@ import xxhash
 from .inline import InlineGate
 from .keys import PathFilter
 from .place import TEMP_PREFIX
+from .shard import Shard
 from .source import SourceRoot, describe_mode
 
 
@@ -115,6 +116,8 @@ class ScanOptions:
     # Directory names never descended into, relative to the root (e.g. the state directory
     # when it lives inside the tree: the manifest never uploads itself).
     skip_paths: frozenset[str] = frozenset()
+    # push --shard: only this shard's files are walked and reported (`pipeline.shard`).
+    shard: Shard | None = None
 
 
 class StatCache:
@@ -149,6 +152,10 @@ class StatCache:
         for rel in gone:
             del self._entries[rel]
         return gone
+
+
+def _everything(relative: str) -> bool:
+    return True
 
 
 class _Walker:
@@ -256,6 +263,19 @@ class _Walker:
         skip = self.options.skip_paths
         filtering, accepts = self.filtering, self.options.path_filter.accepts
         files: list[FileStat] = []
+        # --shard: which of this directory's files and subdirectories are this shard's. A
+        # run directory that is not is never entered, so N shards stat each file once.
+        shard = self.options.shard
+        owns = shard.owns if shard is not None else _everything
+        owned_files: bool | None = True  # None: ask `owns` per file
+        subdirs_owned = True
+        if shard is not None:
+            if shard.by == "file":
+                owned_files = None
+            else:
+                depth = prefix.count("/") + 1  # of this directory's entries
+                owned_files = depth > shard.run_depth or shard.index == 0
+                subdirs_owned = depth != shard.run_depth
         for entry in entries:
             name = entry.name
             rel = prefix + name
@@ -280,11 +300,15 @@ class _Walker:
                 items.append(ScanIssue(rel, f"cannot stat: {exc.strerror}", failed=True))
                 continue
             if kind == _REGULAR:
+                if owned_files is False or (owned_files is None and not owns(rel)):
+                    continue
                 if not filtering or accepts(rel):
                     files.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
                     if st.st_dev != device:
                         devices[name] = st.st_dev
             elif kind == _DIRECTORY:
+                if not subdirs_owned and not owns(rel):
+                    continue
                 identity = (st.st_dev, st.st_ino)
                 if not follow:
                     subdirs.append((base + name, rel + "/", ancestors, identity))

@@ -53,10 +53,13 @@ def state_dir_inside(source: Path, state_dir: Path) -> frozenset[str]:
 
 
 def scan_options_for(config: PushConfig) -> ScanOptions:
+    # A shard's state lives in STATE/shards/N-I: the whole of STATE is never uploaded.
+    state_dir = config.state_dir.parents[1] if config.shard is not None else config.state_dir
     return ScanOptions(
         follow_symlinks=config.follow_symlinks,
         path_filter=PathFilter(config.include, config.exclude),
-        skip_paths=state_dir_inside(config.source, config.state_dir),
+        skip_paths=state_dir_inside(config.source, state_dir),
+        shard=config.shard,
     )
 
 
