@@ -120,10 +120,7 @@ class Uploader:
         """Upload one file (or prove it unchanged). Per-file problems become a failed
         outcome (kept in the manifest until the file goes up: `asyncsync status` counts
         them); fatal store errors and manifest errors propagate and stop the run."""
-        started = time.monotonic()
-        outcome = await self._sync(scanned, key, decision)
-        if outcome.status is Status.UPLOADED:
-            outcome = replace(outcome, seconds=time.monotonic() - started)
+        outcome = await self._sync(scanned, key, decision, time.monotonic())
         if self._dry_run:
             return outcome
         if outcome.status is Status.FAILED:
@@ -134,10 +131,13 @@ class Uploader:
             self._manifest.forget_failure(self._scope, key)
         return outcome
 
-    async def _sync(self, scanned: ScannedFile, key: str, decision: Decision) -> FileOutcome:
+    async def _sync(
+        self, scanned: ScannedFile, key: str, decision: Decision, started: float
+    ) -> FileOutcome:
+        """``started``: when this file's upload began (its outcome's duration)."""
         for attempt in range(self._config.changed_retries + 1):
             try:
-                outcome = await self._sync_once(scanned, key, decision)
+                outcome = await self._sync_once(scanned, key, decision, started)
                 return replace(outcome, torn_reads=attempt) if attempt else outcome
             except SourceChanged as exc:
                 if attempt == self._config.changed_retries:
@@ -185,13 +185,15 @@ class Uploader:
             failure=failure,
         )
 
-    async def _sync_once(self, scanned: ScannedFile, key: str, decision: Decision) -> FileOutcome:
+    async def _sync_once(
+        self, scanned: ScannedFile, key: str, decision: Decision, started: float
+    ) -> FileOutcome:
         if decision.action is Action.ADOPT:
             decision = await self._adopt(key, decision)
         compress = wants_gzip(scanned.relative, scanned.size, self._config)
         if uses_multipart(scanned.size, self._config):
-            return await self._sync_large(scanned, key, decision, compress)
-        return await self._sync_small(scanned, key, decision, compress)
+            return await self._sync_large(scanned, key, decision, compress, started)
+        return await self._sync_small(scanned, key, decision, compress, started)
 
     async def _adopt(self, key: str, decision: Decision) -> Decision:
         """The bucket has the key but the manifest does not: take its digest from HEAD."""
@@ -243,7 +245,7 @@ class Uploader:
     # -- small files: one read, one PUT ---------------------------------------------------
 
     async def _sync_small(
-        self, scanned: ScannedFile, key: str, decision: Decision, compress: bool
+        self, scanned: ScannedFile, key: str, decision: Decision, compress: bool, started: float
     ) -> FileOutcome:
         grant = await self._budget.acquire(scanned.size)
         try:
@@ -283,12 +285,13 @@ class Uploader:
         return FileOutcome(
             scanned.relative, key, Status.UPLOADED, decision.reason, snap.identity.size,
             bytes_sent=len(snap.body), identity=snap.identity,
+            seconds=time.monotonic() - started,
         )
 
     # -- large files: hash, then a resumable multipart upload -----------------------------
 
     async def _sync_large(
-        self, scanned: ScannedFile, key: str, decision: Decision, compress: bool
+        self, scanned: ScannedFile, key: str, decision: Decision, compress: bool, started: float
     ) -> FileOutcome:
         temp: BinaryIO | None = None
         try:
@@ -340,4 +343,5 @@ class Uploader:
             scanned.relative, key, Status.UPLOADED,
             "resumed" if resumed else decision.reason, identity.size,
             bytes_sent=sent, parts=parts, resumed_parts=resumed, identity=identity,
+            seconds=time.monotonic() - started,
         )
