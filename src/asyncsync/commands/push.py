@@ -35,12 +35,13 @@ async def run_push(config: PushConfig, reporter: Reporter, metrics: Metrics | No
     """Mirror config.source into config.destination once; ``metrics`` hears every event
     the reporter does (for --metrics-textfile and --pushgateway)."""
     events: Events = reporter if metrics is None else Fanout((reporter, metrics))
-    if config.shard is not None and not (config.state_dir / MANIFEST_FILE).exists():
+    if (config.shard is not None and not config.dry_run
+            and not (config.state_dir / MANIFEST_FILE).exists()):
         await _restore(config, config.shard, events)
     async with Pipeline.open(config, events) as pipeline:
         if metrics is not None:
             metrics.watch_pipeline(pipeline)
-        if config.shard is None:
+        if config.shard is None or config.dry_run:  # a dry run leaves no trace in the bucket
             await mirror(pipeline)
         else:
             await _push_shard(config, config.shard, pipeline, reporter)

@@ -60,6 +60,8 @@ def training_progress(directory: Path) -> list[dict[str, Any]]:
 class RunRecord:
     """Writes the record object; failures are logged, never fatal to the run."""
 
+    what = "run record"  # the object's name in the warning that it was not written
+
     def __init__(self, session: StoreSession, key: str, **fields: Any) -> None:
         self.key = key
         self._session = session
@@ -79,7 +81,7 @@ class RunRecord:
                 metadata={}, content_type="application/json"))
         except (StoreError, EndpointUnreachable) as exc:
             if str(exc) != self._last_error:  # once per cause, not once per epoch
-                log.warning("run record %s not written: %s", self.key, exc)
+                log.warning("%s %s not written: %s", self.what, self.key, exc)
             self._last_error = str(exc)
             return False
         self._last_error = ""
