@@ -94,5 +94,8 @@ bench: $(STAMP_BENCH) $(STAMP_PEERS)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/watch.py
 
+bench-shards: $(STAMP_BENCH)
+	$(BIN)/python benchmarks/shards.py
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

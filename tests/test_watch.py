@@ -7,6 +7,7 @@ Each test runs the installed command as a daemon against a directory that a "tra
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -497,10 +498,23 @@ def test_files_swapped_for_symlinks_before_they_settle_never_leak(
     (outside / "secret.txt").write_bytes(SECRET)
     for i in range(10):
         (src / "train" / f"f{i:02d}.txt").write_bytes(b"honest %d\n" % i)
+    port = free_port()
     daemon = Daemon(s3_server, src, f"s3://{bucket}/w", tmp_path / "state", "--interval", "0.5",
-                    "--settle", "2", *(["--follow-symlinks"] if follow else []))
+                    "--settle", "3", "--metrics-addr", f"127.0.0.1:{port}",
+                    *(["--follow-symlinks"] if follow else []))
     daemons.append(daemon)
-    time.sleep(1.0)  # scanned, not settled yet
+
+    def queued() -> float:
+        try:
+            _, text = http_get(port, "/metrics")
+        except OSError:
+            return 0.0
+        found = re.search(r"^asyncsync_queue_depth (\S+)$", text, re.MULTILINE)
+        return float(found[1]) if found else 0.0
+
+    # Scanned as regular files, not settled yet (a slow start must not let the scan see the
+    # symlinks instead: the upload's own refusal is what this test is about).
+    wait_for(lambda: queued() == 10, 30, "the ten files queued")
     for i in range(10):
         link = src / "train" / ".tmp"
         os.symlink(outside / "secret.txt", link)
@@ -508,7 +522,7 @@ def test_files_swapped_for_symlinks_before_they_settle_never_leak(
     (src / "train" / "late.txt").write_bytes(b"written after the swap\n")
     client = s3_server.client()
     wait_for(lambda: object_or_none(client, bucket, "w/train/late.txt"), 30, "late.txt")
-    time.sleep(2.5)  # every swapped file's settle time has passed
+    time.sleep(3.5)  # every swapped file's settle time has passed
     assert daemon.stop() == 0
     keys = bucket_keys(client, bucket, "w/")
     assert keys == ["w/train/late.txt"], keys
