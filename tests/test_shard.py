@@ -108,6 +108,10 @@ def test_a_bad_shard_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         "asyncsync: error: --shard 'auto/4': auto needs $JOB_COMPLETION_INDEX (an Indexed "
         "Job's pod index), which is unset"]
+    # `asyncsync config` refuses what push would refuse: a pod whose index is past N.
+    done = run_cli("config", "push", "--shard", "auto/8", env=env | {"JOB_COMPLETION_INDEX": "9"})
+    assert done.returncode == 2
+    assert "the index must be below N (8)" in done.stderr
 
 
 # -- real processes against a real store --------------------------------------------------

@@ -355,6 +355,11 @@ def _connections(settings: Settings) -> int:
 def check_settings(settings: Settings) -> None:
     """The checks that involve several options but neither SRC nor DEST, so that
     ``asyncsync config`` refuses what the command itself would refuse."""
+    if settings.get("shard"):
+        try:  # auto/N reads $JOB_COMPLETION_INDEX: a pod with a bad index stops here
+            parse_shard(settings["shard"])
+        except ConfigError as exc:
+            raise settings.error("shard", str(exc)) from None
     workers = int(settings["workers"])
     needed = descriptors_needed(workers, _connections(settings),
                                 direct_uploads=bool(settings["direct_uploads"]))
