@@ -3,17 +3,19 @@ and nothing lost. Each case runs the installed command; store cases use real Sea
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import S3Server, bucket_keys, read_object, run_cli
+from .conftest import ASYNCSYNC, S3Server, bucket_keys, read_object, run_cli
 
 MiB = 1024 * 1024
 
@@ -591,3 +593,33 @@ def test_push_takes_its_settings_from_the_config_file(
     again = run_cli("push", src, f"s3://{bucket}/x", "--config", file, "--include", "f0.txt",
                     env=s3_server.env())
     assert again.returncode == 0 and again.files("uploaded") == ["exp/f0.txt"]
+
+
+def test_a_reader_that_goes_away_stops_push_quietly(tmp_path: Path) -> None:
+    """`push --json | head -1`: no traceback, no "internal error", the shells' 141; what
+    was uploaded stays recorded, and the next push sends only the rest."""
+    src = tmp_path / "src"
+    for d in range(20):
+        (src / f"d{d:02d}").mkdir(parents=True)
+        for f in range(100):
+            (src / f"d{d:02d}" / f"f{f:03d}.txt").write_text(f"{d} {f}\n")
+    bucket = tmp_path / "bucket"
+    (bucket / "p").mkdir(parents=True)  # a file:// destination's directory must exist
+    args = [ASYNCSYNC, "push", str(src), f"file://{bucket}/p", "--state-dir",
+            str(tmp_path / "state"), "--json"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    assert json.loads(first)["type"] == "file"
+    process.stdout.close()  # head has its line and exits
+    with process.stderr:
+        err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    records = [json.loads(line) for line in again.stdout.splitlines()]
+    summary = records[-1]
+    assert summary["uploaded"] + summary["skipped"] == 2000
+    assert summary["skipped"] >= 1  # the first run's uploads were kept
+    assert sum(1 for _ in (bucket / "p").rglob("*.txt")) == 2000

@@ -114,10 +114,19 @@ def test_run_needs_a_command_and_a_runnable_one(
 ) -> None:
     missing = run_cli("run", tmp_path / "runs", "s3://bucket-a/x", env=s3_server.env())
     assert missing.returncode == 2 and "no command to run" in missing.stderr
-    wrong = run_cli("run", tmp_path / "runs", f"s3://{bucket}/x", "--state-dir",
-                    tmp_path / "s", "--", str(tmp_path / "no-such-program"),
-                    env=s3_server.env())
-    assert wrong.returncode == 1 and "cannot start" in wrong.stderr
+    # The wrapper convention (env, timeout, the shells): 127 not found, 126 not executable.
+    not_executable = tmp_path / "train.sh"
+    not_executable.write_text("#!/bin/sh\necho hi\n")
+    for program, code, why in (
+        (tmp_path / "no-such-program", 127, "No such file or directory"),
+        (not_executable, 126, "Permission denied"),
+        (tmp_path, 126, "Permission denied"),  # a directory
+    ):
+        wrong = run_cli("run", tmp_path / "runs", f"s3://{bucket}/x", "--state-dir",
+                        tmp_path / "s", "--", str(program), env=s3_server.env())
+        assert wrong.returncode == code, wrong.stderr
+        assert error_lines(wrong.stderr) == [
+            f"asyncsync: error: cannot start {str(program)!r}: {why}"], wrong.stderr
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import platform
@@ -26,7 +27,15 @@ from .config import (
     push_config_from,
     watch_config_from,
 )
-from .errors import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, AsyncsyncError, ConfigError
+from .errors import (
+    EXIT_CLOSED_PIPE,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    AsyncsyncError,
+    ConfigError,
+    first_error,
+)
 from .names import PrintableFormatter, printable
 from .options import (
     BY_NAME,
@@ -580,6 +589,18 @@ def _run_with_signals(main: Any) -> int:
     return signals.first or 0
 
 
+def closed_pipe() -> int:
+    """stdout's reader went away (`| head`, `jq` done, `less` quit): stop quietly, as `yes`
+    does, with no traceback. What was uploaded is recorded in the manifest; uploads in
+    flight were cancelled as on SIGTERM (multipart ones resume). stdout is pointed at
+    /dev/null first: what is still buffered would fail again when Python exits."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_CLOSED_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -623,8 +644,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except AsyncsyncError as exc:
         log.error("%s", exc)
-        return EXIT_SOME_FAILED
+        return exc.exit_code
+    except BrokenPipeError:
+        return closed_pipe()
     except Exception as exc:  # a bug: say so plainly, with the traceback to report
+        if isinstance(exc, BaseExceptionGroup) and isinstance(first_error(exc), BrokenPipeError):
+            return closed_pipe()
         log.error("internal error: %s: %s (please report this)", type(exc).__name__, exc,
                   exc_info=True)
         return EXIT_SOME_FAILED

@@ -14,10 +14,26 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# The shells' convention for a writer whose reader went away (`yes | head`): 128 + SIGPIPE.
+EXIT_CLOSED_PIPE = 141
+# `run`'s own, as `env`, `timeout` and shells answer: COMMAND not found / not executable.
+EXIT_NOT_FOUND = 127
+EXIT_CANNOT_EXECUTE = 126
 
 
 class AsyncsyncError(Exception):
     """Base class of every error asyncsync reports to its user."""
+
+    exit_code = EXIT_SOME_FAILED  # the CLI's, when it ends a command
+
+
+class CommandNotStarted(AsyncsyncError):
+    """`run`'s COMMAND could not be started: 127 not found, 126 not executable (the exit
+    codes of `env`, `timeout` and the shells, apart from the child's own and 128+N)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class ConfigError(AsyncsyncError):

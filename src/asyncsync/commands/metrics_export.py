@@ -52,6 +52,7 @@ from typing import TextIO
 
 from ..config import Destination, StoreConfig, store_config_from
 from ..errors import (
+    EXIT_CLOSED_PIPE,
     EXIT_OK,
     EXIT_SOME_FAILED,
     ConfigError,
@@ -426,7 +427,7 @@ async def run_export(config: ExportConfig, out: TextIO | None = None) -> int:
     if config.output != "-":
         write_file(config.output, chunks)
     elif not write_stream(out or sys.stdout, chunks):
-        return EXIT_SOME_FAILED
+        return EXIT_CLOSED_PIPE
     log.info("%d run(s), %d epoch(s) exported", len(dated),
              sum(len(run.epochs) for run in dated))
     return EXIT_SOME_FAILED if failed else EXIT_OK

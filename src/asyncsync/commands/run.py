@@ -24,8 +24,10 @@ from typing import Any
 
 from ..config import WatchConfig
 from ..errors import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_NOT_FOUND,
     EXIT_SOME_FAILED,
-    AsyncsyncError,
+    CommandNotStarted,
     ConfigError,
     EndpointUnreachable,
     FatalStoreError,
@@ -122,7 +124,9 @@ async def _supervise(
         try:
             child = await asyncio.create_subprocess_exec(*command, start_new_session=True)
         except OSError as exc:
-            raise AsyncsyncError(f"cannot start {command[0]!r}: {exc.strerror or exc}") from exc
+            code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXECUTE
+            raise CommandNotStarted(f"cannot start {command[0]!r}: {exc.strerror or exc}",
+                                    code) from exc
         daemon.signals.started(child.pid)
     daemon.metrics.training_status = "running"
     watching = asyncio.create_task(watch(config, daemon, pipeline))
