@@ -36,15 +36,18 @@ lint: $(STAMP_DEV)
 	$(BIN)/mypy
 
 # System packages the tests use: Debian's prometheus (the server scrapes a real daemon and
-# serves backfilled blocks; promtool lints the exposition and tests the alert rules) and its
-# pushgateway (push --pushgateway). Installed here when missing, so a fresh machine needs
-# nothing by hand.
+# serves backfilled blocks; promtool lints the exposition and tests the alert rules), its
+# pushgateway (push --pushgateway), and zsh and fish (the completion scripts are checked by
+# the shells themselves). Installed here when missing, so a fresh machine needs nothing by
+# hand.
+SYSTEM_PACKAGES := prometheus prometheus-pushgateway zsh fish
 system-deps:
-	@{ command -v promtool && command -v prometheus && command -v prometheus-pushgateway; } >/dev/null 2>&1 || { \
+	@{ command -v promtool && command -v prometheus && command -v prometheus-pushgateway \
+	   && command -v zsh && command -v fish; } >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	  else \
-	    echo "prometheus, promtool or prometheus-pushgateway not found: install Debian's prometheus and prometheus-pushgateway packages (those tests will skip)"; \
+	    echo "some of $(SYSTEM_PACKAGES) not found: install them with apt (their tests will skip)"; \
 	  fi; }
 
 # The conformance matrix's other S3 servers (tests/s3servers.py). moto pins a botocore of its

@@ -224,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   parser_class=_ArgumentParser)
     for name in CLI_COMMANDS:
         add_options(which.add_parser(name, help=f"the settings of {name}"), name)
+
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script (bash, zsh or fish)",
+        description="Print a completion script for SHELL, generated from these very commands "
+        "and options. bash: `source <(asyncsync completion bash)` in ~/.bashrc, or save it "
+        "as /etc/bash_completion.d/asyncsync; zsh: save it as _asyncsync in a directory of "
+        "$fpath; fish: save it as ~/.config/fish/completions/asyncsync.fish.",
+    )
+    completion.add_argument("shell", metavar="SHELL", choices=("bash", "zsh", "fish"),
+                            help="bash, zsh or fish")
     return parser
 
 
@@ -560,6 +570,12 @@ def run_config_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_completion_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .commands.completion import run_completion
+
+    return run_completion(parser, args.shell)
+
+
 def _run_with_signals(main: Any) -> int:
     """Run ``main`` (push) under the daemon's signal policy (`service.daemon.Signals`): the
     first SIGINT/SIGTERM cancels ``main``; a second one exits at once with 128+N. Return the
@@ -616,6 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.subcommand == "config":
             return run_config_command(args)
+        if args.subcommand == "completion":  # the parser alone: no settings to resolve
+            return run_completion_command(parser, args)
         settings_of(args)
         configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False),
                           getattr(args, "log_format", "text"))
