@@ -187,3 +187,92 @@ def test_push_of_hostile_names_escapes_them_on_stderr_and_keeps_them_in_the_buck
     assert again.returncode == 0, again.stderr
     assert again.files("unchanged") == sorted([FORGED, ESCAPE])
     assert "\x1b" not in again.stderr
+
+
+MB = 1_000_000
+
+
+def test_the_progress_line_shows_the_whole_job_and_a_falling_eta() -> None:
+    """The report's case: 200 of 201 files done, the last 230 MB of a 340 MB push under
+    way. The percent must move and the ETA fall as its parts go up."""
+    from asyncsync.pipeline.events import Status
+
+    reporter = Reporter(progress=True, err=io.StringIO())
+    for i in range(200):
+        reporter.scanned(550_000)
+        reporter.sent(550_000)  # the store counts each body it sent
+        reporter.outcome(FileOutcome(f"f{i}", f"f{i}", Status.UPLOADED, "new", 550_000,
+                                     bytes_sent=550_000))
+    reporter.scanned(230 * MB)
+    reporter.scan_finished()
+    line = reporter.progress_line(0.0, 200)
+    assert line.startswith("200/201 files  110.0 MB/340.0 MB  32%"), line
+    etas = []
+    for second in range(1, 12):
+        reporter.sent(20 * MB)  # a part every second: 20 MB/s
+        line = reporter.progress_line(float(second), 200)
+        etas.append(line.rsplit("ETA ", 1)[1])
+    assert "330.0 MB/340.0 MB  97%" in line and "20.0 MB/s" in line, line
+    # From 10 s for the 210 MB left down to nothing: a second less per 20 MB sent.
+    assert etas[0] == "0:10" and etas[5] == "0:05" and etas[-1] == "0:00", etas
+
+
+def test_the_progress_line_fits_any_width_and_says_when_the_total_is_unknown() -> None:
+    reporter = Reporter(progress=True, err=io.StringIO())
+    reporter.scanned(5 * MB)
+    line = reporter.progress_line(0.0, 200)
+    assert line.startswith("0 of 1+ files"), line  # still scanning: no percent, no ETA
+    assert "%" not in line and "ETA" not in line
+    reporter.scan_finished()
+    for width in (1, 10, 30, 80, 300):
+        assert len(reporter.progress_line(1.0, width)) <= width - 1 or width == 1
+
+
+@pytest.mark.parametrize("columns", [44, 160])
+def test_push_draws_its_progress_in_a_terminal_of_any_width(tmp_path: Path, columns: int) -> None:
+    """A real push with stderr on a pseudo-terminal: every redraw fits the width (no wrap),
+    the line reaches the whole job's percent, and the summary line ends it."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    from .conftest import ASYNCSYNC
+
+    src, dest = tmp_path / "src", tmp_path / "bucket"
+    (src / "weights").mkdir(parents=True)
+    (src / "weights" / "last.pt").write_bytes(os.urandom(30_000_000))
+    (src / "args.yaml").write_text("epochs: 1\n")
+    dest.mkdir()
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen(
+        [ASYNCSYNC, "push", str(src), f"file://{dest}", "--state-dir", str(tmp_path / "s"),
+         "--max-bandwidth", "15MB/s"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal, env=env,
+    )
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert process.wait(timeout=60) == 0
+    text = output.decode(errors="replace")
+    redraws = [part.replace("\x1b[K", "") for line in text.split("\n")
+               for part in line.split("\r")]
+    drawn = [r for r in redraws if "files" in r]
+    assert drawn, text
+    assert all(len(r) <= columns - 1 for r in drawn), [r for r in drawn if len(r) >= columns]
+    assert any("%" in r for r in drawn), drawn
+    if columns > 100:
+        assert any("ETA" in r for r in drawn), drawn
+    assert "asyncsync: 2 uploaded, 0 unchanged, 0 failed" in text

@@ -14,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -25,6 +28,8 @@ from .pipeline.events import FileOutcome, Status
 from .pipeline.scan import FileStat, ScanIssue
 
 log = logging.getLogger("asyncsync")
+# The ETA's rate is the progress over this many seconds.
+_RATE_WINDOW = 10.0
 # A str as a JSON string literal, as json.dumps(..., ensure_ascii=False) writes it.
 _json_string: Callable[[str], str] = json.encoder.encode_basestring
 
@@ -62,7 +67,11 @@ class Reporter:
         self.scanned_files = 0
         self.scanned_bytes = 0
         self.done_bytes = 0
+        self.sent_by_done = 0  # bytes_sent of the files done: the rest is files under way
         self.scan_done = False
+        # (time, bytes done) over the last seconds: the ETA's rate is the recent one, not
+        # the average since a start that may have been all hashing or all small files.
+        self._samples: deque[tuple[float, float]] = deque()
 
     # -- events ---------------------------------------------------------------------------
 
@@ -122,6 +131,7 @@ class Reporter:
     def outcome(self, outcome: FileOutcome) -> None:
         status = outcome.status
         self.done_bytes += outcome.size
+        self.sent_by_done += outcome.bytes_sent
         if status == "uploaded":
             self.uploaded += 1
             self.resumed_parts += outcome.resumed_parts
@@ -209,23 +219,51 @@ class Reporter:
             self._draw()
             await asyncio.sleep(interval)
 
+    def _terminal_width(self) -> int:
+        """The width of the terminal the line is drawn on (stderr's, not stdout's: stdout
+        may be a pipe to jq), re-read each time: the window may be resized."""
+        try:
+            return os.get_terminal_size(self.err.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            return shutil.get_terminal_size((80, 24)).columns
+
     def _draw(self) -> None:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = self.bytes_sent / elapsed
-        files = self.uploaded + self.unchanged + self.failed + self.would_upload
-        total = f"/{self.scanned_files}" if self.scan_done else f" of {self.scanned_files}+"
-        line = (
-            f"{files}{total} files  {human_bytes(self.bytes_sent)} sent  "
-            f"{human_bytes(rate)}/s"
-        )
-        remaining = self.scanned_bytes - self.done_bytes
-        if self.scan_done and rate > 0 and remaining > 0:
-            eta = int(remaining / rate)
-            line += f"  ETA {eta // 60}:{eta % 60:02d}"
-        self.err.write("\r" + line[:100].ljust(70))
+        width = self._terminal_width()
+        self.err.write("\r" + self.progress_line(time.monotonic(), width) + "\x1b[K")
         self.err.flush()
+
+    def progress_line(self, now: float, width: int) -> str:
+        """One line of at most ``width - 1`` characters (a full line would wrap on some
+        terminals): files and bytes done of the whole job once the scan has found it all,
+        the percent and an ETA from the bytes still to go at the recent rate."""
+        files = self.uploaded + self.unchanged + self.failed + self.would_upload
+        # Bytes done: whole files, plus what has gone up of those under way (their parts).
+        done = self.done_bytes + max(0, self.bytes_sent - self.sent_by_done)
+        total = self.scanned_bytes
+        if self.scan_done:
+            done = min(done, total)
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[0][0] > _RATE_WINDOW:
+            self._samples.popleft()
+        first_time, first_done = self._samples[0]
+        rate = (done - first_done) / (now - first_time) if now - first_time >= 0.5 else 0.0
+        if self.scan_done:
+            percent = 100.0 * done / total if total else 100.0
+            fields = [f"{files}/{self.scanned_files} files",
+                      f"{human_bytes(done)}/{human_bytes(total)}", f"{percent:.0f}%"]
+        else:  # the total is not known yet: say what is known, and that more is coming
+            fields = [f"{files} of {self.scanned_files}+ files", f"{human_bytes(done)}"]
+        fields.append(f"{human_bytes(rate)}/s")
+        if self.scan_done and rate > 0 and total > done:
+            eta = int((total - done) / rate)
+            fields.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}" if eta >= 3600
+                          else f"ETA {eta // 60}:{eta % 60:02d}")
+        if self.failed:
+            fields.append(f"{self.failed} failed")
+        line = "  ".join(fields)
+        return line[: max(0, width - 1)]
 
     def _clear_progress(self) -> None:
         if self.progress:
-            self.err.write("\r" + " " * 100 + "\r")
+            self.err.write("\r\x1b[K")
             self.err.flush()
