@@ -623,3 +623,28 @@ def test_a_reader_that_goes_away_stops_push_quietly(tmp_path: Path) -> None:
     assert summary["uploaded"] + summary["skipped"] == 2000
     assert summary["skipped"] >= 1  # the first run's uploads were kept
     assert sum(1 for _ in (bucket / "p").rglob("*.txt")) == 2000
+
+
+def test_every_command_s_help_ends_with_examples_the_parser_accepts() -> None:
+    import contextlib
+    import io
+    import shlex
+
+    from asyncsync.cli import EXAMPLES, build_parser
+
+    parser = build_parser()
+    for name, examples in EXAMPLES.items():
+        command = name.split("-")  # metrics-export: `asyncsync metrics export`
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            parser.parse_args([*command, "--help"])
+        help_text = out.getvalue().rstrip()
+        assert help_text.endswith("\n".join(f"  {e}" for e in examples)), name
+        assert 2 <= len(examples) <= 3, name
+        for example in examples:
+            words = shlex.split(example.split(" | ")[0].replace("source <(", "").rstrip(")"))
+            if words[0] != "asyncsync":
+                continue  # promtool's half of the backfill
+            words = words[: words.index(">")] if ">" in words else words
+            args = parser.parse_args(words[1:words.index("--")] if "--" in words else words[1:])
+            assert args.subcommand == command[0], example

@@ -64,8 +64,85 @@ _LAYERS_EPILOG = (
 )
 
 
+# Two or three real command lines per command, shown at the end of its --help.
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "push": (
+        "asyncsync push ./runs s3://ml-artifacts/runs",
+        "asyncsync push ./runs s3://ml-artifacts/runs --workers 100 --max-bandwidth 200MB/s",
+        "asyncsync push /data/runs s3://archive/runs --shard auto/8 --json",
+    ),
+    "watch": (
+        "asyncsync watch /runs s3://ml-artifacts/node-7/runs --metrics-addr :9100",
+        "asyncsync watch ./runs s3://ml-artifacts/runs --delete-after 7d --keep 'weights/best.pt'",
+    ),
+    "run": (
+        "asyncsync run ./runs s3://ml-artifacts/runs -- yolo train data=coco8.yaml "
+        "model=yolov8n.pt",
+        "asyncsync run ./runs s3://ml-artifacts/runs --metrics-addr :9100 -- python train.py",
+    ),
+    "pull": (
+        "asyncsync pull s3://ml-artifacts/runs/detect/train2 ./restored/train2",
+        "asyncsync pull s3://ml-artifacts/runs ./runs --workers 64 --with-history",
+    ),
+    "verify": (
+        "asyncsync verify ./runs s3://ml-artifacts/runs",
+        "asyncsync verify ./runs s3://ml-artifacts/runs --deep --json",
+    ),
+    "runs": (
+        "asyncsync runs s3://ml-artifacts/runs",
+        "asyncsync runs s3://ml-artifacts/runs --json | jq 'select(.status == \"crashed\")'",
+    ),
+    "status": (
+        "asyncsync status",
+        "asyncsync status --state-dir /var/lib/asyncsync --json",
+    ),
+    "doctor": (
+        "asyncsync doctor s3://ml-artifacts/runs",
+        "asyncsync doctor s3://ml-artifacts/runs --endpoint-url http://minio:9000 --json",
+    ),
+    "shards": (
+        "asyncsync shards s3://archive/runs",
+        "asyncsync shards s3://archive/runs --json",
+    ),
+    "metrics-export": (
+        "asyncsync metrics export s3://ml-artifacts/runs -o runs.om",
+        "promtool tsdb create-blocks-from openmetrics runs.om /var/lib/prometheus/metrics2",
+    ),
+    "config": (
+        "asyncsync config watch",
+        "asyncsync config --config asyncsync.toml push --workers 64",
+    ),
+    "completion": (
+        "source <(asyncsync completion bash)",
+        "asyncsync completion fish > ~/.config/fish/completions/asyncsync.fish",
+    ),
+}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, but a paragraph of indented lines (the examples) is kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = text.split("\n\n")
+        return "\n\n".join(
+            paragraph if paragraph.startswith("  ") or paragraph.endswith(":")
+            else super(_HelpFormatter, self)._fill_text(paragraph, width, indent)
+            for paragraph in paragraphs
+        )
+
+
+def _with_examples(name: str, epilog: str | None) -> str:
+    """The epilog, then the examples: what a reader of --help sees last."""
+    lines = "\n".join(f"  {example}" for example in EXAMPLES[name])
+    return (f"{epilog}\n\n" if epilog else "") + f"examples:\n\n{lines}"
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse, but usage errors exit 2 with one line (its default prints the usage too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
         self.exit(EXIT_USAGE, f"asyncsync: error: {message} (see --help)\n")
@@ -234,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     completion.add_argument("shell", metavar="SHELL", choices=("bash", "zsh", "fish"),
                             help="bash, zsh or fish")
+    for name, command in commands.choices.items():
+        if name in EXAMPLES:
+            command.epilog = _with_examples(name, command.epilog)
+    export.epilog = _with_examples("metrics-export", export.epilog)
     return parser
 
 
