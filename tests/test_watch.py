@@ -666,3 +666,64 @@ def test_the_training_pod_flow_a_sidecar_stopped_after_the_training_flushes_ever
         if path.is_file():
             relative = path.relative_to(runs).as_posix()
             assert read_object(client, bucket, f"job/{relative}") == path.read_bytes(), relative
+
+
+def test_on_a_terminal_watch_keeps_a_status_line_below_its_log(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    src = tmp_path / "runs"
+    (src / "train").mkdir(parents=True)
+    main, terminal = pty.openpty()
+    columns = 60
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    process = subprocess.Popen(
+        [ASYNCSYNC, "watch", str(src), f"s3://{bucket}/tty", "--state-dir",
+         str(tmp_path / "state"), *FAST],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal,
+        env=s3_server.env(),
+    )
+    os.close(terminal)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        (src / "train" / "results.csv").write_text("epoch\n1\n")
+        client = s3_server.client()
+        wait_for(lambda: object_or_none(client, bucket, "tty/train/results.csv"), 30,
+                 "the upload")
+        # (cut at the terminal's 60 columns: the name's end does not fit)
+        wait_for(lambda: b"last upload train/results" in b"".join(chunks), 10,
+                 f"the status line naming it: {b''.join(chunks)[-500:]!r}")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        reader.join(timeout=10)
+        os.close(main)
+    text = b"".join(chunks).decode(errors="replace")
+    assert code == 0, text
+    lines = text.replace("\r\n", "\n").split("\n")
+    redraws = [part.replace("\x1b[K", "") for line in lines for part in line.split("\r")]
+    statuses = [r for r in redraws if r.startswith("watching: ")]
+    assert statuses and all(len(r) <= columns - 1 for r in statuses), statuses
+    assert any("0 queued" in r for r in statuses), statuses
+    # Every log record is a line of its own, never glued to the status.
+    records = [r for r in redraws if r.startswith("asyncsync: ")]
+    assert any("uploaded train/results.csv" in r for r in records), records
+    assert not [r for r in redraws if "watching: " in r and not r.startswith("watching: ")]

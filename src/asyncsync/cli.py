@@ -581,9 +581,19 @@ def run_watch_command(args: argparse.Namespace) -> int:
     release_large_buffers_promptly()
     if config.low_priority:
         lower_priority()
+    status = None
+    if sys.stderr.isatty() and args.log_format == "text" and not args.quiet:
+        # On a terminal, a status line that refreshes in place, below the log records.
+        from .service.statusline import StatusLine, StatusLineHandler
+
+        status = StatusLine(sys.stderr)
+        root = logging.getLogger("asyncsync")
+        handler = StatusLineHandler(sys.stderr, status)
+        handler.setFormatter(root.handlers[0].formatter)
+        root.handlers[:] = [handler]
     # The daemon handles the signals itself: the first drains (exit 0), a second exits.
     with asyncio.Runner() as runner:
-        runner.run(run_watch(config))
+        runner.run(run_watch(config, status))
     return EXIT_OK
 
 

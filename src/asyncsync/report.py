@@ -223,9 +223,11 @@ class Reporter:
         """The width of the terminal the line is drawn on (stderr's, not stdout's: stdout
         may be a pipe to jq), re-read each time: the window may be resized."""
         try:
-            return os.get_terminal_size(self.err.fileno()).columns
+            columns = os.get_terminal_size(self.err.fileno()).columns
         except (AttributeError, ValueError, OSError):
-            return shutil.get_terminal_size((80, 24)).columns
+            columns = 0
+        # A terminal that does not know its size (0 columns) gets the usual 80.
+        return columns if columns > 0 else shutil.get_terminal_size((80, 24)).columns
 
     def _draw(self) -> None:
         width = self._terminal_width()

@@ -21,12 +21,16 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from ..config import WatchConfig
 from ..errors import EndpointUnreachable, StoreError
 from ..pipeline.session import Pipeline, source_gone
 from ..pipeline.syncqueue import SyncQueue
 from ..service.daemon import Daemon
+
+if TYPE_CHECKING:
+    from ..service.statusline import StatusLine
 
 log = logging.getLogger("asyncsync")
 
@@ -35,9 +39,10 @@ log = logging.getLogger("asyncsync")
 PROBE_SECONDS = 5.0
 
 
-async def run_watch(config: WatchConfig) -> None:
-    """`asyncsync watch`: until SIGINT/SIGTERM. Configuration errors raise."""
-    daemon = Daemon(config)
+async def run_watch(config: WatchConfig, status: StatusLine | None = None) -> None:
+    """`asyncsync watch`: until SIGINT/SIGTERM. Configuration errors raise. ``status``:
+    the one-line status drawn on a terminal."""
+    daemon = Daemon(config, status=status)
     async with daemon.running():
         await watch(config, daemon)
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     # with prometheus_client would add some 40 ms to every push's start.
     from .health import HealthServer
     from .metrics import Metrics
+    from .statusline import StatusLine
 
 log = logging.getLogger("asyncsync")
 
@@ -208,10 +209,10 @@ class Daemon:
 
     def __init__(
         self, config: WatchConfig, *, metrics: Metrics | None = None,
-        drain: Callable[[int], None] | None = None,
+        drain: Callable[[int], None] | None = None, status: StatusLine | None = None,
     ) -> None:
         """``drain``: what a first signal does while no child runs (default: say so and
-        stop, as watch does)."""
+        stop, as watch does). ``status``: the terminal's status line (watch on a tty)."""
         from .metrics import Metrics
 
         self.config = config
@@ -236,6 +237,8 @@ class Daemon:
         # The per-run gauges as last set: only what moved is set again on a tick.
         self._exported_syncs: dict[str, float] = {}
         self._exported_pending: dict[str, tuple[int, int]] = {}
+        self.status = status
+        self._last_upload: tuple[str, float] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -249,12 +252,32 @@ class Daemon:
             host, port = self.config.metrics_addr
             self._health = HealthServer(host, port, self.metrics, self.readiness)
             await self._health.start()
+        # "12s ago" must move while nothing happens: the line is redrawn every second.
+        redraw = asyncio.create_task(self._redraw()) if self.status is not None else None
         try:
             yield self
         finally:
+            if redraw is not None:
+                redraw.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await redraw
+            if self.status is not None:
+                self.status.close()
             if self._health is not None:
                 await self._health.stop()
                 self._health = None
+
+    async def _redraw(self) -> None:
+        while True:
+            self._show_status()
+            await asyncio.sleep(1.0)
+
+    def _show_status(self) -> None:
+        if self.status is not None:
+            from .statusline import describe
+
+            self.status.show(describe(self.snapshot(), self._last_upload,
+                                      self._in_flight_bytes))
 
     @property
     def stopping(self) -> bool:
@@ -327,7 +350,9 @@ class Daemon:
         """One file's upload ended (any status)."""
         if outcome.status is Status.UPLOADED:
             run = run_of(outcome.relative, self.run_depth)
-            self._runs[run] = replace(self._runs.get(run, RunStatus()), last_sync=time.time())
+            now = time.time()
+            self._runs[run] = replace(self._runs.get(run, RunStatus()), last_sync=now)
+            self._last_upload = (outcome.relative, now)
         elif outcome.status is Status.FAILED:
             run = run_of(outcome.relative, self.run_depth)
             status = self._runs.get(run, RunStatus())
@@ -400,4 +425,5 @@ class Daemon:
         if metrics.expire():
             self._exported_syncs = {r: t for r, t in self._exported_syncs.items()
                                     if r in snapshot.runs}
+        self._show_status()
         return snapshot
