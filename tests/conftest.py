@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,3 +347,47 @@ def recorded_parts(state_dir: Path) -> int:
             return int(db.execute("SELECT count(*) FROM parts").fetchone()[0])
     except sqlite3.OperationalError:  # created, schema not written yet
         return 0
+
+
+@pytest.fixture
+def cli_main(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., tuple[int, str, str]]]:
+    """`asyncsync ARGS...` in-process: (exit code, stdout, stderr). cli.main configures the
+    "asyncsync" logger for a terminal; later tests read it through caplog, so it is put back."""
+    from asyncsync import cli
+
+    logger = logging.getLogger("asyncsync")
+    saved = logger.handlers[:], logger.level, logger.propagate
+
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    try:
+        yield run
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
+    """Poll ``condition`` until it gives something true (returned), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+def read_terminal(main: int, into: list[bytes]) -> None:
+    """Everything written to a pseudo-terminal's other side, until the child closes it."""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            return
+        if not chunk:
+            return
+        into.append(chunk)

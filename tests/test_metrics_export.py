@@ -9,17 +9,14 @@ back every epoch of every run at the time the rule says, with the value of the C
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from asyncsync import cli
 from asyncsync.commands.metrics_export import (
     EPOCHS_APART,
     Undatable,
@@ -103,23 +100,9 @@ def record_json(**fields: Any) -> str:
 
 
 @pytest.fixture
-def export(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
+def export(cli_main: Any) -> Any:
     """`asyncsync metrics export ARGS...` in-process: (exit code, stdout, stderr)."""
-    # cli.main configures the "asyncsync" logger for a terminal; the tests after this one
-    # read it through caplog.
-    logger = logging.getLogger("asyncsync")
-    saved = logger.handlers[:], logger.level, logger.propagate
-
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = cli.main(["metrics", "export", *map(str, args)])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    try:
-        yield run
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
+    return lambda *args: cli_main("metrics", "export", *args)
 
 
 def known_tree(root: Path) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import ASYNCSYNC, S3Server, read_object
+from .conftest import ASYNCSYNC, S3Server, read_object, wait_for
 from .deploy.promql import ALERTS, alert_expressions, expressions, substitute
 from .prometheus import Prometheus, free_port, needs_prometheus
 
@@ -52,16 +52,6 @@ scrape_configs:
 """
 
 
-def wait_until(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def number(sample: dict[str, Any]) -> float:
     return float(sample["value"][1])
 
@@ -91,9 +81,9 @@ def test_prometheus_evaluates_every_dashboard_and_alert_query_of_a_live_daemon(
             started = time.time()
             writer.start()
             # Enough scrapes for every rate() window, and the training well under way.
-            wait_until(lambda: prom.query('count_over_time(up{job="asyncsync"}[1m]) >= 8'),
+            wait_for(lambda: prom.query('count_over_time(up{job="asyncsync"}[1m]) >= 8'),
                        60, "eight scrapes")
-            wait_until(lambda: prom.query('asyncsync_training_epoch{run="detect/train2"} >= 3'),
+            wait_for(lambda: prom.query('asyncsync_training_epoch{run="detect/train2"} >= 3'),
                        60, f"the training epochs in Prometheus\n{log_path.read_text()}")
 
             # Every query of the dashboard answers with data.
@@ -104,7 +94,7 @@ def test_prometheus_evaluates_every_dashboard_and_alert_query_of_a_live_daemon(
             # Prometheus loaded from alerts.yaml evaluate without error.
             for _alert, expr in alert_expressions():
                 prom.query(expr)
-            rules = wait_until(lambda: _evaluated_rules(prom), 30, "the rules evaluated")
+            rules = wait_for(lambda: _evaluated_rules(prom), 30, "the rules evaluated")
             assert {r["name"] for r in rules} == {a for a, _ in alert_expressions()}
             for rule in rules:
                 assert rule["health"] == "ok", rule
@@ -115,7 +105,7 @@ def test_prometheus_evaluates_every_dashboard_and_alert_query_of_a_live_daemon(
             writer.join(timeout=120)
             client = s3_server.client()
             expected_csv = (run_dir / "results.csv").read_bytes()
-            wait_until(lambda: _object(client, bucket, "obs/detect/train2/results.csv")
+            wait_for(lambda: _object(client, bucket, "obs/detect/train2/results.csv")
                        == expected_csv, 30, "the final results.csv in the bucket")
 
             # The values are the training's: the epoch count and the last row.
@@ -123,7 +113,7 @@ def test_prometheus_evaluates_every_dashboard_and_alert_query_of_a_live_daemon(
                 got = prom.query('asyncsync_training_epoch{run="detect/train2"}')
                 return bool(got) and number(got[0]) == epochs
 
-            wait_until(final_epoch, 30, "the last epoch scraped")
+            wait_for(final_epoch, 30, "the last epoch scraped")
             last = {s["metric"]["column"]: number(s) for s in
                     prom.query('asyncsync_training_metric{run="detect/train2"}')}
             assert last == pytest.approx({
@@ -328,7 +318,7 @@ def test_run_serves_metrics_with_the_training_status(
             key = ("asyncsync_run_status", frozenset({("run", "train"), ("status", "running")}))
             return text if _samples(text).get(key) == 1 else None
 
-        text = wait_until(running, 30, "the run's status on /metrics")
+        text = wait_for(running, 30, "the run's status on /metrics")
         _lint(text)
         assert _samples(text)[("asyncsync_training_epoch", frozenset({("run", "train")}))] == 1
     finally:
@@ -354,7 +344,7 @@ def test_push_sends_its_metrics_to_a_real_pushgateway(
             stdout=log, stderr=subprocess.STDOUT,
         )
     try:
-        wait_until(lambda: _reachable(port), 30, "the pushgateway")
+        wait_for(lambda: _reachable(port), 30, "the pushgateway")
         done = subprocess.run(
             [ASYNCSYNC, "push", str(src), f"s3://{bucket}/pg", "--state-dir",
              str(tmp_path / "s"), "--pushgateway", f"http://127.0.0.1:{port}"],

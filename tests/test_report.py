@@ -239,7 +239,7 @@ def test_push_draws_its_progress_in_a_terminal_of_any_width(tmp_path: Path, colu
     import subprocess
     import termios
 
-    from .conftest import ASYNCSYNC
+    from .conftest import ASYNCSYNC, read_terminal
 
     src, dest = tmp_path / "src", tmp_path / "bucket"
     (src / "weights").mkdir(parents=True)
@@ -255,15 +255,9 @@ def test_push_draws_its_progress_in_a_terminal_of_any_width(tmp_path: Path, colu
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal, env=env,
     )
     os.close(terminal)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(main, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        output += chunk
+    chunks: list[bytes] = []
+    read_terminal(main, chunks)
+    output = b"".join(chunks)
     os.close(main)
     assert process.wait(timeout=60) == 0
     text = output.decode(errors="replace")

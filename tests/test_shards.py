@@ -12,13 +12,12 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from asyncsync import __version__, cli
+from asyncsync import __version__
 from asyncsync.commands.shards import (
     ShardReport,
     manifest_key,
@@ -103,23 +102,9 @@ def server_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server
 
 
 @pytest.fixture
-def shards(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
+def shards(cli_main: Any) -> Any:
     """`asyncsync shards ARGS...` in-process: (exit code, stdout, stderr)."""
-    # cli.main configures the "asyncsync" logger for a terminal; later tests read it through
-    # caplog, so it is put back.
-    logger = logging.getLogger("asyncsync")
-    saved = logger.handlers[:], logger.level, logger.propagate
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = cli.main(["shards", *args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    try:
-        yield run
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
+    return lambda *args: cli_main("shards", *args)
 
 
 def write_reports(dest: str, count: int,

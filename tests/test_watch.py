@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,9 @@ from .conftest import (
     bucket_keys,
     open_uploads,
     read_object,
+    read_terminal,
     recorded_parts,
+    wait_for,
 )
 
 pytestmark = pytest.mark.s3
@@ -33,15 +35,6 @@ pytestmark = pytest.mark.s3
 MiB = 1024 * 1024
 FAST = ["--interval", "0.5", "--settle", "0.5", "--checkpoint-interval", "0"]
 
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
 
 
 class Daemon:
@@ -690,18 +683,7 @@ def test_on_a_terminal_watch_keeps_a_status_line_below_its_log(
     )
     os.close(terminal)
     chunks: list[bytes] = []
-
-    def read() -> None:
-        while True:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                return
-            if not chunk:
-                return
-            chunks.append(chunk)
-
-    reader = threading.Thread(target=read, daemon=True)
+    reader = threading.Thread(target=read_terminal, args=(main, chunks), daemon=True)
     reader.start()
     try:
         (src / "train" / "results.csv").write_text("epoch\n1\n")

@@ -8,14 +8,17 @@ values Prometheus accepts, so either can be sent to a real Prometheus as they ar
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import re
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "asyncsync.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+GENERATOR = ROOT / "deploy" / "grafana" / "dashboard.py"
 
 
 def load_yaml(path: Path) -> Any:
@@ -25,14 +28,19 @@ def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
 
+def load_generator() -> ModuleType:
+    """deploy/grafana/dashboard.py, the dashboard's generator, as a module."""
+    spec = importlib.util.spec_from_file_location("asyncsync_grafana_dashboard", GENERATOR)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def panels(board: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every panel of a dashboard, those inside collapsed rows included, the rows left out."""
-    found: list[dict[str, Any]] = []
-    for panel in board["panels"]:
-        if panel.get("type") == "row":
-            found.extend(panel.get("panels", []))
-        else:
-            found.append(panel)
+    """Every panel of a dashboard, those inside collapsed rows included, the rows left out
+    (the generator's own walk)."""
+    found: list[dict[str, Any]] = load_generator().panels(board)
     return found
 
 

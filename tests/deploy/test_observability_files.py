@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -20,13 +19,13 @@ from .promql import (
     ROOT,
     alert_expressions,
     expressions,
+    load_generator,
     load_yaml,
     metric_names,
     panels,
     substitute,
 )
 
-GENERATOR = ROOT / "deploy" / "grafana" / "dashboard.py"
 ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yaml"
 SCRAPE = ROOT / "deploy" / "prometheus" / "scrape.yaml"
 
@@ -66,14 +65,6 @@ RUN_METRICS = {
     "asyncsync_run_bytes_pending", "asyncsync_run_status", "asyncsync_training_metric",
     "asyncsync_training_epoch", "asyncsync_training_epoch_duration_seconds",
 }
-
-
-def load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("asyncsync_grafana_dashboard", GENERATOR)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
