@@ -648,3 +648,35 @@ def test_every_command_s_help_ends_with_examples_the_parser_accepts() -> None:
             words = words[: words.index(">")] if ">" in words else words
             args = parser.parse_args(words[1:words.index("--")] if "--" in words else words[1:])
             assert args.subcommand == command[0], example
+
+
+def test_a_parser_built_for_one_command_reads_its_command_line_as_the_whole_one() -> None:
+    """main() adds only the options of the command it was given (a no-op push paid some
+    15 ms for every command's): what it parses, and its --help, must not differ."""
+    import contextlib
+    import io
+    import shlex
+
+    from asyncsync.cli import EXAMPLES, build_parser
+
+    whole = build_parser()
+    lines = [
+        "push ./runs s3://b/p --workers 7 --exclude '*.tmp' --gzip --json -v",
+        "watch ./runs s3://b/p --settle 3 --metrics-addr 127.0.0.1:9100 --delete-after 1h",
+        "config --config a.toml watch --settle 9",
+        "metrics export s3://b/p --run 'detect/*' -o x.om",
+        "pull s3://b/p/run ./back --with-history --workers 3",
+        *(example.split(" | ")[0] for examples in EXAMPLES.values() for example in examples
+          if example.startswith("asyncsync ") and " -- " not in example and ">" not in example),
+    ]
+    for line in lines:
+        words = shlex.split(line.removeprefix("asyncsync "))
+        assert build_parser(words[0]).parse_args(words) == whole.parse_args(words), line
+        for parser in (whole, build_parser(words[0])):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+                parser.parse_args([*words[:2 if words[0] == "metrics" else 1], "--help"])
+            if parser is whole:
+                expected = out.getvalue()
+            else:
+                assert out.getvalue() == expected, line

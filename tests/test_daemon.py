@@ -73,7 +73,7 @@ while True:
 SUPERVISOR = r"""
 import asyncio, sys
 from asyncsync.cli import configure_logging
-from asyncsync.service.daemon import Signals
+from asyncsync.service.signals import Signals
 
 async def main():
     signals = Signals(lambda signum: print("drained", flush=True))
@@ -93,7 +93,7 @@ asyncio.run(main())
 SPAWNING = r"""
 import asyncio, os, signal, sys
 from asyncsync.cli import configure_logging
-from asyncsync.service.daemon import Signals
+from asyncsync.service.signals import Signals
 
 async def main():
     signals = Signals(lambda signum: print("drained", flush=True))

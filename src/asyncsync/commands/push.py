@@ -19,7 +19,6 @@ from ..config import PushConfig
 from ..errors import EXIT_OK, EXIT_SOME_FAILED
 from ..pipeline.events import Events, Fanout
 from ..pipeline.manifest import MANIFEST_FILE
-from ..pipeline.manifest_copy import checkpoint_manifest, restore_manifest
 from ..pipeline.mirror import mirror
 from ..pipeline.session import Pipeline
 from ..report import Reporter
@@ -49,6 +48,7 @@ async def run_push(config: PushConfig, reporter: Reporter, metrics: Metrics | No
 
 async def _restore(config: PushConfig, shard: Shard, events: Events) -> None:
     """A shard starting on an empty disk (a replaced pod): its predecessor's manifest."""
+    from ..pipeline.manifest_copy import restore_manifest
     from .shards import manifest_key
 
     session = StoreSession(open_store(config, events.retried), config.store.max_attempts)
@@ -63,6 +63,8 @@ async def _restore(config: PushConfig, shard: Shard, events: Events) -> None:
 async def _push_shard(
     config: PushConfig, shard: Shard, pipeline: Pipeline, reporter: Reporter
 ) -> None:
+    # Loaded only for --shard: an ordinary push does not pay their import.
+    from ..pipeline.manifest_copy import checkpoint_manifest
     from .shards import ShardReport, manifest_key
 
     key = manifest_key(config.destination.prefix, shard)

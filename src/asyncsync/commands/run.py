@@ -34,7 +34,8 @@ from ..errors import (
 )
 from ..pipeline.keys import object_key
 from ..pipeline.session import Pipeline
-from ..service.daemon import Daemon, Signals
+from ..service.daemon import Daemon
+from ..service.signals import Signals
 from ..stores.session import StoreSession
 from .record import RECORD_PATH, RunRecord, now_iso, training_progress
 from .watch import open_pipeline, watch

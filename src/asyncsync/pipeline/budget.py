@@ -69,14 +69,14 @@ def release_large_buffers_promptly() -> None:
     buffer of 1 MiB or more in its own mapping, unmapped when freed. No-op off glibc.
     """
     import ctypes
-    import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
         return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # The symbols the process already has: libc's own where it is glibc. (find_library
+        # would run `ldconfig -p` in a subprocess: some milliseconds on every start.)
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
         return
     m_mmap_threshold = -3

@@ -10,9 +10,13 @@ logs are text.
 
 from __future__ import annotations
 
-import mimetypes
+import functools
 import posixpath
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import mimetypes
 
 DEFAULT_TYPE = "application/octet-stream"
 # What a training run writes that the built-in table does not know, or names differently.
@@ -32,7 +36,6 @@ _RUN_TYPES = {
     ".engine": DEFAULT_TYPE,
     ".tflite": DEFAULT_TYPE,
 }
-_TABLE = mimetypes.MimeTypes(filenames=())
 # type/subtype with optional parameters: what a Content-Type header may hold.
 _MEDIA_TYPE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*"
@@ -40,12 +43,21 @@ _MEDIA_TYPE = re.compile(
 )
 
 
+@functools.cache
+def _table() -> mimetypes.MimeTypes:
+    # Built on the first upload, not at import: building it costs some 5 ms, which a no-op
+    # re-sync (nothing to upload) would pay on every run.
+    import mimetypes
+
+    return mimetypes.MimeTypes(filenames=())
+
+
 def guess_content_type(relative: str) -> str:
     """The media type of a file named ``relative`` (its name alone: the body is not read)."""
     extension = posixpath.splitext(relative)[1].lower()
     if extension in _RUN_TYPES:
         return _RUN_TYPES[extension]
-    guessed, encoding = _TABLE.guess_type("x" + extension, strict=False)
+    guessed, encoding = _table().guess_type("x" + extension, strict=False)
     # A name like events.tar.gz is gzip data as stored: the encoding is not ours to declare.
     if guessed is None or encoding is not None:
         return DEFAULT_TYPE

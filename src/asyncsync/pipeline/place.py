@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TypeVar
 
@@ -92,7 +91,8 @@ def directory_beneath(root: str, parents: Sequence[str], *, create: bool = False
 
 def temp_name() -> str:
     """A fresh temp file name: unique, so concurrent writers of one name never share one."""
-    return TEMP_PREFIX + uuid.uuid4().hex
+    # 128 random bits, as uuid4 has (the uuid module imports platform: 4 ms on every start).
+    return TEMP_PREFIX + os.urandom(16).hex()
 
 
 def fsync_directory(directory: int) -> None:

@@ -18,15 +18,17 @@ import stat
 import time
 from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import xxhash
 
 from .inline import InlineGate
 from .keys import PathFilter
 from .place import TEMP_PREFIX
-from .shard import Shard
 from .source import SourceRoot, describe_mode
+
+if TYPE_CHECKING:
+    from .shard import Shard
 
 
 @dataclass(slots=True)

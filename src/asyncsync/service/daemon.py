@@ -9,10 +9,10 @@ per run directory the files pending, the last successful upload and the failures
 the store answers and the manifest is open. /readyz and the gauges of /metrics are read from
 it, and so will be a web page.
 
-`Signals` is the one SIGINT/SIGTERM policy of every command (push, watch, run): the first
-signal drains (push cancels, watch stops scanning and flushes, run passes it to the training's
-process group), a second one exits at once with 128+N, SIGKILLing the training's group first
-when there is one.
+`service.signals.Signals` is the one SIGINT/SIGTERM policy of every command (push, watch,
+run); the daemon installs it for watch and run: the first signal drains (push cancels, watch
+stops scanning and flushes, run passes it to the training's process group), a second one
+exits at once with 128+N, SIGKILLing the training's group first when there is one.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
@@ -32,17 +30,16 @@ from typing import TYPE_CHECKING, Protocol
 from ..config import WatchConfig
 from ..errors import TransientStoreError
 from ..pipeline.events import FileOutcome, NoEvents, Status
+from .signals import Signals
 
 if TYPE_CHECKING:
-    # Imported only where a Daemon uses them: push takes its `Signals` from here, and aiohttp.web
-    # with prometheus_client would add some 40 ms to every push's start.
+    # Imported only where a Daemon uses them: aiohttp.web with prometheus_client would add
+    # some 40 ms to the start of every command that loads this module.
     from .health import HealthServer
     from .metrics import Metrics
     from .statusline import StatusLine
 
 log = logging.getLogger("asyncsync")
-
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 ABOVE_RUNS = "."
 """The run of the files that lie no deeper than the run directories themselves."""
@@ -58,85 +55,6 @@ def run_of(relative: str, depth: int) -> str:
     (``detect/train2`` for ``detect/train2/weights/last.pt`` at depth 2), or `ABOVE_RUNS`."""
     parts = relative.split("/", depth)
     return "/".join(parts[:depth]) if len(parts) > depth else ABOVE_RUNS
-
-
-# -- signals ----------------------------------------------------------------------------------
-
-
-class Signals:
-    """SIGINT/SIGTERM for one command: the first drains, a second exits at once with 128+N.
-
-    ``drain`` is what the first signal does (cancel push, stop watch). Once a child's process
-    group is known (`started`: run's training), the first signal goes to that group instead,
-    and the second SIGKILLs it before exiting: exiting alone would leave a training that
-    ignores signals running with nobody to wait for it. While the child is being spawned
-    (`spawning`) it may exist without its pid known here, so signals are only remembered
-    until `started` learns the pid: the first is passed on then, and a second one exits then.
-    """
-
-    def __init__(self, drain: Callable[[int], None]) -> None:
-        self.received: list[int] = []
-        self.arrived = asyncio.Event()
-        self._drain = drain
-        self._group: int | None = None
-        self._spawning = False
-
-    @property
-    def first(self) -> int | None:
-        return self.received[0] if self.received else None
-
-    def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Left in place until the loop closes (which removes them): a second signal must
-        # still exit at once while asyncio tears down (waiting for reader threads, say).
-        for signum in HANDLED_SIGNALS:
-            loop.add_signal_handler(signum, self._handle, signum)
-
-    @contextlib.contextmanager
-    def spawning(self) -> Iterator[None]:
-        """Around the spawn of the child whose process group `started` names."""
-        self._spawning = True
-        try:
-            yield
-        finally:
-            self._spawning = False
-
-    def started(self, pid: int) -> None:
-        """The child runs, as the leader of process group ``pid``."""
-        self._group = pid
-        if self.received:  # came while spawning: the training has not seen it
-            self._forward(self.received[0])
-        if len(self.received) > 1:
-            self._exit(self.received[1])
-
-    def _handle(self, signum: int) -> None:
-        if self.received and not (self._spawning and self._group is None):
-            self._exit(signum)
-        self.received.append(signum)
-        self.arrived.set()
-        if self._group is not None:
-            self._forward(signum)
-        elif not self._spawning:
-            self._drain(signum)
-
-    def _forward(self, signum: int) -> None:
-        assert self._group is not None
-        log.warning("%s received: passing it to the training (again to kill it)",
-                    signal.Signals(signum).name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._group, signum)
-
-    def _exit(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        if self._group is not None:
-            log.warning("%s received again: killing the training and exiting", name)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._group, signal.SIGKILL)
-        else:
-            log.warning("%s received again: exiting now", name)
-        # os._exit skips every finally and atexit hook (that is the point), stdio flushes too.
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.flush()
-        os._exit(128 + signum)
 
 
 # -- the state and its snapshot ----------------------------------------------------------------

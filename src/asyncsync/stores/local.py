@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import stat
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, BinaryIO, TypeVar
@@ -438,7 +437,7 @@ class FileStore:
         meta = {"key": key, "attributes": _attributes_json(attributes)}
 
         def create() -> MultipartUpload:
-            upload_id = uuid.uuid4().hex
+            upload_id = os.urandom(16).hex()
             # Now the upload exists.
             self._write_json([STATE_DIR, "uploads", upload_id], "meta.json", meta)
             return MultipartUpload(upload_id)
