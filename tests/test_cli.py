@@ -9,6 +9,7 @@ import resource
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -680,3 +681,38 @@ def test_a_parser_built_for_one_command_reads_its_command_line_as_the_whole_one(
                 expected = out.getvalue()
             else:
                 assert out.getvalue() == expected, line
+
+
+def test_the_entry_point_flushes_everything_before_it_ends_the_process() -> None:
+    """main() without argv ends the process without the interpreter's teardown: what was
+    printed or logged must still all arrive, with the command's exit code."""
+    code = (
+        "import logging, sys\n"
+        "from asyncsync import cli\n"
+        "print('x' * 200_000, end='')\n"  # more than a pipe's buffer, still in stdout's
+        "logging.getLogger('asyncsync').addHandler(logging.StreamHandler(sys.stderr))\n"
+        "logging.getLogger('asyncsync').warning('last words')\n"
+        "cli._exit(4)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 4
+    assert done.stdout == "x" * 200_000
+    assert done.stderr.strip() == "last words"
+
+
+def test_the_entry_point_waits_for_a_thread_still_at_work(tmp_path: Path) -> None:
+    marker = tmp_path / "written"
+    code = (
+        "import threading, time\n"
+        "from asyncsync import cli\n"
+        "def late():\n"
+        "    time.sleep(0.5)\n"
+        f"    open({str(marker)!r}, 'w').write('done')\n"
+        "threading.Thread(target=late).start()\n"
+        "cli._exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert marker.read_text() == "done"

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .config import (
@@ -716,7 +716,39 @@ def closed_pipe() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The command line ``argv``; without one, the process's own: then main is the
+    program's entry point (the ``asyncsync`` script, ``python -m asyncsync``) and ends the
+    process itself once the command is done (`_exit`)."""
+    if argv is None:
+        _exit(_main(sys.argv[1:]))
+    return _main(argv)
+
+
+def _exit(code: int) -> NoReturn:
+    """End the process with ``code`` once the command has finished, without the
+    interpreter's teardown: freeing every module's objects one by one took a no-op push
+    ~25 ms of its ~200. Everything the command wrote is flushed and closed by then (the
+    manifest, the store session, every file); stdio and the log handlers are flushed here.
+    A thread still running (none should be) gets the ordinary exit, which waits for it."""
+    import threading
+
+    if any(thread.is_alive() and not thread.daemon for thread in threading.enumerate()
+           if thread is not threading.main_thread()):
+        sys.exit(code)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = closed_pipe()
+    except (OSError, ValueError):  # stdout already closed: nothing left to write there
+        pass
+    logging.shutdown()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: Sequence[str]) -> int:
+    argv = list(argv)
     # The parser needs only the options of the command it is given (an unknown word is
     # refused by name all the same); the completion script is generated from all of them.
     command = argv[0] if argv and not argv[0].startswith("-") and argv[0] != "completion" \
