@@ -12,7 +12,7 @@ import pytest
 
 from asyncsync.cli import configure_logging
 from asyncsync.names import printable
-from asyncsync.pipeline.events import FileOutcome
+from asyncsync.pipeline.events import FileOutcome, Status
 from asyncsync.pipeline.scan import ScanIssue
 from asyncsync.report import Reporter
 
@@ -30,7 +30,8 @@ def test_unchanged_files_in_bulk_print_the_records_outcome_prints() -> None:
     one = Reporter(json_lines=True, out=one_out, err=io.StringIO())
     for name, size, _, _ in sorted(files):
         one.scanned(size)
-        one.outcome(FileOutcome(f"dir/{name}", f"p/dir/{name}", "unchanged", "unchanged", size))
+        one.outcome(FileOutcome(f"dir/{name}", f"p/dir/{name}", Status.UNCHANGED, "unchanged",
+                                size))
     assert bulk_out.getvalue() == one_out.getvalue()
     lines = [json.loads(line) for line in bulk_out.getvalue().splitlines()]
     assert [line["path"] for line in lines] == [f"dir/{name}" for name in sorted(names)]
@@ -99,8 +100,8 @@ def _cli_logging(log_format: str) -> Iterator[Callable[[], str]]:
 
 
 def outcomes(reporter: Reporter) -> None:
-    reporter.outcome(FileOutcome(FORGED, f"p/{FORGED}", "uploaded", "new", 3, bytes_sent=3))
-    reporter.outcome(FileOutcome(ESCAPE, f"p/{ESCAPE}", "failed", "error", 3,
+    reporter.outcome(FileOutcome(FORGED, f"p/{FORGED}", Status.UPLOADED, "new", 3, bytes_sent=3))
+    reporter.outcome(FileOutcome(ESCAPE, f"p/{ESCAPE}", Status.FAILED, "error", 3,
                                  error=f"{ESCAPE}: cannot read: Permission denied"))
     reporter.issue(ScanIssue(FORGED, "is a FIFO; skipped", failed=False))
 
@@ -195,8 +196,6 @@ MB = 1_000_000
 def test_the_progress_line_shows_the_whole_job_and_a_falling_eta() -> None:
     """The report's case: 200 of 201 files done, the last 230 MB of a 340 MB push under
     way. The percent must move and the ETA fall as its parts go up."""
-    from asyncsync.pipeline.events import Status
-
     reporter = Reporter(progress=True, err=io.StringIO())
     for i in range(200):
         reporter.scanned(550_000)

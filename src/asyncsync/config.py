@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .pipeline.shard import Shard, parse_shard
 
 if TYPE_CHECKING:  # options.py imports this module; the builders only need the type
     from .options import Settings
+    from .pipeline.shard import Shard
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -40,6 +40,10 @@ DEFAULT_PART_CONCURRENCY = 8
 DEFAULT_RETRIES = 6
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 120.0
+# Runs are directories this many levels below SRC (runs/detect/train: 2).
+DEFAULT_RUN_DEPTH = 1
+DEFAULT_SHARD_BY = "run"  # pipeline/shard.py's BY_RUN
+DEFAULT_CHECKPOINT_MANIFEST = 60.0  # seconds between copies of a shard's manifest
 # Each full scan stats every file under SRC: 0.1 s on 20,000 files kept a core 38% busy
 # (0 was taken as 0.1). Half a second is as often as anything needs it: inotify events wake
 # the daemon sooner anyway, and watch's own benchmark scans no faster.
@@ -217,9 +221,9 @@ class PushConfig:
     # push's metrics, written when it ends (watch and run serve theirs instead).
     metrics_textfile: Path | None = None
     pushgateway: str | None = None
-    run_depth: int = 1  # what the metrics' run label names (and --shard's unit)
+    run_depth: int = DEFAULT_RUN_DEPTH  # what the metrics' run label names (and --shard's unit)
     shard: Shard | None = None
-    checkpoint_manifest: float = 60.0  # seconds between copies of a shard's manifest
+    checkpoint_manifest: float = DEFAULT_CHECKPOINT_MANIFEST
 
 
 def validate_source(path: Path) -> Path:
@@ -314,7 +318,7 @@ class CleanupSettings:
     delete_after: float
     keep: tuple[str, ...] = ()
     dry_run: bool = False
-    run_depth: int = 1
+    run_depth: int = DEFAULT_RUN_DEPTH
 
 
 @dataclass(frozen=True)
@@ -336,7 +340,7 @@ class WatchConfig:
     cleanup_interval: float = 300.0
     # Runs are directories this many levels below SRC (runs/detect/train: 2): the unit of
     # cleanup, of the metrics' run label and of the daemon's per-run state.
-    run_depth: int = 1
+    run_depth: int = DEFAULT_RUN_DEPTH
     # Per-run series are bounded: in time (a run quiet this long loses them) and in number.
     metrics_run_ttl: float = 24 * 3600.0
     metrics_max_runs: int = 1000
@@ -356,6 +360,8 @@ def check_settings(settings: Settings) -> None:
     """The checks that involve several options but neither SRC nor DEST, so that
     ``asyncsync config`` refuses what the command itself would refuse."""
     if settings.get("shard"):
+        from .pipeline.shard import parse_shard  # a push without --shard does not load it
+
         try:  # auto/N reads $JOB_COMPLETION_INDEX: a pod with a bad index stops here
             parse_shard(settings["shard"])
         except ConfigError as exc:
@@ -477,6 +483,8 @@ def push_config_from(
     state_dir = settings["state_dir"] or default_state_dir()
     shard = None
     if settings.get("shard"):
+        from .pipeline.shard import parse_shard
+
         try:
             shard = parse_shard(settings["shard"], by=settings["shard_by"],
                                 run_depth=settings["run_depth"])
@@ -493,10 +501,12 @@ def push_config_from(
         source=src, destination=dest, state_dir=state_dir.absolute(), store=store,
         transfer=transfer, include=settings["include"], exclude=settings["exclude"],
         follow_symlinks=settings["follow_symlinks"],
-        reconcile=settings.get("reconcile", False), dry_run=settings.get("dry_run", False),
+        # The options only push takes are absent from watch's and attach()'s settings.
+        reconcile=settings.get("reconcile", PushConfig.reconcile),
+        dry_run=settings.get("dry_run", PushConfig.dry_run),
         metrics_textfile=settings.get("metrics_textfile"), pushgateway=settings.get("pushgateway"),
-        run_depth=settings.get("run_depth", 1), shard=shard,
-        checkpoint_manifest=settings.get("checkpoint_manifest", 60.0),
+        run_depth=settings.get("run_depth", DEFAULT_RUN_DEPTH), shard=shard,
+        checkpoint_manifest=settings.get("checkpoint_manifest", DEFAULT_CHECKPOINT_MANIFEST),
     )
 
 

@@ -13,25 +13,24 @@ can say where every setting came from.
 
 from __future__ import annotations
 
-import csv
-import difflib
 import enum
-import json
 import os
 import re
-import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import (
+    DEFAULT_CHECKPOINT_MANIFEST,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_MEMORY,
     DEFAULT_MULTIPART_THRESHOLD,
     DEFAULT_PART_CONCURRENCY,
     DEFAULT_READ_TIMEOUT,
     DEFAULT_RETRIES,
+    DEFAULT_RUN_DEPTH,
+    DEFAULT_SHARD_BY,
     DEFAULT_WORKERS,
     MAX_PART_SIZE,
     MIN_PART_SIZE,
@@ -134,8 +133,8 @@ _SCANS = "each full scan stats every file under SRC"
 # is written in one place and the CLI, the environment, the file and attach() share it.
 OPTIONS: tuple[Option, ...] = (
     # -- store ----------------------------------------------------------------------------
-    Option("endpoint_url", Kind.URL, None, "S3-compatible endpoint", _UPLOADS, "store",
-           metavar="URL",
+    Option("endpoint_url", Kind.URL, StoreConfig.endpoint_url, "S3-compatible endpoint",
+           _UPLOADS, "store", metavar="URL",
            default_text="$AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS"),
     Option("region", Kind.TEXT, StoreConfig.region, "region used for signing", _UPLOADS,
            "store", metavar="REGION", default_text="from the AWS configuration"),
@@ -213,11 +212,11 @@ OPTIONS: tuple[Option, ...] = (
            "upload only shard I of N (I/N, or auto/N with I from $JOB_COMPLETION_INDEX): N "
            "processes with the same N upload every file exactly once", _PUSH, "push",
            metavar="I/N", default_text="the whole tree"),
-    Option("shard_by", Kind.CHOICE, "run",
+    Option("shard_by", Kind.CHOICE, DEFAULT_SHARD_BY,
            "what --shard splits: run directories (--run-depth; each shard walks only its "
            "own) or single files (a tree that is one huge directory)", _PUSH, "push",
            choices=("run", "file")),
-    Option("checkpoint_manifest", Kind.SECONDS, 60.0,
+    Option("checkpoint_manifest", Kind.SECONDS, DEFAULT_CHECKPOINT_MANIFEST,
            "with --shard: copy the shard's manifest to PREFIX/_asyncsync/shards/ this often "
            "(and at exit), so a replacement pod resumes from it; 0: at exit only", _PUSH,
            "push", metavar="SECONDS"),
@@ -273,11 +272,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_addr", Kind.ADDRESS, WatchConfig.metrics_addr,
            "serve /healthz, /readyz and /metrics here (e.g. :9100)", _DAEMON | {"attach"},
            "metrics", metavar="HOST:PORT", default_text="off"),
-    Option("metrics_textfile", Kind.PATH, None,
+    Option("metrics_textfile", Kind.PATH, PushConfig.metrics_textfile,
            "when done, write the metrics here in node_exporter's textfile format "
            "(atomically: a temp file, then a rename)", _PUSH, "metrics", metavar="PATH",
            default_text="off"),
-    Option("pushgateway", Kind.URL, None,
+    Option("pushgateway", Kind.URL, PushConfig.pushgateway,
            "when done, push the metrics to this Prometheus Pushgateway (job asyncsync-push, "
            "instance = this host)", _PUSH, "metrics", metavar="URL", default_text="off"),
     Option("metrics_run_ttl", Kind.DURATION, WatchConfig.metrics_run_ttl,
@@ -306,7 +305,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("delete_dry_run", Kind.FLAG, CleanupSettings.dry_run,
            "log what cleanup would delete; delete nothing", _WATCH,
            "local cleanup (off by default)"),
-    Option("run_depth", Kind.INT, WatchConfig.run_depth,
+    Option("run_depth", Kind.INT, DEFAULT_RUN_DEPTH,
            "runs are directories N levels below SRC (runs/detect/train is 2): the unit of "
            "cleanup and of the per-run metrics", _DAEMON | _PUSH, "daemon", metavar="N",
            minimum=1),
@@ -553,6 +552,8 @@ _Layer = dict[str, tuple[Any, Origin]]
 def _unknown(name: str, known: list[str]) -> str:
     if name.replace("-", "_") in known:
         return f"unknown key {name!r} (keys use underscores: {name.replace('-', '_')})"
+    import difflib
+
     close = difflib.get_close_matches(name, known, n=1)
     return f"unknown key {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
@@ -561,6 +562,8 @@ def read_file(path: str | Path, command: str | None) -> _Layer:
     """The values a TOML config file sets for ``command``: top-level keys (those the
     command takes; the others are for other commands), then the ``[command]`` section.
     Every key of every section is checked, so a typo fails whichever command reads it."""
+    import tomllib  # only when there is a file: a command without one does not pay for it
+
     where = f"config file {path}"
     try:
         with open(path, "rb") as stream:
@@ -608,6 +611,8 @@ def read_environ(environ: Mapping[str, str], command: str) -> _Layer:
         origin = Origin(Source.ENV, option.env, option.env)
         value: Any = text
         if option.kind is Kind.GLOBS:
+            import csv
+
             try:
                 value = [item for item in next(csv.reader([text], skipinitialspace=True))
                          if item]
@@ -623,6 +628,8 @@ def read_keywords(values: Mapping[str, Any], command: str, caller: str) -> _Laye
     layer: _Layer = {}
     for name, value in values.items():
         if name not in takes:
+            import difflib
+
             close = difflib.get_close_matches(name, takes, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{caller}: unknown option {name!r}{hint}")
@@ -686,6 +693,8 @@ def from_mapping(command: str, values: Mapping[str, Any], *,
 def _toml_string(text: str) -> str:
     # json's escapes are TOML's; controls, bidi overrides and line separators are escaped
     # too, so a value can neither break the line nor reorder the terminal.
+    import json
+
     quoted = json.dumps(text, ensure_ascii=False)
     return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in quoted)
 

@@ -132,19 +132,19 @@ class Reporter:
         status = outcome.status
         self.done_bytes += outcome.size
         self.sent_by_done += outcome.bytes_sent
-        if status == "uploaded":
+        if status is Status.UPLOADED:
             self.uploaded += 1
             self.resumed_parts += outcome.resumed_parts
             log.info("uploaded %s -> %s (%s, %s)", printable(outcome.relative),
                      printable(outcome.key), human_bytes(outcome.size), outcome.reason)
-        elif status == "unchanged":
+        elif status is Status.UNCHANGED:
             self.unchanged += 1
             log.debug("unchanged %s", printable(outcome.relative))
-        elif status == "would-upload":
+        elif status is Status.WOULD_UPLOAD:
             self.would_upload += 1
             log.info("would upload %s -> %s (%s)", printable(outcome.relative),
                      printable(outcome.key), outcome.reason)
-        elif status == "skipped":
+        elif status is Status.SKIPPED:
             self.ignored += 1
             log.warning("%s: %s", printable(outcome.relative), printable(outcome.reason))
         else:

@@ -15,8 +15,11 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
 
+from ..config import TransferConfig
 from ..errors import (
     BadDigest,
     FatalStoreError,
@@ -29,6 +32,7 @@ from ..errors import (
 )
 from ..stores.capabilities import Capability
 from ..stores.protocol import META_DIGEST, ObjectAttributes, ObjectStore, UploadedPart
+from .budget import ByteBudget
 from .digest import (
     FileIdentity,
     crc32_b64_of,
@@ -36,26 +40,37 @@ from .digest import (
     new_digest,
     read_part,
 )
-from .manifest import PendingUpload, RecordedPart
+from .manifest import Manifest, PendingUpload, RecordedPart, Scope
 from .plan import content_type_for, part_count, part_size_for, part_window_for
 from .scan import ScannedFile
 from .source import OpenedSource, open_source, stat_source
 
-if TYPE_CHECKING:
-    from .transfer import Uploader
-
 log = logging.getLogger("asyncsync")
+
+StoreGetter = Callable[[], Awaitable[ObjectStore]]
+
+
+@dataclass(frozen=True, slots=True)
+class UploadContext:
+    """What a `LargeUpload` works with, lent by the uploader that runs it. Built once per
+    run, so a large file costs one reference to it, and a part nothing at all."""
+
+    store: StoreGetter
+    manifest: Manifest
+    scope: Scope
+    config: TransferConfig
+    budget: ByteBudget  # bodies in memory, shared with every other upload of the run
+    threads: Executor  # the uploader's pool for file reads and hashing
 
 
 class LargeUpload:
-    """One multipart upload of one file: create or resume, send parts, verify, complete.
-    The `Uploader` runs it and lends it its store, manifest, budget and worker threads."""
+    """One multipart upload of one file: create or resume, send parts, verify, complete."""
 
     def __init__(
-        self, uploader: Uploader, scanned: ScannedFile, key: str, body_path: str | None,
+        self, context: UploadContext, scanned: ScannedFile, key: str, body_path: str | None,
         body_size: int, identity: FileIdentity, digest: str, encoding: str | None,
     ) -> None:
-        self.up = uploader
+        self.context = context
         self.scanned = scanned
         self.key = key
         self.body_path = body_path
@@ -63,14 +78,14 @@ class LargeUpload:
         self.identity = identity
         self.digest = digest
         self.encoding = encoding
-        self.part_size = part_size_for(body_size, uploader._config.part_size)
+        self.part_size = part_size_for(body_size, context.config.part_size)
         self.sent = 0
         self.crc32 = False  # the upload takes CRC32 part checksums (the store confirmed it)
 
     async def run(self) -> tuple[str, int, int, int]:
         """Return (ETag, bytes sent now, parts resumed from an earlier run, part count)."""
-        manifest, scope = self.up._manifest, self.up._scope
-        store = await self.up._store()
+        manifest, scope = self.context.manifest, self.context.scope
+        store = await self.context.store()
         upload_id, done = await self._resume_or_create(store)
         try:
             parts = await self._send_parts(store, upload_id, done)
@@ -108,7 +123,7 @@ class LargeUpload:
             raise
 
     async def _resume_or_create(self, store: ObjectStore) -> tuple[str, dict[int, UploadedPart]]:
-        manifest, scope = self.up._manifest, self.up._scope
+        manifest, scope = self.context.manifest, self.context.scope
         pending = manifest.pending_upload(scope, self.key)
         if pending is not None:
             if self._can_resume(pending):
@@ -123,7 +138,7 @@ class LargeUpload:
             self.key, crc32=True,
             attributes=ObjectAttributes.of_content(
                 self.digest, self.identity.size, self.encoding,
-                content_type_for(self.scanned.relative, self.up._config),
+                content_type_for(self.scanned.relative, self.context.config),
             ),
         )
         self.crc32 = upload.crc32
@@ -157,7 +172,8 @@ class LargeUpload:
             try:
                 listed = await store.list_parts(self.key, pending.upload_id)
             except NoSuchUpload:
-                self.up._manifest.forget_upload(self.up._scope, self.key, pending.upload_id)
+                self.context.manifest.forget_upload(self.context.scope, self.key,
+                                                    pending.upload_id)
                 return None
             except NotSupported:
                 listed = None
@@ -169,7 +185,7 @@ class LargeUpload:
             await self._abort(store, pending.upload_id, forget_anyway=True)
             return None
         self.crc32 = pending.checksum == "crc32"
-        recorded = self.up._manifest.recorded_parts(pending.upload_id)
+        recorded = self.context.manifest.recorded_parts(pending.upload_id)
         done = {}
         for part in listed:
             mine = recorded.get(part.part_number)
@@ -185,7 +201,8 @@ class LargeUpload:
     async def _send_parts(
         self, store: ObjectStore, upload_id: str, done: dict[int, UploadedPart]
     ) -> list[UploadedPart]:
-        config, budget = self.up._config, self.up._budget
+        config, budget, threads = self.context.config, self.context.budget, self.context.threads
+        loop = asyncio.get_running_loop()
         count = part_count(self.body_size, self.part_size)
         window = asyncio.Semaphore(part_window_for(self.body_size, self.part_size, config))
         # Re-hash what is sent, in file order, unless the body is our own gzip temp file
@@ -196,7 +213,7 @@ class LargeUpload:
         if self.body_path is None:
             # The file itself: opened beneath its root, and it must still be the file the
             # hashing pass read (a symlink swapped in meanwhile is never read).
-            source = await self.up.in_thread(open_source, self.scanned)
+            source = await loop.run_in_executor(threads, open_source, self.scanned)
             fd = source.fd
         else:  # our own gzip temp file
             fd = os.open(self.body_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -210,8 +227,8 @@ class LargeUpload:
                     await window.acquire()
                     grant = await budget.acquire(length)
                     try:
-                        data, md5, crc32 = await self.up.in_thread(
-                            _read_hash_part, fd, offset, length, hasher,
+                        data, md5, crc32 = await loop.run_in_executor(
+                            threads, _read_hash_part, fd, offset, length, hasher,
                             self._checksums(store) if number not in done else (False, False),
                         )
                         if len(data) != length:
@@ -261,9 +278,9 @@ class LargeUpload:
             etag = await store.upload_part(self.key, upload_id, number, data,
                                            md5_b64=md5, crc32_b64=crc32)
         finally:
-            self.up._budget.release(grant)
+            self.context.budget.release(grant)
             window.release()
-        self.up._manifest.record_part(
+        self.context.manifest.record_part(
             upload_id, RecordedPart(number, etag, md5 or "", len(data), crc32)
         )
         finished[number] = UploadedPart(number, etag, len(data), crc32=crc32)
@@ -299,7 +316,7 @@ class LargeUpload:
                 return
             log.warning("%s: could not abort upload %s (%s); starting afresh",
                         self.scanned.relative, upload_id, exc)
-        self.up._manifest.forget_upload(self.up._scope, self.key, upload_id)
+        self.context.manifest.forget_upload(self.context.scope, self.key, upload_id)
 
 
 def _read_hash_part(

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +43,7 @@ from .digest import (
 from .events import Failure, FileOutcome, Status
 from .inline import InlineGate
 from .manifest import Manifest, ObjectRecord, Scope
-from .multipart import LargeUpload
+from .multipart import LargeUpload, StoreGetter, UploadContext
 from .plan import (
     Action,
     Decision,
@@ -57,7 +57,6 @@ from .source import stat_source
 
 log = logging.getLogger("asyncsync")
 
-StoreGetter = Callable[[], Awaitable[ObjectStore]]
 # Files up to this size are read and hashed on the event loop's own thread (see inline.py).
 INLINE_READ_MAX = 256 * 1024
 P = ParamSpec("P")
@@ -93,6 +92,7 @@ class Uploader:
             max_workers=max(4, min(64, config.workers + config.part_concurrency)),
             thread_name_prefix="asyncsync-io",
         )
+        self._large_context = UploadContext(store, manifest, scope, config, budget, self._io)
 
     @property
     def budget(self) -> ByteBudget:
@@ -325,7 +325,7 @@ class Uploader:
                     scanned.relative, key, Status.WOULD_UPLOAD, decision.reason, identity.size
                 )
             upload = LargeUpload(
-                self, scanned, key, body_path, body_size, identity, digest, encoding
+                self._large_context, scanned, key, body_path, body_size, identity, digest, encoding
             )
             etag, sent, resumed, parts = await upload.run()
         finally:
