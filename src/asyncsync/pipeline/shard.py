@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from ..config import DEFAULT_RUN_DEPTH
 from ..errors import ConfigError
 
 BY_RUN = "run"
@@ -29,7 +30,7 @@ class Shard:
     index: int
     count: int
     by: str = BY_RUN
-    run_depth: int = 1
+    run_depth: int = DEFAULT_RUN_DEPTH
 
     @property
     def label(self) -> str:
@@ -51,7 +52,7 @@ class Shard:
         return self.owns("/".join(parts[: self.run_depth]))
 
 
-def parse_shard(text: str, *, by: str = BY_RUN, run_depth: int = 1,
+def parse_shard(text: str, *, by: str = BY_RUN, run_depth: int = DEFAULT_RUN_DEPTH,
                 environ: dict[str, str] | None = None) -> Shard:
     """``I/N`` or ``auto/N`` (I from $JOB_COMPLETION_INDEX); ConfigError naming the value."""
     index_text, slash, count_text = text.strip().partition("/")
