@@ -147,6 +147,8 @@ def test_a_fresh_state_dir_is_0700_and_the_manifest_files_0600(
     finally:
         m.close()
     assert mode(state_dir) == 0o700 and mode(m.path) == 0o600
+    # The mark a clean close leaves beside the manifest is no more the umask's than it is.
+    assert mode(state_dir / CLEAN_MARK) == 0o600
 
 
 def test_a_strict_umask_still_leaves_the_manifest_usable(tmp_path: Path) -> None:

@@ -194,13 +194,29 @@ def _gone(pid: int) -> bool:
                if line.startswith("State:"))
 
 
+# A data-loader worker of the training: in its process group, deaf to SIGINT and SIGTERM.
+_WORKER = ("import os, signal, sys, time\n"
+           "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+           "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+           "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
+           "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+           "time.sleep(120)\n")
+
+
 def test_a_second_sigint_kills_the_training_and_leaves_nothing_behind(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
+    """A training that ignores SIGINT, and a worker it started that ignores it too: the
+    second SIGINT stops both (the training's whole process group), not only the training."""
     pid_file = tmp_path / "pid"
-    stubborn = ("import os, signal, sys, time\n"
+    # The training starts its worker, then writes both pids: "TRAINING WORKER".
+    stubborn = ("import os, signal, subprocess, sys, time\n"
                 "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-                "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
+                "worker_file = sys.argv[1] + '.worker'\n"
+                "subprocess.Popen([sys.executable, '-c', sys.argv[2], worker_file])\n"
+                "while not os.path.exists(worker_file): time.sleep(0.02)\n"
+                "pids = f'{os.getpid()} {open(worker_file).read()}'\n"
+                "open(sys.argv[1] + '.tmp', 'w').write(pids)\n"
                 "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
                 "time.sleep(120)\n")
     stderr_path = tmp_path / "stderr"
@@ -208,35 +224,39 @@ def test_a_second_sigint_kills_the_training_and_leaves_nothing_behind(
         process = subprocess.Popen(
             [ASYNCSYNC, "run", str(tmp_path / "runs"), f"s3://{bucket}/k", "--state-dir",
              str(tmp_path / "state"), *FAST, "--", sys.executable, "-c", stubborn,
-             str(pid_file)],
+             str(pid_file), _WORKER],
             env=s3_server.env(), stdout=subprocess.DEVNULL, stderr=stderr,
         )
-    child = 0
+    pids: list[int] = []
     try:
         deadline = time.monotonic() + 30
         while not pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        child = int(pid_file.read_text())
+        pids = [int(pid) for pid in pid_file.read_text().split()]
+        child, worker = pids
+        assert os.getpgid(worker) == os.getpgid(child) != os.getpgid(0)
         process.send_signal(signal.SIGINT)
         while "passing it to the training" not in stderr_path.read_text():
             assert time.monotonic() < deadline, stderr_path.read_text()
             time.sleep(0.05)
         time.sleep(0.3)
-        assert process.poll() is None and not _gone(child)  # the first one was ignored
+        # The first one was ignored, by both.
+        assert process.poll() is None and not _gone(child) and not _gone(worker)
         started = time.monotonic()
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 128 + signal.SIGINT, stderr_path.read_text()
         assert time.monotonic() - started < 5
         deadline = time.monotonic() + 10
-        while not _gone(child):
-            assert time.monotonic() < deadline, f"training {child} still running"
+        while left := [pid for pid in pids if not _gone(pid)]:
+            assert time.monotonic() < deadline, f"processes {left} of the training still run"
             time.sleep(0.05)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-        if child and not _gone(child):
-            os.kill(child, signal.SIGKILL)
+        for pid in pids:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_run_opens_the_store_once_for_its_checks_record_and_uploads(

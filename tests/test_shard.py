@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +16,10 @@ from typing import Any
 
 import pytest
 
+from asyncsync.config import StoreConfig
 from asyncsync.errors import ConfigError
+from asyncsync.pipeline.manifest import MANIFEST_FILE, Manifest, ObjectRecord, Scope
+from asyncsync.pipeline.manifest_copy import checkpoint_manifest, restore_manifest
 from asyncsync.pipeline.scan import ScannedFile, ScanOptions, scan_listings
 from asyncsync.pipeline.shard import BY_FILE, BY_RUN, Shard, parse_shard
 
@@ -218,3 +222,65 @@ def test_a_shard_replaced_on_an_empty_disk_resumes_from_its_manifest_copy(
     shards = run_cli("shards", dest, env=s3_server.env())
     assert shards.returncode == 0, shards.stdout + shards.stderr
     assert "4/4 done" in shards.stdout + shards.stderr
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.s3
+def test_a_manifest_copy_is_private_on_the_way_out_and_once_restored_on_an_empty_disk(
+    s3_server: S3Server, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the usual umask 022: the backup the copy is made from is 0600 (it holds what
+    the manifest holds), and on an empty disk the restored copy comes first, so the state
+    directory it makes is 0700 and the manifest 0600, as a first open would make them."""
+    from asyncsync.stores.s3 import open_s3_store
+
+    for name, value in s3_server.env().items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    scope = Scope(s3_server.endpoint, bucket)
+    entry = ObjectRecord(key="archive/detect/train0/weights/last.pt",
+                         source=str(tmp_path / "runs/detect/train0/weights/last.pt"), size=5,
+                         mtime_ns=1, inode=2, digest="ab" * 16, etag='"e"', object_size=5,
+                         content_encoding=None, uploaded_at=1.0)
+    key = "archive/_asyncsync/shards/4/1.db.gz"
+    restored_state = tmp_path / "node1" / "shards" / "4-1"
+    backups: list[int] = []
+
+    async def main() -> bool:
+        store = await open_s3_store(bucket, StoreConfig(
+            endpoint_url=s3_server.endpoint, region="us-east-1", addressing_style="path",
+            max_attempts=2))
+        manifest = Manifest.open(tmp_path / "node0" / "shards" / "4-1")
+        try:
+            manifest.record_object(scope, entry)
+            real_backup = manifest.backup_to
+
+            def recording_backup(path: Path) -> None:
+                real_backup(path)
+                backups.append(mode(path))
+
+            monkeypatch.setattr(manifest, "backup_to", recording_backup)
+            assert await checkpoint_manifest(manifest, store, key)
+            return await restore_manifest(store, key, restored_state)
+        finally:
+            manifest.close()
+            await store.close()
+
+    old_umask = os.umask(0o022)
+    try:
+        assert asyncio.run(main())
+    finally:
+        os.umask(old_umask)
+    assert backups == [0o600]
+    assert not list((tmp_path / "node0" / "shards" / "4-1").glob(".*"))  # no copy left
+    assert (mode(restored_state), mode(restored_state / MANIFEST_FILE)) == (0o700, 0o600)
+    assert mode(restored_state.parent) == 0o755  # parents: the umask's, as a first open's
+    restored = Manifest.open(restored_state)
+    try:
+        assert restored.lookup(scope, entry.key) == entry
+    finally:
+        restored.close()
+    assert mode(restored_state) == 0o700

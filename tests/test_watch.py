@@ -478,19 +478,24 @@ def test_second_sigint_exits_at_once(
 SECRET = b"outside SRC: a service-account token nobody meant to upload\n"
 
 
-@pytest.mark.parametrize("follow", [False, True])
+@pytest.mark.parametrize(("swap", "follow"), [
+    ("files", False), ("files", True), ("directory", False), ("directory", True),
+])
 def test_files_swapped_for_symlinks_before_they_settle_never_leak(
-    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon], follow: bool
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon], swap: str,
+    follow: bool,
 ) -> None:
     """The report's case: watch sees ten regular files; before they settle each one is
-    replaced by a symlink to a file outside SRC. None of the outside bytes reach the
+    replaced by a symlink to a file outside SRC (or their directory by a symlink to an
+    outside directory holding files of the same names). None of the outside bytes reach the
     bucket, the swaps are reported, and an honest file written later still goes up."""
     src, outside = tmp_path / "runs", tmp_path / "outside"
     (src / "train").mkdir(parents=True)
-    outside.mkdir()
+    (outside / "train").mkdir(parents=True)
     (outside / "secret.txt").write_bytes(SECRET)
     for i in range(10):
         (src / "train" / f"f{i:02d}.txt").write_bytes(b"honest %d\n" % i)
+        (outside / "train" / f"f{i:02d}.txt").write_bytes(SECRET)
     port = free_port()
     daemon = Daemon(s3_server, src, f"s3://{bucket}/w", tmp_path / "state", "--interval", "0.5",
                     "--settle", "3", "--metrics-addr", f"127.0.0.1:{port}",
@@ -508,23 +513,43 @@ def test_files_swapped_for_symlinks_before_they_settle_never_leak(
     # Scanned as regular files, not settled yet (a slow start must not let the scan see the
     # symlinks instead: the upload's own refusal is what this test is about).
     wait_for(lambda: queued() == 10, 30, "the ten files queued")
-    for i in range(10):
-        link = src / "train" / ".tmp"
-        os.symlink(outside / "secret.txt", link)
-        os.rename(link, src / "train" / f"f{i:02d}.txt")  # ln -s ... .tmp && mv -T .tmp f
-    (src / "train" / "late.txt").write_bytes(b"written after the swap\n")
+    if swap == "directory":
+        # The directory renamed away (out of SRC), a link to the outside one in its place.
+        link = src / ".train.swap"
+        os.symlink(outside / "train", link)
+        os.rename(src / "train", tmp_path / "train-old")
+        os.rename(link, src / "train")
+        late = "val/late.txt"  # train/ now writes outside: the honest file goes elsewhere
+    else:
+        for i in range(10):
+            link = src / "train" / ".tmp"
+            os.symlink(outside / "secret.txt", link)
+            os.rename(link, src / "train" / f"f{i:02d}.txt")  # ln -s ... .tmp && mv -T .tmp f
+        late = "train/late.txt"
+    (src / late).parent.mkdir(exist_ok=True)
+    (src / late).write_bytes(b"written after the swap\n")
     client = s3_server.client()
-    wait_for(lambda: object_or_none(client, bucket, "w/train/late.txt"), 30, "late.txt")
+    wait_for(lambda: object_or_none(client, bucket, f"w/{late}"), 30, late)
     time.sleep(3.5)  # every swapped file's settle time has passed
     assert daemon.stop() == 0
     keys = bucket_keys(client, bucket, "w/")
-    assert keys == ["w/train/late.txt"], keys
-    assert read_object(client, bucket, "w/train/late.txt") == b"written after the swap\n"
+    assert keys == [f"w/{late}"], keys
+    for key in keys:  # not one outside byte, whatever the key
+        assert SECRET not in read_object(client, bucket, key), key
+    assert read_object(client, bucket, f"w/{late}") == b"written after the swap\n"
     log = daemon.log
-    for i in range(10):
-        assert f"train/f{i:02d}.txt: " in log
-    # Refused by the upload itself (the scan had seen regular files), not only by a scan.
-    assert ("outside the source; not read" if follow else "replaced by a symlink; not read") in log
+    if swap == "directory":
+        # The next scan finds the link where the directory was and says so; the ten files
+        # it had queued are dropped unread (one that settled first is refused by its upload:
+        # the walk beneath SRC meets the link).
+        assert ("train: skipped symlink pointing outside the source" if follow
+                else "train: skipped symlink (see --follow-symlinks)") in log, log
+    else:
+        for i in range(10):
+            assert f"train/f{i:02d}.txt: " in log, log
+        # Refused by the upload itself (the scan had seen regular files), not only by a scan.
+        assert ("outside the source; not read" if follow
+                else "replaced by a symlink; not read") in log, log
 
 
 def test_gzip_of_a_large_log_on_a_fresh_state_directory(
@@ -661,9 +686,19 @@ def test_the_training_pod_flow_a_sidecar_stopped_after_the_training_flushes_ever
             assert read_object(client, bucket, f"job/{relative}") == path.read_bytes(), relative
 
 
+# Written raw to a terminal, this name would turn it red and print a line of its own that
+# reads as one of our diagnostics.
+FORGED_NAME = "\x1b[31m\nasyncsync: error: forged.txt"
+
+
+# moto answers 404 to a key with a newline in it; s3rver cannot list such keys back. What the
+# terminal shows does not depend on the store.
+@pytest.mark.servers("seaweedfs")
 def test_on_a_terminal_watch_keeps_a_status_line_below_its_log(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
+    """The status line stays one line below the log, never wider than the terminal; a file
+    name's control characters reach the terminal escaped, in the status as in the log."""
     import fcntl
     import pty
     import struct
@@ -693,6 +728,11 @@ def test_on_a_terminal_watch_keeps_a_status_line_below_its_log(
         # (cut at the terminal's 60 columns: the name's end does not fit)
         wait_for(lambda: b"last upload train/results" in b"".join(chunks), 10,
                  f"the status line naming it: {b''.join(chunks)[-500:]!r}")
+        (src / FORGED_NAME).write_bytes(b"a name is data\n")
+        wait_for(lambda: object_or_none(client, bucket, f"tty/{FORGED_NAME}"), 30,
+                 "the upload of the forged name")
+        wait_for(lambda: b"last upload \\x1b[31m\\n" in b"".join(chunks), 10,
+                 f"the status line naming it: {b''.join(chunks)[-500:]!r}")
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
@@ -709,3 +749,9 @@ def test_on_a_terminal_watch_keeps_a_status_line_below_its_log(
     records = [r for r in redraws if r.startswith("asyncsync: ")]
     assert any("uploaded train/results.csv" in r for r in records), records
     assert not [r for r in redraws if "watching: " in r and not r.startswith("watching: ")]
+    # The bucket keeps the name as it is; the terminal gets it escaped, everywhere: the only
+    # control sequences written are the status line's own erases, no line is forged.
+    assert read_object(client, bucket, f"tty/{FORGED_NAME}") == b"a name is data\n"
+    assert "\x1b" not in text.replace("\x1b[K", ""), text
+    assert not [r for r in redraws if r.startswith("asyncsync: error: forged")], redraws
+    assert any("uploaded \\x1b[31m\\nasyncsync: error: forged.txt" in r for r in records), records

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from asyncsync.integrations import staging
 from asyncsync.integrations.staging import CheckpointStaging
+from asyncsync.pipeline.manifest import MANIFEST_FILE, Manifest
 from asyncsync.pipeline.source import OpenedSource
 
 
@@ -180,3 +183,50 @@ def test_a_checkpoint_swapped_for_a_symlink_before_its_copy_is_not_copied(
     stage.close()
     assert received.copied == []
     assert not received.failed
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def usual_umask() -> Iterator[None]:
+    """umask 022, the common default: what it would leave readable must be private anyway."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_the_state_dir_made_for_the_staging_is_private_and_so_are_the_copies(
+    tmp_path: Path, usual_umask: None
+) -> None:
+    """attach() makes the staging before the manifest: the state directory it makes on the
+    way is 0700 (the manifest then keeps an existing directory's mode), the staging and each
+    checkpoint copy are the run's own."""
+    state = tmp_path / "state"
+    copies: list[int] = []
+    received = Received()
+
+    def on_copied(relative: str, staged: Path) -> None:
+        copies.append(mode(staged))
+        received.on_copied(relative, staged)
+
+    run = tmp_path / "runs" / "exp"
+    (run / "weights").mkdir(parents=True)
+    stage = CheckpointStaging(state, run, run / "weights", checkpoint_interval=0,
+                              on_copied=on_copied, on_failed=received.on_failed)
+    try:
+        (stage.weights_dir / "last.pt").write_bytes(b"v1")
+        stage.snapshot()
+        stage.wait()
+        assert (mode(state), mode(state / "staging"), mode(stage.directory)) == \
+            (0o700, 0o700, 0o700)
+        manifest = Manifest.open(state)
+        manifest.close()
+    finally:
+        stage.close()
+    assert received.copied == [("weights/last.pt", b"v1")] and copies == [0o600]
+    assert mode(state) == 0o700 and mode(state / MANIFEST_FILE) == 0o600
+    assert mode(tmp_path / "runs") == 0o755  # the umask's, where asyncsync made nothing

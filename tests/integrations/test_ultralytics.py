@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ import pytest
 from asyncsync.errors import ConfigError
 from asyncsync.integrations import staging
 from asyncsync.integrations.ultralytics import UltralyticsSync, attach
+from asyncsync.pipeline.manifest import MANIFEST_FILE
 from asyncsync.pipeline.source import OpenedSource
 
 from ..conftest import S3Server, bucket_keys, read_object, run_cli
@@ -355,6 +357,33 @@ def test_a_snapshot_is_what_was_saved_when_the_next_epoch_rewrites_the_file(
     trainer.callback("on_train_end")
     trainer.callback("teardown")
     assert_in_bucket(s3_server, bucket, "snap/exp", trainer.run)
+
+
+def test_attach_on_a_fresh_state_dir_keeps_everything_in_it_private(
+    s3_server: S3Server, bucket: str, tmp_path: Path, aws_env: None
+) -> None:
+    """Under the usual umask 022: attach() makes its checkpoint staging before the manifest,
+    and the state directory it makes on the way is 0700 all the same; each file in it is
+    0600 and each directory 0700 (the manifest names the store and holds upload ids)."""
+    state = tmp_path / "state"
+    old_umask = os.umask(0o022)
+    try:
+        model = FakeModel()
+        attach(model, f"s3://{bucket}/private", state_dir=state)
+        trainer = FakeTrainer(model, tmp_path / "runs" / "exp", epochs=1)
+        trainer.callback("on_pretrain_routine_start")
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        trainer.save_epoch(os.urandom(200_000))
+        trainer.callback("on_train_end")
+        trainer.callback("teardown")
+    finally:
+        os.umask(old_umask)
+    assert_in_bucket(s3_server, bucket, "private/exp", trainer.run)
+    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.lstat().st_mode)
+             for path in [state, *state.rglob("*")]}
+    assert f"state/{MANIFEST_FILE}" in modes, modes
+    assert {name: m for name, m in modes.items()
+            if m != (0o700 if (tmp_path / name).is_dir() else 0o600)} == {}, modes
 
 
 def test_checkpoints_are_copied_off_the_training_thread_until_the_next_save(

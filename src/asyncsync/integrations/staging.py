@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from ..errors import SourceChanged, SourceNotRegular, SourceVanished
 from ..pipeline.digest import FileIdentity, check_unchanged
+from ..pipeline.manifest import make_state_dir
 from ..pipeline.source import OpenedSource, SourcePath, SourceRoot, open_source
 
 # (path relative to the run directory, the staged copy): the copy is the receiver's to
@@ -148,7 +149,7 @@ class CheckpointStaging:
 def copy_checkpoint(source: OpenedSource, staged: Path) -> None:
     """A real copy of the open checkpoint (the trainer truncates the original in place next
     epoch). sendfile copies in the kernel, so the training's threads keep the GIL."""
-    with open(staged, "wb") as out:
+    with open(staged, "wb", opener=_open_private) as out:
         offset = 0
         try:
             while sent := os.sendfile(out.fileno(), source.fd, offset, 1 << 30):
@@ -162,14 +163,31 @@ def copy_checkpoint(source: OpenedSource, staged: Path) -> None:
                 offset += len(chunk)
 
 
+def _open_private(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, 0o600)
+
+
 def _make_staging(state_dir: Path, run_dir: Path) -> Path:
     """A directory for checkpoint copies, outside the run directory."""
     parent = state_dir / "staging"
     if parent.resolve().is_relative_to(run_dir):
         parent = Path(tempfile.gettempdir())
-    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    else:
+        # Made before the manifest is opened: the state directory is made private here, or
+        # the manifest would find it with the umask's mode and keep it so.
+        make_state_dir(state_dir)
+        _make_private_directory(parent)
     _remove_stale_staging(parent)
     return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{run_dir.name}-", dir=parent))
+
+
+def _make_private_directory(path: Path) -> None:
+    """``path`` 0700 if it is made now (the checkpoint copies in it are the run's own)."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)  # mkdir's mode passes through the umask; 0700 is meant
 
 
 def _remove_stale_staging(parent: Path) -> None:

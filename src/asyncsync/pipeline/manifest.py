@@ -233,7 +233,7 @@ class Manifest:
         ``read_only``, an existing one opened for reading only (see `_open_read_only`)."""
         if read_only:
             return cls._open_read_only(state_dir)
-        _make_state_dir(state_dir)
+        make_state_dir(state_dir)
         if not os.access(state_dir, os.W_OK | os.X_OK):
             raise ManifestError(f"state directory {str(state_dir)!r} is not writable")
         path = state_dir / MANIFEST_FILE
@@ -622,8 +622,12 @@ class Manifest:
             raise ManifestError(_describe(exc, self.path)) from exc
 
 
-def _make_state_dir(state_dir: Path) -> None:
-    """Create the state directory 0700 (its parents as the umask says), or accept it as it is."""
+def make_state_dir(state_dir: Path) -> None:
+    """Create the state directory 0700 (its parents as the umask says), or accept it as it is.
+
+    Whatever creates the state directory goes through here, whichever comes first (the
+    manifest, attach()'s checkpoint staging, a shard's restored manifest copy): a directory
+    another step made with the umask's mode would be kept as it is by the next one."""
     try:
         state_dir.mkdir(mode=0o700, parents=True)
     except FileExistsError:
@@ -735,6 +739,12 @@ def _leave_clean_mark(path: Path) -> None:
     if fingerprint is None:
         return
     try:
-        path.with_name(CLEAN_MARK).write_text(fingerprint)
+        # 0600 like the manifest beside it: nothing in the state directory is the umask's.
+        fd = os.open(path.with_name(CLEAN_MARK),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, fingerprint.encode())
+        finally:
+            os.close(fd)
     except OSError:
         pass  # only a missed shortcut: the next open checks the file

@@ -23,9 +23,9 @@ import os
 import zlib
 from pathlib import Path
 
-from ..errors import EndpointUnreachable, NotFound, StoreError
+from ..errors import EndpointUnreachable, ManifestError, NotFound, StoreError
 from ..stores.protocol import ObjectAttributes, ObjectStore
-from .manifest import MANIFEST_FILE, Manifest
+from .manifest import MANIFEST_FILE, Manifest, make_state_dir
 
 log = logging.getLogger("asyncsync")
 
@@ -48,7 +48,9 @@ async def restore_manifest(store: ObjectStore, key: str, state_dir: Path) -> boo
     except (StoreError, EndpointUnreachable) as exc:
         log.warning("%s: the shard's manifest copy was not restored: %s", key, exc)
         return False
-    state_dir.mkdir(parents=True, exist_ok=True)
+    # The restored manifest comes first on an empty disk: the state directory is made here,
+    # private, as the manifest itself would make it.
+    make_state_dir(state_dir)
     temp = state_dir / f".{MANIFEST_FILE}.restoring"
     try:
         data = await asyncio.to_thread(gzip.decompress, packed)
@@ -67,6 +69,7 @@ async def checkpoint_manifest(manifest: Manifest, store: ObjectStore, key: str) 
     """Copy ``manifest`` to ``key``; False (and a warning) if the store refused it."""
     temp = manifest.path.with_name(f".{MANIFEST_FILE}.checkpoint")
     try:
+        _create_private(temp)
         manifest.backup_to(temp)  # on the loop's thread: the connection is used there
         packed = await asyncio.to_thread(_packed, temp)
     finally:
@@ -82,13 +85,31 @@ async def checkpoint_manifest(manifest: Manifest, store: ObjectStore, key: str) 
     return True
 
 
+def _create_private(path: Path) -> None:
+    """An empty ``path``, 0600, for the backup to fill: SQLite would create it with the
+    umask's mode, and the copy holds what the manifest holds (the store, the keys, upload
+    ids). A copy left by a process that died mid-backup is replaced."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask took away (0600 is meant, no less)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ManifestError(
+            f"manifest copy {str(path)!r} cannot be created: {exc.strerror}") from exc
+
+
 def _packed(path: Path) -> bytes:
     return gzip.compress(path.read_bytes(), compresslevel=_LEVEL, mtime=0)
 
 
 def _write_durably(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # a strict umask must not leave the restored manifest read-only
         _write_all(fd, data)
         os.fsync(fd)
     finally:

@@ -42,7 +42,7 @@ from .digest import (
 )
 from .events import Failure, FileOutcome, Status
 from .inline import InlineGate
-from .manifest import Manifest, ObjectRecord, Scope
+from .manifest import Manifest, ObjectRecord, Scope, make_state_dir
 from .multipart import LargeUpload, StoreGetter, UploadContext
 from .plan import (
     Action,
@@ -103,7 +103,7 @@ class Uploader:
         """The temp directory, made on first need by the uploader itself (watch once forgot
         to make it, and every large compressible file failed with "cannot read")."""
         if not self._temp_ready:
-            self._temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_state_dir(self._temp_dir)  # 0700 whatever the umask: the bodies are ours
             self._temp_ready = True
         return self._temp_dir
 

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import TextIO
 
+from ..names import printable
 from ..report import human_bytes
 from .daemon import Snapshot
 
@@ -36,7 +37,9 @@ class StatusLine:
 
     def show(self, text: str) -> None:
         with self._lock:
-            self._text = text
+            # Escaped here too, whoever built the text: a newline would forge a line of its
+            # own, an ESC sequence rewrite the terminal (the log's formatter never sees it).
+            self._text = printable(text)
             self._draw()
 
     def _draw(self) -> None:
@@ -76,18 +79,21 @@ class StatusLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def describe(snapshot: Snapshot, last_upload: tuple[str, float] | None,
              in_flight_bytes: int, now: float | None = None) -> str:
-    """``watching: 3 queued, 1 in flight (24.0 MB), last upload train/last.pt 12s ago``."""
+    """``watching: 3 queued, 1 in flight (24.0 MB), last upload train/last.pt 12s ago``.
+
+    The file name and the store's problem are data: escaped (`printable`) as the log
+    escapes them, so neither can break the line or send the terminal a control sequence."""
     now = time.time() if now is None else now
     fields = [f"{snapshot.pending} queued",
               f"{snapshot.in_flight} in flight"
               + (f" ({human_bytes(in_flight_bytes)})" if snapshot.in_flight else "")]
     if last_upload is not None:
         relative, when = last_upload
-        fields.append(f"last upload {relative} {_ago(now - when)} ago")
+        fields.append(f"last upload {printable(relative)} {_ago(now - when)} ago")
     else:
         fields.append("nothing uploaded yet")
     if snapshot.store_up is False:
-        fields.append(f"store unreachable: {snapshot.store_problem}")
+        fields.append(f"store unreachable: {printable(snapshot.store_problem)}")
     return "watching: " + ", ".join(fields)
 
 
