@@ -4,9 +4,12 @@ are real (a proxy that counts what it relays, SIGKILL in the middle of a downloa
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -19,18 +22,23 @@ import xxhash
 
 from asyncsync.commands.pull import history_bases, parse_source
 from asyncsync.config import Destination
-from asyncsync.pipeline.place import TEMP_PREFIX, UnsafeKey
+from asyncsync.pipeline.budget import ByteBudget
+from asyncsync.pipeline.place import TEMP_PREFIX, UnsafeKey, temp_name
 from asyncsync.pipeline.restore import (
     RANGES_SUFFIX,
     ContentSink,
     DigestMismatch,
     RangeLog,
+    Restorer,
+    Status,
+    Wanted,
     resume_name,
     target_for,
 )
+from asyncsync.stores.local import open_file_store
 from asyncsync.stores.protocol import ObjectInfo
 
-from .conftest import ASYNCSYNC, CliResult, S3Server, run_cli
+from .conftest import ASYNCSYNC, CliResult, S3Server, new_bucket, run_cli
 from .faultproxy import FaultProxy
 
 MiB = 1024 * 1024
@@ -73,6 +81,51 @@ def local_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
 
 
+def ranges_done(sidecar: Path) -> list[int]:
+    """The ranges a ranged download's sidecar lists as on disk ([] before it is readable)."""
+    try:
+        return list(json.loads(sidecar.read_text())["done"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def start_pull(server: S3Server, source: str, dest: Path, *extra: str,
+               endpoint: str | None = None) -> subprocess.Popen[str]:
+    env = server.env(AWS_ENDPOINT_URL=endpoint) if endpoint else server.env()
+    return subprocess.Popen([ASYNCSYNC, "pull", source, str(dest), "--json", *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def interrupt_once_ranges_land(process: subprocess.Popen[str], sidecar: Path, more_than: int,
+                               signum: int = signal.SIGINT, timeout: float = 60) -> int:
+    """Send ``signum`` as soon as the sidecar lists more than ``more_than`` ranges (the other
+    ranges of the window are landing then too); return the exit code."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(ranges_done(sidecar)) > more_than:
+            break
+        time.sleep(0.0005)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    return process.returncode
+
+
+class PeakBudget(ByteBudget):
+    """A byte budget that remembers the most it ever had handed out at once."""
+
+    peak = 0
+
+    async def acquire(self, nbytes: int) -> int:
+        grant = await super().acquire(nbytes)
+        self.peak = max(self.peak, self.in_use)
+        return grant
+
+    def _wake(self) -> None:
+        super()._wake()  # grants to waiters are handed out here
+        self.peak = max(self.peak, self.in_use)
+
+
 # -- against every server of the matrix --------------------------------------------------------
 
 
@@ -100,9 +153,13 @@ def test_round_trip_is_byte_identical_and_a_second_pull_transfers_nothing(
     head = client.head_object(Bucket=bucket, Key="team/runs/exp/results.csv")
     assert head.get("ContentEncoding") == "gzip"  # restored decoded, below
     assert head["ContentLength"] < len(files["exp/results.csv"])
+    if s3_server.counts_parts_in_etag:  # the 40 MB file went up in parts
+        etag = client.head_object(Bucket=bucket, Key="team/runs/exp/weights/last.pt")["ETag"]
+        parts = re.fullmatch(r'"[0-9a-f]{32}-(\d+)"', etag)
+        assert parts is not None and int(parts[1]) >= 2, etag
 
     dest = tmp_path / "restored"
-    write(dest / "exp" / "args.yaml", b"a stale local copy")  # replaced: it differs
+    assert not dest.exists()  # pull makes it
     with FaultProxy(s3_server.endpoint) as proxy:
         first = pull(s3_server, f"s3://{bucket}/team/runs", dest, endpoint=proxy.endpoint)
         assert first.returncode == 0, first.stderr
@@ -111,7 +168,7 @@ def test_round_trip_is_byte_identical_and_a_second_pull_transfers_nothing(
         summary = first.summary
         assert (summary["downloaded"], summary["skipped"], summary["failed"]) == (len(files), 0, 0)
         records = {r["path"]: r for r in first.records if r["type"] == "file"}
-        assert records["exp/args.yaml"]["reason"] == "changed"
+        assert {r["reason"] for r in records.values()} == {"new"}
         assert records["exp/weights/last.pt"]["ranges"] == 6  # 8 MiB ranges
         assert records["exp/results.csv"]["bytes"] == head["ContentLength"]
 
@@ -122,6 +179,15 @@ def test_round_trip_is_byte_identical_and_a_second_pull_transfers_nothing(
     assert again.summary["downloaded"] == 0 and again.summary["skipped"] == len(files)
     assert again.summary["bytes"] == 0
     assert relayed < 64 * 1024  # the listing and nothing else: no body came
+    assert tree(dest) == files
+
+    # A local copy that differs is replaced; the rest is left alone.
+    write(dest / "exp" / "args.yaml", b"a stale local copy")
+    stale = pull(s3_server, f"s3://{bucket}/team/runs", dest)
+    assert stale.returncode == 0, stale.stderr
+    assert [(r["path"], r["reason"]) for r in stale.records if r["type"] == "file"
+            and r["status"] == "downloaded"] == [("exp/args.yaml", "changed")]
+    assert stale.summary["skipped"] == len(files) - 1
     assert tree(dest) == files
 
 
@@ -313,7 +379,7 @@ def test_hostile_keys_never_write_outside_dest(
     dest.mkdir()
     os.symlink(outside, dest / "link")  # planted: a directory on the way out
     os.symlink(outside / "target.txt", dest / "victim")  # planted: the final name itself
-    hostile = ["p/a/../../x", "p//abs", "p/a//../x", "p/..", "p/a\\..\\x", "p/link/evil",
+    hostile = ["p/a/../../x", "p//abs/x", "p/a//../x", "p/..", "p/a\\..\\x", "p/link/evil",
                "p/link/deeper/evil", "p/./dot", f"p/{TEMP_PREFIX}x"]
     for key in hostile:
         client.put_object(Bucket=bucket, Key=key, Body=b"evil")
@@ -338,6 +404,136 @@ def test_hostile_keys_never_write_outside_dest(
     assert (dest / "link").is_symlink()
     assert tree(outside) == {"target.txt": b"not yours"}
     assert sorted(os.listdir(tmp_path)) == ["dest", "outside"]
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_pull_exits_128_plus_the_signal_keeping_only_what_resumes(
+    s3_server: S3Server, bucket: str, tmp_path: Path, signum: int, code: int
+) -> None:
+    size = 40 * MiB + 7
+    content = os.urandom(size)
+    put(s3_server.client(), bucket, "p/w/big.pt", content)
+    dest = tmp_path / "dest"
+    args = ["--part-size", "5MiB", "--part-concurrency", "2"]
+    resume = f"w/{resume_name('p/w/big.pt')}"
+    process = start_pull(s3_server, f"s3://{bucket}/p", dest, "--max-bandwidth", "10MiB/s",
+                         *args)
+    assert interrupt_once_ranges_land(process, dest / (resume + RANGES_SUFFIX), 0,
+                                      signum) == code
+    assert not (dest / "w" / "big.pt").exists()  # no partial file under the final name
+    assert temp_files(dest) == [resume, resume + RANGES_SUFFIX]
+    kept = ranges_done(dest / (resume + RANGES_SUFFIX))
+    assert 1 <= len(kept) < 9
+
+    again = pull(s3_server, f"s3://{bucket}/p", dest, *args)
+    assert again.returncode == 0, again.stderr
+    record = again.records[0]
+    assert record["reason"] == "resumed" and record["resumed_ranges"] == len(kept)
+    assert (dest / "w" / "big.pt").read_bytes() == content
+    assert temp_files(dest) == []
+
+
+@pytest.mark.s3
+def test_repeated_sigint_during_a_ranged_pull_leaves_no_stray_temp_file(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """Each SIGINT lands while ranges of the window are landing, their sidecar writes in
+    worker threads: the cancelled download waits for them before it closes its descriptors,
+    so nothing is left half-written beside the resumable file, run after run."""
+    size = 100 * MiB + 3
+    content = os.urandom(size)
+    put(s3_server.client(), bucket, "p/exp/big.pt", content)
+    dest = tmp_path / "dest"
+    args = ["--part-size", "5MiB", "--part-concurrency", "8"]
+    resume = f"exp/{resume_name('p/exp/big.pt')}"
+    sidecar = dest / (resume + RANGES_SUFFIX)
+    with FaultProxy(s3_server.endpoint) as proxy:
+        interrupted = 0
+        for _ in range(4):
+            before = len(ranges_done(sidecar))
+            process = start_pull(s3_server, f"s3://{bucket}/p", dest, "--max-bandwidth",
+                                 "40MiB/s", *args, endpoint=proxy.endpoint)
+            code = interrupt_once_ranges_land(process, sidecar, before)
+            if code == 0:
+                break  # it finished first
+            assert code == 130
+            interrupted += 1
+            assert temp_files(dest) == [resume, resume + RANGES_SUFFIX]
+            assert not (dest / "exp" / "big.pt").exists()
+        assert interrupted >= 2
+        done = pull(s3_server, f"s3://{bucket}/p", dest, *args, endpoint=proxy.endpoint)
+    assert done.returncode == 0, done.stderr
+    assert temp_files(dest) == []
+    assert (dest / "exp" / "big.pt").read_bytes() == content
+
+
+@pytest.mark.s3
+def test_several_ranges_of_one_object_are_in_flight_at_once(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    content = os.urandom(40 * MiB)
+    put(s3_server.client(), bucket, "p/big.pt", content)
+    dest = tmp_path / "dest"
+    with FaultProxy(s3_server.endpoint) as proxy:
+        # Each range's GET is held a while at the proxy, so whatever the client keeps in
+        # flight at once shows in the proxy's peak.
+        proxy.inject("delay", 100, method="GET", path_contains="/p/big.pt", delay=0.3)
+        done = pull(s3_server, f"s3://{bucket}/p", dest, "--workers", "1", "--part-size",
+                    "5MiB", "--part-concurrency", "4", endpoint=proxy.endpoint)
+        stats = proxy.stats
+    assert done.returncode == 0, done.stderr
+    assert done.records[0]["ranges"] == 8
+    assert stats.faults_by_action["delay"] == 8  # one GET per range, no other
+    assert 2 <= stats.peak_in_flight <= 4
+    assert (dest / "big.pt").read_bytes() == content
+
+
+@pytest.mark.s3
+def test_workers_bounds_the_objects_fetched_at_once(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    client = s3_server.client()
+    files = {f"exp/f{i:02d}.bin": os.urandom(1000 + i) for i in range(20)}
+    for name, body in files.items():
+        put(client, bucket, f"p/{name}", body)
+    dest = tmp_path / "dest"  # empty: no HEAD of a local copy besides the GETs
+    with FaultProxy(s3_server.endpoint) as proxy:
+        proxy.inject("delay", 100, method="GET", path_contains="/p/", delay=0.2)
+        done = pull(s3_server, f"s3://{bucket}/p", dest, "--workers", "3",
+                    endpoint=proxy.endpoint)
+        stats = proxy.stats
+    assert done.returncode == 0, done.stderr
+    assert stats.faults_by_action["delay"] == len(files)
+    assert 2 <= stats.peak_in_flight <= 3
+    assert tree(dest) == files
+
+
+@pytest.mark.s3
+@pytest.mark.servers("moto")  # SeaweedFS folds "//" and drops a leading "/" of a key
+def test_a_leading_slash_key_at_the_bucket_root_never_writes_outside_dest(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    dest = tmp_path / "dest"
+    with new_bucket(s3_server) as bucket:
+        client = s3_server.client()
+        hostile = ["/abs/x", "p//abs/x", "//x"]
+        for key in hostile:
+            client.put_object(Bucket=bucket, Key=key, Body=b"evil")
+        put(client, bucket, "p/ok.txt", b"fine")
+        from .conftest import bucket_keys
+
+        assert set(hostile) <= set(bucket_keys(client, bucket))
+        result = pull(s3_server, f"s3://{bucket}", dest)
+    assert result.returncode == 1, result.stderr
+    failed = sorted(r["key"] for r in result.records if r["type"] == "file"
+                    and r["status"] == "failed")
+    assert failed == sorted(hostile)
+    for key in hostile:
+        assert f"asyncsync: error: {key}: refused: " in result.stderr
+    assert tree(dest) == {"p/ok.txt": b"fine"}
+    assert sorted(os.listdir(tmp_path)) == ["dest"]
+    assert not Path("/abs/x").exists() and not Path("/x").exists()
 
 
 # -- a file:// store, and the pieces, without a server -----------------------------------------
@@ -367,6 +563,134 @@ def test_pull_from_a_file_store_decodes_gzip_and_resumes_nothing_twice(tmp_path:
     assert again.summary["skipped"] == 3 and again.summary["bytes"] == 0
     inside = run_cli("pull", f"file://{store}", store / "exp", env=local_env())
     assert inside.returncode == 2 and "overlaps" in inside.stderr
+
+
+def test_a_pull_removes_the_temp_files_a_killed_run_left_where_it_writes(tmp_path: Path) -> None:
+    """A writer killed between creating a temp file and renaming it leaves the file behind;
+    the next pull removes such files in the directories it writes to. Ranged downloads kept
+    to resume, a temp file a live writer holds, and directories it does not write to stay."""
+    store = tmp_path / "store"
+    files = {"exp/results.csv": b"epoch\n1\n", "exp/weights/last.pt": os.urandom(5000),
+             "top.txt": b"top"}
+    for name, body in files.items():
+        write(store / name, body)
+    dest = tmp_path / "dest"
+    stale = [f"exp/{temp_name()}", f"exp/weights/{temp_name()}", temp_name()]
+    kept = [f"exp/{resume_name('exp/other.pt')}", f"exp/{resume_name('exp/other.pt')}.ranges",
+            f"untouched/{temp_name()}", f"exp/{temp_name()}"]
+    for name in stale + kept:
+        write(dest / name, b"left behind")
+    held = os.open(dest / kept[-1], os.O_RDONLY)  # a live writer's: it holds the lock
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = run_cli("pull", f"file://{store}", dest, "--json", "-v", env=local_env())
+    finally:
+        os.close(held)
+    assert done.returncode == 0, done.stderr
+    assert temp_files(dest) == sorted(kept)
+    assert {k: v for k, v in tree(dest).items() if TEMP_PREFIX not in k} == files
+    assert "exp: removed 1 temp file(s) an interrupted run left" in done.stderr
+
+
+def test_the_byte_budget_bounds_what_a_pull_holds(tmp_path: Path) -> None:
+    """A 2 MiB budget: a 40 MiB object in eight-wide windows of 5 MiB ranges and a gzip
+    object, restored whole, never hold more than the budget at once, and give it all back."""
+    src, store_dir = tmp_path / "runs", tmp_path / "store"
+    files = {"exp/weights/last.pt": os.urandom(40 * MiB + 5),
+             "exp/results.csv": b"".join(b"%d,%.6f\n" % (i, 1 / (i + 1)) for i in range(80000))}
+    for name, body in files.items():
+        write(src / name, body)
+    store_dir.mkdir()
+    pushed = run_cli("push", src, f"file://{store_dir}", "--state-dir", tmp_path / "state",
+                     "--gzip", "-q", env=local_env())
+    assert pushed.returncode == 0, pushed.stderr
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    limit = 2 * MiB
+
+    async def main() -> tuple[list[Status], int, int]:
+        store = await open_file_store(str(store_dir))
+        try:
+            budget = PeakBudget(limit)
+            restorer = Restorer(store, str(dest), budget, range_size=5 * MiB,
+                                part_concurrency=8)
+            wanted = []
+            async for info in store.list_objects(""):
+                target = target_for(info.key, info.size, with_history=False)
+                assert target is not None
+                wanted.append(Wanted(info.key, target, info.size, info.etag))
+            done = await asyncio.gather(*(restorer.restore(w) for w in wanted))
+            return [r.status for r in done], budget.peak, budget.in_use
+        finally:
+            await store.close()
+
+    statuses, peak, in_use = asyncio.run(main())
+    assert statuses == [Status.DOWNLOADED] * 2
+    assert MiB <= peak <= limit  # paid for, and never more than the budget
+    assert in_use == 0
+    assert tree(dest) == files
+    assert gzip.decompress((store_dir / "exp" / "results.csv").read_bytes()) == files[
+        "exp/results.csv"]  # it was stored gzip, restored decoded
+
+
+def test_a_cancelled_ranged_download_waits_for_its_threads_before_closing_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while a range's sidecar is being written in a worker thread, the download
+    ends only once that thread has returned: the directory and file descriptors it writes
+    through are still open for it, so the sidecar is published whole and nothing is left
+    half-written (a closed descriptor number would soon be another file's)."""
+    import threading
+
+    from asyncsync.pipeline import restore
+
+    store_dir = tmp_path / "store"
+    content = os.urandom(20 * MiB)
+    write(store_dir / "big.pt", content)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    entered, proceed = threading.Event(), threading.Event()
+    calls: list[int] = []
+    finished: list[bool] = []
+    real = restore.write_atomically
+
+    def held_write(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) != 2:  # the fresh download's sidecar is the first: hold the next
+            return real(*args, **kwargs)
+        entered.set()
+        proceed.wait(10)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            finished.append(True)
+
+    async def main() -> bool:
+        store = await open_file_store(str(store_dir))
+        try:
+            info = await store.head_object("big.pt")
+            assert info is not None
+            restorer = Restorer(store, str(dest), ByteBudget(16 * MiB), range_size=5 * MiB,
+                                part_concurrency=2)
+            target = target_for("big.pt", info.size, with_history=False)
+            assert target is not None
+            monkeypatch.setattr(restore, "write_atomically", held_write)
+            task = asyncio.create_task(restorer.restore(Wanted("big.pt", target, info.size,
+                                                               info.etag)))
+            await asyncio.to_thread(entered.wait, 10)
+            task.cancel()  # while the thread writes the sidecar listing the first range
+            threading.Timer(0.3, proceed.set).start()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return bool(finished)
+        finally:
+            proceed.set()
+            await store.close()
+
+    assert asyncio.run(main()), "the download ended while its thread still wrote"
+    resume = resume_name("big.pt")
+    assert temp_files(dest) == [resume, resume + RANGES_SUFFIX]
+    assert ranges_done(dest / (resume + RANGES_SUFFIX))  # published whole, the range listed
 
 
 def test_progress_line_on_a_terminal_only(tmp_path: Path) -> None:

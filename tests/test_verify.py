@@ -25,6 +25,8 @@ from asyncsync.stores.local import open_file_store
 from asyncsync.stores.protocol import ObjectAttributes
 
 from .conftest import CliResult, S3Server, bucket_keys, read_object, run_cli
+from .faultproxy import FaultProxy
+from .test_pull import PeakBudget
 from .test_watch import FAST, Daemon, object_or_none, wait_for
 
 MiB = 1024 * 1024
@@ -113,7 +115,7 @@ def test_tampered_bucket_is_reported_and_never_repaired(
     src = tmp_path / "runs"
     make_tree(src)
     for name, size in (("deleted.bin", 100), ("same-size.bin", 5000), ("other-size.bin", 300),
-                       ("no-digest.bin", 200), ("recopied.bin", 200)):
+                       ("no-digest.bin", 200), ("recopied.bin", 200), ("meta-digest.bin", 700)):
         (src / name).write_bytes(os.urandom(size))
     state = tmp_path / "state"
     dest = f"s3://{bucket}/p"
@@ -134,6 +136,11 @@ def test_tampered_bucket_is_reported_and_never_repaired(
     client.put_object(Bucket=bucket, Key="p/no-digest.bin", Body=os.urandom(200))
     client.put_object(Bucket=bucket, Key="p/recopied.bin",
                       Body=(src / "recopied.bin").read_bytes())
+    # Other bytes of the same size, and metadata naming another digest: the file is
+    # untouched, so its side of the comparison is the digest the manifest recorded.
+    planted = xxhash.xxh3_128_hexdigest(b"some other content")
+    client.put_object(Bucket=bucket, Key="p/meta-digest.bin", Body=os.urandom(700),
+                      Metadata={**metadata("p/meta-digest.bin"), "xxh128": planted})
     client.put_object(Bucket=bucket, Key="p/exp/extra.txt", Body=b"not from SRC")
     # asyncsync's own records are not compared.
     client.put_object(Bucket=bucket, Key="p/_asyncsync/run.json", Body=b"{}")
@@ -142,21 +149,27 @@ def test_tampered_bucket_is_reported_and_never_repaired(
     assert done.returncode == 1, done.stdout + done.stderr
     assert problems(done) == {
         "deleted.bin": "missing", "other-size.bin": "size", "no-digest.bin": "no-digest",
-        "exp/extra.txt": "extra",
+        "meta-digest.bin": "digest", "exp/extra.txt": "extra",
     }
     by_path = {r["path"]: r for r in done.records[:-1]}
     assert by_path["other-size.bin"]["local"] == 300
     assert by_path["other-size.bin"]["remote"] == 301
     assert by_path["exp/extra.txt"]["key"] == "p/exp/extra.txt"
+    assert by_path["meta-digest.bin"]["local"] == xxhash.xxh3_128_hexdigest(
+        (src / "meta-digest.bin").read_bytes())
+    assert by_path["meta-digest.bin"]["remote"] == planted
     assert done.summary["ok"] is False
-    # Only the objects whose ETag is not the manifest's were asked about.
-    assert done.summary["heads"] == 3
+    # Only the objects whose ETag is not the manifest's were asked about; no file was read:
+    # every one is as the manifest recorded it, so its digest is the manifest's.
+    assert done.summary["heads"] == 4
+    assert done.summary["hashed"] == 0
 
     deep = verify(s3_server, src, dest, state, "--deep", "--max-memory", "5MiB", "--json")
     assert deep.returncode == 1, deep.stdout + deep.stderr
     assert problems(deep) == {
         "deleted.bin": "missing", "same-size.bin": "digest", "other-size.bin": "size",
-        "no-digest.bin": "digest", "recopied.bin": "no-digest", "exp/extra.txt": "extra",
+        "no-digest.bin": "digest", "recopied.bin": "no-digest", "meta-digest.bin": "digest",
+        "exp/extra.txt": "extra",
     }
     # Text: one line per problem on stdout, the summary on stderr.
     text = verify(s3_server, src, dest, state)
@@ -168,8 +181,10 @@ def test_tampered_bucket_is_reported_and_never_repaired(
         "no-digest: no-digest.bin: the object has no xxh128 metadata: not written by"
         " asyncsync push? (--deep compares its content)",
         "extra: exp/extra.txt: an object with no local file (not deleted)",
+        f"digest: meta-digest.bin: the file's xxh128 is {by_path['meta-digest.bin']['local']},"
+        f" its xxh128 metadata {planted}",
     ]), text.stdout
-    assert "1 missing, 1 size, 1 no-digest, 1 extra" in text.stderr
+    assert "1 missing, 1 size, 1 digest, 1 no-digest, 1 extra" in text.stderr
     # Reported, never deleted nor repaired.
     assert read_object(client, bucket, "p/exp/extra.txt") == b"not from SRC"
     assert "p/deleted.bin" not in bucket_keys(client, bucket, "p/")
@@ -307,6 +322,56 @@ def test_deep_reads_back_a_damaged_large_object_in_ranges(tmp_path: Path) -> Non
     record = next(r for r in deep.records if r["path"] == "exp/weights/last.pt")
     assert record["local"] == xxhash.xxh3_128_hexdigest(files["exp/weights/last.pt"])
     assert record["remote"] != record["local"]
+
+
+@pytest.mark.s3
+def test_deep_reads_ranges_of_one_object_in_parallel(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "runs"
+    (src / "w").mkdir(parents=True)
+    (src / "w" / "big.pt").write_bytes(os.urandom(40 * MiB))
+    state = tmp_path / "state"
+    dest = f"s3://{bucket}/d"
+    assert run_cli("push", src, dest, "--state-dir", state, env=s3_server.env()).returncode == 0
+    with FaultProxy(s3_server.endpoint) as proxy:
+        # Each range's GET is held a while, so the ranges the client keeps in flight show.
+        proxy.inject("delay", 100, method="GET", path_contains="/d/w/big.pt", delay=0.2)
+        done = run_cli("verify", src, dest, "--state-dir", state, "--deep", "--max-memory",
+                       "8MiB", "--json", env=s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint),
+                       timeout=120)
+        stats = proxy.stats
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.summary["matched"] == 1
+    assert stats.faults_by_action["delay"] == 20  # 2 MiB ranges at this budget
+    assert stats.peak_in_flight >= 2
+
+
+def test_deep_holds_no_more_than_max_memory(tmp_path: Path) -> None:
+    src, store_dir = tmp_path / "runs", tmp_path / "store"
+    src.mkdir()
+    store_dir.mkdir()
+    config = verify_config_from(from_mapping("verify", {"max_memory": "8MiB", "deep": True}),
+                                src, f"file://{store_dir}")
+    body = os.urandom(40 * MiB)
+
+    async def main() -> tuple[int, int]:
+        store = await open_file_store(str(store_dir))
+        try:
+            etag = await store.put_object(
+                "big.bin", body, md5_b64=md5_b64(body),
+                attributes=ObjectAttributes.of_content("0" * 32, len(body), None))
+            verifier = Verifier(config, store, Tally(config, io.StringIO(), io.StringIO()))
+            budget = verifier.budget = PeakBudget(config.max_memory)
+            digest, size, _ = await verifier.read_back("big.bin", Listed(len(body), etag))
+            assert (digest, size) == (xxhash.xxh3_128_hexdigest(body), len(body))
+            return budget.peak, budget.in_use
+        finally:
+            await store.close()
+
+    peak, in_use = asyncio.run(main())
+    assert 2 * MiB < peak <= 8 * MiB  # more than one 2 MiB range at once, within the limit
+    assert in_use == 0
 
 
 def test_range_size_fits_the_budget() -> None:

@@ -9,12 +9,17 @@ following a symlink, so a link planted in the tree cannot carry a write outside 
 A file is published by writing a temp file in its final directory (same filesystem, so the
 rename is atomic), fsyncing it, renaming it over the final name and fsyncing the directory:
 a crash leaves the old file or the new one under the final name, never a partial one.
+A temp file is locked by its writer until it is renamed, so one left by a writer that died
+(killed, or its machine) can be told from one still being written, and removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
+import stat
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TypeVar
 
@@ -22,6 +27,9 @@ T = TypeVar("T")
 
 # Temp files start with this; listings skip such names, so no key segment may have it.
 TEMP_PREFIX = ".asyncsync-tmp-"
+# The names `temp_name` makes (and the uuid4 hex it once used): what `remove_stale_temps` may
+# remove. Other names with the prefix (a ranged download kept to resume) are left alone.
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + "[0-9a-f]{32}")
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # O_NOFOLLOW with O_DIRECTORY: a symlink fails (ENOTDIR on Linux) instead of being entered.
 _DIRECTORY_BENEATH = _DIRECTORY | os.O_NOFOLLOW
@@ -107,6 +115,52 @@ def publish(directory: int, temp: str, name: str) -> None:
     fsync_directory(directory)
 
 
+def create_temp(directory: int) -> tuple[str, int]:
+    """A new temp file in ``directory``, open for writing and locked: its name and descriptor.
+    Closing the descriptor releases the lock, so close it only once the file is renamed or
+    removed: until then `remove_stale_temps` (in this process or another) leaves it alone."""
+    temp = temp_name()
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666,
+                 dir_fd=directory)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=directory)
+        raise
+    return temp, fd
+
+
+def remove_stale_temps(directory: int) -> list[str]:
+    """Remove the temp files in ``directory`` that no writer holds any more (left by one that
+    was killed before it renamed or removed them); return their names. Best effort: what
+    cannot be inspected or removed is left as it is."""
+    try:
+        with os.scandir(directory) as entries:
+            names = [entry.name for entry in entries if _TEMP_NAME.fullmatch(entry.name)
+                     and entry.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=directory)
+        except OSError:
+            continue  # renamed or removed by its writer since the listing
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.unlink(name, dir_fd=directory)
+                removed.append(name)
+        except OSError:
+            continue  # locked: a live writer's (BlockingIOError); or gone meanwhile
+        finally:
+            os.close(fd)
+    return removed
+
+
 def write_atomically(
     directory: int, name: str, fill: Callable[[int], T], *,
     before_publish: Callable[[os.stat_result, T], None] | None = None,
@@ -116,21 +170,20 @@ def write_atomically(
     with the temp file's stat (which the rename keeps: same inode, same mtime), so anything
     describing the file can be written first and the rename stays the one commit point.
     On any failure the temp file is removed and the final name is left as it was."""
-    temp = temp_name()
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666,
-                 dir_fd=directory)
+    temp, fd = create_temp(directory)
     try:
         try:
             result = fill(fd)
             os.fsync(fd)
-            st = os.fstat(fd)
+            if before_publish is not None:
+                before_publish(os.fstat(fd), result)
+            publish(directory, temp, name)
         finally:
-            os.close(fd)
-        if before_publish is not None:
-            before_publish(st, result)
-        publish(directory, temp, name)
+            os.close(fd)  # after the rename: the lock covers the temp file's whole life
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):  # gone already if the rename happened
+        # Gone already if the rename happened; whatever else fails here, the first error is
+        # the one to report (a temp file that cannot be removed now is stale once unlocked).
+        with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=directory)
         raise
     return result

@@ -17,6 +17,12 @@ its temp file has a stable name (`resume_name`, from the key) and a sidecar besi
 fsynced into the data file before it is listed there). The next run continues with the
 missing ranges if the object's ETag is still the sidecar's, and starts the file afresh if not.
 Each range in flight holds one chunk of the byte budget, whatever the range size.
+
+Every blocking step runs in a worker thread, and a cancelled download (SIGINT, SIGTERM, a
+sibling range that failed) waits for its threads to return before it closes the descriptors
+they write through (`_in_thread`). Each directory a run writes to is first cleared of the
+temp files a killed run left in it (`place.remove_stale_temps`); the resumable downloads and
+their sidecars stay for the next run to continue.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -35,7 +42,7 @@ import stat
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import xxhash
 
@@ -55,16 +62,18 @@ from .budget import ByteBudget
 from .digest import hash_chunk_for, new_digest
 from .place import (
     TEMP_PREFIX,
+    create_temp,
     directory_beneath,
     key_segments,
     open_directory_beneath,
     publish,
-    temp_name,
+    remove_stale_temps,
     write_atomically,
 )
 from .readback import READ_CHUNK
 
 log = logging.getLogger("asyncsync")
+T = TypeVar("T")
 
 # Objects larger than this are fetched in ranges (and resume); smaller ones in one GET.
 RANGED_FROM = 16 * MiB
@@ -245,6 +254,28 @@ def _write_all_at(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+async def _in_thread(call: Callable[[], T], *,
+                     abandoned: Callable[[T], None] | None = None) -> T:
+    """``call()`` in a worker thread. Cancelled, this still waits for the thread to return
+    before the cancellation goes on, so no descriptor the call uses is closed under it: a
+    closed number is soon another file's, and a late pwrite would land there. What a call
+    cut off this way returned is handed to ``abandoned`` (to close a descriptor it opened)."""
+    future = asyncio.ensure_future(asyncio.to_thread(call))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):  # a second cancel: still wait
+                await asyncio.wait([future])
+        if future.exception() is None and abandoned is not None:
+            abandoned(future.result())
+        raise
+
+
+def _close_opened(opened: tuple[int, RangeLog]) -> None:
+    os.close(opened[0])
+
+
 def _discard(directory: int, *names: str) -> None:
     for name in names:
         with contextlib.suppress(FileNotFoundError):
@@ -403,6 +434,8 @@ class Restorer:
         self.part_concurrency = max(1, part_concurrency)
         self.dry_run = dry_run
         self.on_received = on_received or (lambda n: None)
+        # The directories cleared of stale temp files in this run (set once cleared).
+        self._swept: dict[tuple[str, ...], asyncio.Event] = {}
 
     async def restore(self, wanted: Wanted) -> Restored:
         """Restore one object; whatever goes wrong with it alone is its failure. A store that
@@ -443,9 +476,35 @@ class Restorer:
                     " written through it")
         return f"cannot write {relative}: {exc.strerror or exc}"
 
+    async def _open_directory(self, parents: list[str]) -> int:
+        """The target's directory, created if missing and, the first time this run opens it,
+        cleared of the temp files killed runs left there. Every other writer of this run
+        waits for that, so none of its own new temp files is looked at."""
+        directory = await _in_thread(
+            functools.partial(open_directory_beneath, self.root, parents, create=True),
+            abandoned=os.close)
+        try:
+            where = tuple(parents)
+            swept = self._swept.get(where)
+            if swept is None:
+                swept = self._swept[where] = asyncio.Event()
+                try:
+                    removed = await _in_thread(functools.partial(remove_stale_temps, directory))
+                finally:
+                    swept.set()
+                if removed:
+                    log.info("%s: removed %d temp file(s) an interrupted run left",
+                             printable("/".join(parents) or "."), len(removed))
+            else:
+                await swept.wait()
+        except BaseException:
+            os.close(directory)
+            raise
+        return directory
+
     async def _restore(self, wanted: Wanted) -> Restored:
         segments = wanted.target.segments
-        local = await asyncio.to_thread(_local_file, self.root, segments)
+        local = await _in_thread(functools.partial(_local_file, self.root, segments))
         head: ObjectInfo | None = None
         if local is not None or wanted.size > RANGED_FROM:
             head = await self.store.head_object(wanted.key)
@@ -482,7 +541,8 @@ class Restorer:
         chunk = hash_chunk_for(local.st_size)
         grant = await self.budget.acquire(chunk)
         try:
-            found = await asyncio.to_thread(_local_digest, self.root, segments, chunk, md5)
+            found = await _in_thread(
+                functools.partial(_local_digest, self.root, segments, chunk, md5))
         finally:
             self.budget.release(grant)
         expected = _bare(head.etag) if md5 else digest
@@ -511,13 +571,10 @@ class Restorer:
         hold += DECODE_CHUNK if head is None or is_gzip(head) else 0
         grant = await self.budget.acquire(hold)
         try:
-            directory = await asyncio.to_thread(open_directory_beneath, self.root, parents,
-                                                create=True)
+            directory = await self._open_directory(parents)
             try:
-                temp = temp_name()
-                fd = await asyncio.to_thread(
-                    os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666,
-                    dir_fd=directory)
+                temp, fd = await _in_thread(functools.partial(create_temp, directory),
+                                            abandoned=lambda made: os.close(made[1]))
                 try:
                     received = 0
                     try:
@@ -530,13 +587,13 @@ class Restorer:
                             async for chunk in body:
                                 received += len(chunk)
                                 self.on_received(len(chunk))
-                                await asyncio.to_thread(sink.write, chunk)
-                        size, digest = await asyncio.to_thread(sink.finish)
+                                await _in_thread(functools.partial(sink.write, chunk))
+                        size, digest = await _in_thread(sink.finish)
                         self._check(wanted, info, size, digest)
-                        await asyncio.to_thread(os.fsync, fd)
+                        await _in_thread(functools.partial(os.fsync, fd))
+                        await _in_thread(functools.partial(publish, directory, temp, name))
                     finally:
-                        os.close(fd)
-                    await asyncio.to_thread(publish, directory, temp, name)
+                        os.close(fd)  # after the rename: the lock covers the temp file's life
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.unlink(temp, dir_fd=directory)
@@ -555,31 +612,33 @@ class Restorer:
         sidecar stay for the next run; a damaged download is removed."""
         *parents, name = wanted.target.segments
         resume = resume_name(wanted.key)
-        directory = await asyncio.to_thread(open_directory_beneath, self.root, parents,
-                                            create=True)
+        directory = await self._open_directory(parents)
         try:
-            fd, ranges = await asyncio.to_thread(_open_resumable, directory, resume, head,
-                                                 self.range_size)
+            fd, ranges = await _in_thread(
+                functools.partial(_open_resumable, directory, resume, head, self.range_size),
+                abandoned=_close_opened)
             try:
                 resumed = len(ranges.done)
                 received = await self._fetch_missing(wanted, head, fd, directory, resume, ranges)
                 chunk = hash_chunk_for(head.size)
                 grant = await self.budget.acquire(chunk)
                 try:
-                    size, digest = await asyncio.to_thread(_hash_fd, fd, chunk)
+                    size, digest = await _in_thread(functools.partial(_hash_fd, fd, chunk))
                 finally:
                     self.budget.release(grant)
                 try:
                     self._check(wanted, head, size, digest)
                 except DigestMismatch:
                     # Every range arrived and the whole is wrong: nothing here to resume.
-                    await asyncio.to_thread(_discard, directory, resume,
-                                            resume + RANGES_SUFFIX)
+                    await _in_thread(functools.partial(_discard, directory, resume,
+                                                       resume + RANGES_SUFFIX))
                     raise
-                await asyncio.to_thread(publish, directory, resume, name)
-                await asyncio.to_thread(_discard, directory, resume + RANGES_SUFFIX)
+                await _in_thread(functools.partial(publish, directory, resume, name))
+                await _in_thread(functools.partial(_discard, directory, resume + RANGES_SUFFIX))
             finally:
-                os.close(fd)  # after the rename: the lock covers the whole download
+                # After the rename: the lock covers the whole download. Every thread that
+                # wrote through ``fd`` has returned by now (`_in_thread`), cancelled or not.
+                os.close(fd)
         finally:
             os.close(directory)
         reason = "resumed" if resumed else reason
@@ -606,7 +665,7 @@ class Restorer:
                                                      if_match=head.etag,
                                                      chunk_size=READ_CHUNK) as body:
                         async for chunk in body:
-                            await asyncio.to_thread(_write_all_at, fd, chunk, at)
+                            await _in_thread(functools.partial(_write_all_at, fd, chunk, at))
                             at += len(chunk)
                             received[0] += len(chunk)
                             self.on_received(len(chunk))
@@ -615,12 +674,13 @@ class Restorer:
                             f"GetObject {wanted.key}: bytes {start}-{end}: the body ended at"
                             f" byte {at}", op="GetObject", key=wanted.key, code="IncompleteBody")
                     # On disk before it is listed as done: a crash never lists a hole.
-                    await asyncio.to_thread(os.fdatasync, fd)
+                    await _in_thread(functools.partial(os.fdatasync, fd))
                 finally:
                     self.budget.release(grant)
                 async with logged:
                     ranges.done.add(index)
-                    await asyncio.to_thread(ranges.write, directory, resume + RANGES_SUFFIX)
+                    await _in_thread(functools.partial(ranges.write, directory,
+                                                       resume + RANGES_SUFFIX))
             finally:
                 window.release()
 
