@@ -716,3 +716,21 @@ def test_the_entry_point_waits_for_a_thread_still_at_work(tmp_path: Path) -> Non
                           timeout=60)
     assert done.returncode == 3, done.stderr
     assert marker.read_text() == "done"
+
+
+def test_ctrl_c_before_the_command_handles_signals_is_a_quiet_130() -> None:
+    """Python's own SIGINT handler is in place until the command installs `Signals`: a
+    Ctrl-C then (the KeyboardInterrupt it raises) ends the program with 130, no traceback."""
+    code = (
+        "import sys\n"
+        "from asyncsync import cli\n"
+        "def interrupted(argv):\n"
+        "    raise KeyboardInterrupt\n"
+        "cli._main = interrupted\n"
+        "sys.argv = ['asyncsync', 'push', '.', 's3://bucket']\n"
+        "cli.main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 130
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr

@@ -720,7 +720,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     program's entry point (the ``asyncsync`` script, ``python -m asyncsync``) and ends the
     process itself once the command is done (`_exit`)."""
     if argv is None:
-        _exit(_main(sys.argv[1:]))
+        try:
+            code = _main(sys.argv[1:])
+        except KeyboardInterrupt:
+            # Ctrl-C while Python's own handler was still in place (start-up, before the
+            # command's `Signals`): nothing had begun that needs a drain, so no traceback.
+            code = 128 + signal.SIGINT
+        _exit(code)
     return _main(argv)
 
 
