@@ -30,7 +30,6 @@ from urllib.parse import urlsplit
 
 from ..config import (
     Destination,
-    PushConfig,
     StoreConfig,
     default_state_dir,
     parse_destination,
@@ -50,8 +49,8 @@ from ..names import printable
 from ..options import Settings
 from ..pipeline.digest import crc32_b64_of
 from ..pipeline.manifest import Manifest, Scope
-from ..pipeline.session import scope_for
-from ..stores.capabilities import Capabilities, Capability
+from ..pipeline.session import ManifestUse, Pipeline, ReadSession
+from ..stores.capabilities import Capability
 from ..stores.integrity import md5_b64_of
 from ..stores.protocol import ObjectAttributes
 from ..stores.retry import Backoff, retry_transient
@@ -80,13 +79,6 @@ class DoctorConfig:
     state_dir: Path
     json: bool = False
     quiet: bool = False
-
-    @property
-    def scope(self) -> Scope:
-        # The scope push names this store by: what doctor learns must be found by push.
-        push = PushConfig(source=Path("/"), destination=self.destination,
-                          state_dir=self.state_dir, store=self.store)
-        return scope_for(push)
 
 
 def doctor_config_from(settings: Settings, destination: str) -> DoctorConfig:
@@ -516,39 +508,33 @@ def clock_severity(skew: float) -> Severity | None:
     return None
 
 
-async def probe(config: DoctorConfig) -> Report:
-    """Every probe, in the order that lets each use the one before; the report says what
-    was found, and its problems what is wrong."""
-    from ..stores.s3 import open_s3_store
-
+async def probe(config: DoctorConfig, session: ReadSession) -> Report:
+    """Every probe, in the order that lets each use the one before, on the store of
+    ``session`` (its bucket not yet checked); the report says what was found, and its
+    problems what is wrong."""
     report = Report(config.destination.url, config.store.endpoint_url,
                     direct_uploads=config.store.direct_uploads)
-    # Nothing known beforehand: what the manifest holds is what this run is to check.
-    store = await open_s3_store(config.destination.bucket, config.store,
-                                capabilities=Capabilities())
+    store = await session.store()
+    probes = Probes(store, config, report)
+    await probes.settings()
     try:
-        probes = Probes(store, config, report)
-        await probes.settings()
-        try:
-            await store.check_bucket()
-        except TransientStoreError as exc:
-            attempts = config.store.max_attempts
-            report.problem(Severity.MISCONFIGURED, f"store unreachable: {exc} (gave up after"
-                           f" {attempts} attempt{'s' if attempts > 1 else ''})")
-            return report
-        except FatalStoreError as exc:
-            report.problem(Severity.MISCONFIGURED, str(exc))
-            return report
-        report.reachable = True
-        try:
-            existing = await probes.put()
-            await probes.wrong_md5()
-            await probes.conditional(existing)
-            await probes.multipart()
-        finally:
-            await probes.clean()
+        await store.check_bucket()
+    except TransientStoreError as exc:
+        attempts = config.store.max_attempts
+        report.problem(Severity.MISCONFIGURED, f"store unreachable: {exc} (gave up after"
+                       f" {attempts} attempt{'s' if attempts > 1 else ''})")
+        return report
+    except FatalStoreError as exc:
+        report.problem(Severity.MISCONFIGURED, str(exc))
+        return report
+    report.reachable = True
+    try:
+        existing = await probes.put()
+        await probes.wrong_md5()
+        await probes.conditional(existing)
+        await probes.multipart()
     finally:
-        await store.close()
+        await probes.clean()
     return report
 
 
@@ -562,18 +548,21 @@ def record(manifest: Manifest, scope: Scope, report: Report) -> None:
 async def run_doctor(config: DoctorConfig, out: TextIO | None = None) -> int:
     """Probe, record, print; return the exit code."""
     out = out or sys.stdout
-    # Opened first: a state directory that cannot hold the findings fails before any probe.
-    manifest = Manifest.open(config.state_dir)
-    try:
+    # The manifest is opened first: a state directory that cannot hold the findings fails
+    # before any probe. The store knows nothing beforehand: what the manifest holds is what
+    # this run is to check. The bucket check is a probe of its own, after the clock's.
+    async with Pipeline.open_read(config.destination, config.store, state_dir=config.state_dir,
+                                  manifest=ManifestUse.WRITE, fresh_capabilities=True,
+                                  check_bucket=False) as session:
         try:
-            report = await probe(config)
+            report = await probe(config, session)
         except FatalStoreError as exc:  # the client could not even be configured
             report = Report(config.destination.url, config.store.endpoint_url,
                             direct_uploads=config.store.direct_uploads)
             report.problem(Severity.MISCONFIGURED, str(exc))
-        record(manifest, config.scope, report)
-    finally:
-        manifest.close()
+        assert session.manifest is not None  # ManifestUse.WRITE
+        # Under the scope push names this store by: what doctor learns is found by push.
+        record(session.manifest, session.scope, report)
     if config.json:
         out.write(json.dumps(report.as_json(), ensure_ascii=False) + "\n")
     elif not config.quiet and report.reachable:

@@ -77,7 +77,7 @@ from .runs import (
     discover_runs,
     parse_time,
     read_body,
-    reading_session,
+    reading_store,
     record_of,
     runs_found,
 )
@@ -260,9 +260,7 @@ def chosen(runs: list[Run], glob: str | None) -> list[Run]:
 async def read_bucket(config: ExportConfig) -> list[tuple[Run, str | Unreadable]]:
     """The chosen runs under s3://BUCKET/PREFIX and their results.csv (or why not read)."""
     assert config.bucket is not None and config.store is not None
-    session = reading_session(config.bucket, config.store)
-    try:
-        store = await session.get()
+    async with reading_store(config.bucket, config.store) as store:
         runs = chosen(await discover_runs(store, config.bucket, config.run_depth),
                       config.run_glob)
 
@@ -273,8 +271,6 @@ async def read_bucket(config: ExportConfig) -> list[tuple[Run, str | Unreadable]
                 return exc
 
         texts = await bounded(attempt, [run.results for run in runs])
-    finally:
-        await session.close()
     return [(run, text) for run, text in zip(runs, texts, strict=True) if text is not None]
 
 

@@ -49,9 +49,9 @@ from ..pipeline.restore import (
     Wanted,
     target_for,
 )
+from ..pipeline.session import Pipeline
 from ..report import human_bytes
 from ..stores.protocol import ObjectStore
-from ..stores.session import StoreSession, store_opener
 
 log = logging.getLogger("asyncsync")
 
@@ -343,28 +343,26 @@ async def run_pull(config: PullConfig, out: TextIO | None = None,
     """Restore, report; return the exit code: 0 every object restored or already there, 1
     some failed. A missing bucket or refused credentials raise ConfigError (exit 2)."""
     report = PullReport(config, out or sys.stdout, err or sys.stderr)
-    session = StoreSession(store_opener(config.source, config.store, report.retried,
-                                        max_bandwidth=config.max_bandwidth),
-                           config.store.max_attempts)
-    progress = asyncio.create_task(report.draw_progress())
-    try:
-        store = await session.get()
-        if not config.dry_run:
-            try:
-                await asyncio.to_thread(os.makedirs, config.destination, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"destination {str(config.destination)!r}: cannot create"
-                                  f" it: {exc.strerror or exc}") from None
-        await pull_tree(config, store, report)
-    except asyncio.CancelledError:
-        report.finish()
-        log.error("interrupted: large downloads keep what they have and resume on the next"
-                  " pull")
-        raise
-    finally:
-        progress.cancel()
-        report.clear_progress()
-        await session.close()
+    async with Pipeline.open_read(config.source, config.store, on_retry=report.retried,
+                                  max_bandwidth=config.max_bandwidth) as session:
+        progress = asyncio.create_task(report.draw_progress())
+        try:
+            store = await session.store()
+            if not config.dry_run:
+                try:
+                    await asyncio.to_thread(os.makedirs, config.destination, exist_ok=True)
+                except OSError as exc:
+                    raise ConfigError(f"destination {str(config.destination)!r}: cannot"
+                                      f" create it: {exc.strerror or exc}") from None
+            await pull_tree(config, store, report)
+        except asyncio.CancelledError:
+            report.finish()
+            log.error("interrupted: large downloads keep what they have and resume on the"
+                      " next pull")
+            raise
+        finally:
+            progress.cancel()
+            report.clear_progress()
     if report.listed == 0 and not report.counts[Status.FAILED]:
         log.warning("nothing to restore under %s", printable(config.source.url))
     return report.finish()

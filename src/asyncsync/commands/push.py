@@ -22,7 +22,6 @@ from ..pipeline.manifest import MANIFEST_FILE
 from ..pipeline.mirror import mirror
 from ..pipeline.session import Pipeline
 from ..report import Reporter
-from ..stores.session import StoreSession, open_store
 
 if TYPE_CHECKING:
     from ..pipeline.shard import Shard
@@ -51,13 +50,12 @@ async def _restore(config: PushConfig, shard: Shard, events: Events) -> None:
     from ..pipeline.manifest_copy import restore_manifest
     from .shards import manifest_key
 
-    session = StoreSession(open_store(config, events.retried), config.store.max_attempts)
-    try:
-        store = await session.get()
-        await restore_manifest(store, manifest_key(config.destination.prefix, shard),
-                               config.state_dir)
-    finally:
-        await session.close()
+    # The session is its own: the pipeline's opens the manifest this restores.
+    async with Pipeline.open_read(config.destination, config.store, on_retry=events.retried,
+                                  on_sent=events.sent,
+                                  max_bandwidth=config.transfer.max_bandwidth) as session:
+        await restore_manifest(await session.store(),
+                               manifest_key(config.destination.prefix, shard), config.state_dir)
 
 
 async def _push_shard(

@@ -17,13 +17,14 @@ run whose record says running with no sign of life for `STALE_AFTER` is stale.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import sys
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO, TypeVar
@@ -32,11 +33,11 @@ from ..config import Destination, StoreConfig, parse_destination, store_config_f
 from ..errors import EXIT_OK, NotFound, StoreError, TransientStoreError, first_error
 from ..names import printable
 from ..options import Settings
+from ..pipeline.session import Pipeline
 from ..report import human_bytes
 from ..service.daemon import ABOVE_RUNS, run_of
 from ..service.training import number, parse_results
 from ..stores.protocol import ObjectInfo, ObjectStore
-from ..stores.session import StoreSession, store_opener
 from .record import RECORD_PATH
 
 log = logging.getLogger("asyncsync")
@@ -555,24 +556,24 @@ def table(described: list[dict[str, Any]]) -> list[str]:
             .rstrip() for line in lines]
 
 
-def reading_session(destination: Destination, store: StoreConfig) -> StoreSession:
-    """The store session of a command that only reads the bucket: its retries said at -v."""
+def _retried(exc: TransientStoreError, attempt: int, pause: float) -> None:
+    log.info("retry %d in %.2fs: %s", attempt, pause, printable(str(exc)))
 
-    def retried(exc: TransientStoreError, attempt: int, pause: float) -> None:
-        log.info("retry %d in %.2fs: %s", attempt, pause, printable(str(exc)))
 
-    return StoreSession(store_opener(destination, store, retried), store.max_attempts)
+@contextlib.asynccontextmanager
+async def reading_store(destination: Destination, store: StoreConfig) -> AsyncIterator[ObjectStore]:
+    """The store of a command that only reads the bucket (its retries said at -v), its
+    bucket checked, closed when the block ends."""
+    async with Pipeline.open_read(destination, store, on_retry=_retried) as session:
+        yield await session.store()
 
 
 async def run_runs(config: RunsConfig, out: TextIO | None = None) -> int:
     """List the runs; 0. A missing bucket or refused credentials raise ConfigError (exit 2),
     a store that never answers EndpointUnreachable (exit 1)."""
     stream = out or sys.stdout
-    session = reading_session(config.destination, config.store)
-    try:
-        described = await list_runs(config, await session.get())
-    finally:
-        await session.close()
+    async with reading_store(config.destination, config.store) as store:
+        described = await list_runs(config, store)
     if config.json:
         for run in described:
             stream.write(json.dumps(run, ensure_ascii=False) + "\n")

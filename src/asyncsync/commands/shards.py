@@ -42,7 +42,7 @@ from .runs import (
     iso,
     parse_time,
     read_body,
-    reading_session,
+    reading_store,
 )
 
 log = logging.getLogger("asyncsync")
@@ -351,15 +351,11 @@ async def run_shards(config: ShardsConfig, out: TextIO | None = None) -> int:
     answers EndpointUnreachable (exit 1)."""
     stream = out or sys.stdout
     folder = shards_folder(config.destination.prefix)
-    session = reading_session(config.destination, config.store)
-    try:
-        store = await session.get()
+    async with reading_store(config.destination, config.store) as store:
         pushes = sharded_pushes([info async for info in store.list_objects(folder + "/")],
                                 folder)
         described = [await describe_push(store, push, judged=index == 0)
                      for index, push in enumerate(pushes)]
-    finally:
-        await session.close()
     if not described:
         log.error("no sharded push found under %s (no %s/)", printable(config.destination.url),
                   SHARDS_DIRECTORY)

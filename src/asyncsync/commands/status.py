@@ -32,7 +32,7 @@ from ..config import default_state_dir
 from ..errors import EXIT_OK, ManifestError
 from ..names import printable
 from ..options import Settings
-from ..pipeline.manifest import Manifest
+from ..pipeline.session import open_manifest
 from ..report import human_bytes
 
 MARKERS = frozenset({"results.csv", "args.yaml"})
@@ -389,8 +389,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 def collect(config: StatusConfig) -> dict[str, Any]:
     """The state as `status --json` prints it. A missing or unreadable manifest raises
     ManifestError (exit 2)."""
-    manifest = Manifest.open(config.state_dir, read_only=True)  # checks file and schema
-    try:
+    with open_manifest(config.state_dir, read_only=True) as manifest:  # checks file, schema
         db = _connect(manifest.path)
         try:
             pairs = read_pairs(db)
@@ -400,8 +399,6 @@ def collect(config: StatusConfig) -> dict[str, Any]:
             raise ManifestError(f"manifest {str(manifest.path)!r}: {exc}") from exc
         finally:
             db.close()
-    finally:
-        manifest.close()
     return {"state_dir": str(config.state_dir), "manifest": str(manifest.path),
             "destinations": [describe(pair) for pair in pairs]}
 

@@ -40,7 +40,6 @@ from ..errors import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     FatalStoreError,
-    ManifestError,
     NotFound,
     ObjectChanged,
     SourceChanged,
@@ -55,13 +54,12 @@ from ..options import Settings
 from ..pipeline.budget import ByteBudget
 from ..pipeline.digest import hash_chunk_for, hash_file
 from ..pipeline.keys import InvalidKey, object_key
-from ..pipeline.manifest import MANIFEST_FILE, Manifest, ObjectRecord
+from ..pipeline.manifest import Manifest, ObjectRecord
 from ..pipeline.readback import READ_CHUNK, ContentDigest
 from ..pipeline.scan import ScanIssue, ScannedFile, scan_directories
-from ..pipeline.session import scan_options_for, scope_for
+from ..pipeline.session import ManifestUse, Pipeline, scan_options_for, scope_for
 from ..report import human_bytes
 from ..stores.protocol import META_DIGEST, META_SIZE, ObjectInfo, ObjectStore
-from ..stores.session import StoreSession, store_opener
 
 log = logging.getLogger("asyncsync")
 
@@ -463,19 +461,6 @@ class Verifier:
 # -- the whole tree against one listing ---------------------------------------------------------
 
 
-def _open_manifest(state_dir: Path) -> Manifest | None:
-    """The manifest, read-only (a watch daemon may hold it); None when there is none or it
-    cannot be read: the manifest only saves work here, so every file is then hashed."""
-    if not (state_dir / MANIFEST_FILE).is_file():
-        log.info("no manifest in %s: every file is hashed", printable(str(state_dir)))
-        return None
-    try:
-        return Manifest.open(state_dir, read_only=True)
-    except ManifestError as exc:
-        log.warning("%s; verifying without it: every file is hashed", printable(str(exc)))
-        return None
-
-
 def _under(relative: str, paths: set[str] | frozenset[str]) -> bool:
     """``relative`` is one of ``paths`` or lies beneath one."""
     if not paths:
@@ -559,16 +544,15 @@ async def run_verify(config: VerifyConfig, out: TextIO | None = None,
     configuration (a missing bucket, refused credentials) raises ConfigError (exit 2)."""
     tally = Tally(config, out or sys.stdout, err or sys.stderr)
     push = config.push
-    manifest = _open_manifest(push.state_dir)
-    try:
-        session = StoreSession(store_opener(push.destination, push.store, tally.retried),
-                               push.store.max_attempts)
-        try:
-            store = await session.get()
-            await verify_tree(config, store, manifest, tally)
-        finally:
-            await session.close()
-    finally:
-        if manifest is not None:
-            manifest.close()
+    # Read-only: a watch daemon may hold the manifest. It only saves work here: without one
+    # (or with one that cannot be read) every file is hashed.
+    async with Pipeline.open_read(push.destination, push.store, on_retry=tally.retried,
+                                  state_dir=push.state_dir,
+                                  manifest=ManifestUse.READ_IF_ANY) as reader:
+        if reader.manifest_problem is not None:
+            log.warning("%s; verifying without it: every file is hashed",
+                        printable(str(reader.manifest_problem)))
+        elif reader.manifest is None:
+            log.info("no manifest in %s: every file is hashed", printable(str(push.state_dir)))
+        await verify_tree(config, await reader.store(), reader.manifest, tally)
     return tally.finish()

@@ -19,18 +19,22 @@ from .protocol import ObjectStore
 
 
 class StoreSession:
-    """Opens the store on first use, checks the bucket once, and shares it.
+    """Opens the store on first use, checks the bucket once (unless told not to), and
+    shares it.
 
     Opening is deferred because a re-run that finds nothing to send never needs the store
     (nor botocore's import time). A failure to open is remembered: every later caller gets
     the same error at once instead of retrying the whole backoff schedule again.
     """
 
-    def __init__(self, opener: Callable[[], object], attempts: int, *, sticky: bool = True) -> None:
+    def __init__(self, opener: Callable[[], object], attempts: int, *, sticky: bool = True,
+                 check_bucket: bool = True) -> None:
         self._opener = opener
         self._attempts = attempts
         # push gives up on an unreachable store; the watch daemon tries again later.
         self._sticky = sticky
+        # doctor checks the bucket itself, after it has read the store's clock.
+        self._check_bucket = check_bucket
         self._store: ObjectStore | None = None
         self._error: BaseException | None = None
         self._lock = asyncio.Lock()
@@ -71,11 +75,12 @@ class StoreSession:
             if self._store is None:
                 try:
                     store: ObjectStore = await self._opener()  # type: ignore[misc]
-                    try:
-                        await store.check_bucket()
-                    except BaseException:
-                        await store.close()
-                        raise
+                    if self._check_bucket:
+                        try:
+                            await store.check_bucket()
+                        except BaseException:
+                            await store.close()
+                            raise
                 except TransientStoreError as exc:
                     error = EndpointUnreachable(
                         f"store unreachable: {exc} (gave up after {self._attempts} attempts)"
@@ -119,7 +124,8 @@ def store_opener(
     """The store implementation for the destination's scheme, opened on first use (hand it
     to `StoreSession`), with --retries and --max-bandwidth (a directory on NFS shares the
     node's network too), and, for S3, what the store is already known to do
-    (``capabilities``). Every command that talks to a store opens it here."""
+    (``capabilities``). Every command that talks to a store opens it here, through the
+    composition root (`pipeline.session`)."""
     pace: Callable[[int], Awaitable[None]] | None = None
     if max_bandwidth:
         from ..pipeline.ratelimit import RateLimiter
