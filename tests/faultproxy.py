@@ -16,8 +16,10 @@ subprocesses can use it alike. Bodies are streamed in bounded pieces, never held
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
+import re
 import socket
 import struct
 import termios
@@ -31,11 +33,25 @@ from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
 ACTIONS = ("503", "500", "reset", "delay", "lose-response", "strip-checksum",
-           "truncate-response", "corrupt-body", "opaque-etag")
+           "truncate-response", "corrupt-body", "opaque-etag", "restore-etag",
+           "wrong-checksum", "corrupt-response")
+# Actions that forward the request and change it or its answer on the way.
+_REWRITES = frozenset({"strip-checksum", "corrupt-body", "opaque-etag", "restore-etag",
+                       "wrong-checksum", "corrupt-response"})
 
 _PIECE = 64 * 1024
 _MAX_HEAD = 1024 * 1024
 _HEADERS_NOT_FORWARDED = frozenset({b"expect"})
+
+# "opaque-etag" spells an ETag's hex digits as the letters g-v: the same length, no MD5, and
+# "restore-etag" turns them back (so a CompleteMultipartUpload naming them still holds).
+_OPAQUE = bytes.maketrans(b"0123456789abcdef", b"ghijklmnopqrstuv")
+_CLEAR = bytes.maketrans(b"ghijklmnopqrstuv", b"0123456789abcdef")
+_XML_ETAG = re.compile(rb"<ETag>[^<]*</ETag>")
+_OPAQUE_MD5 = re.compile(rb"[g-v]{32}")
+# The CRC32 "wrong-checksum" answers with, in place of the one the store echoed.
+WRONG_CRC32 = base64.b64encode(b"\xde\xad\xbe\xef")
+_MAX_REWRITTEN_BODY = 1024 * 1024
 
 _ERRORS = {
     "503": (503, b"Slow Down", "SlowDown", "Please reduce your request rate."),
@@ -63,6 +79,20 @@ class ProxyStats:
     faults_by_action: dict[str, int] = field(default_factory=dict)
     # The most requests the proxy was handling at once (read, delayed, forwarded, answered).
     peak_in_flight: int = 0
+    # Every request's method, target and headers (names lower-cased), in arrival order.
+    seen: list[SeenRequest] = field(default_factory=list)
+
+    def requests_to(self, method: str, query_contains: str = "") -> list[SeenRequest]:
+        """The requests seen with this method whose query holds ``query_contains``."""
+        return [r for r in self.seen
+                if r.method == method and query_contains in r.target.partition("?")[2]]
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    method: str
+    target: str
+    headers: dict[str, str]
 
 
 @dataclass
@@ -251,6 +281,35 @@ def _simple_response(status: int, reason: bytes, body: bytes, *, close: bool) ->
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+def _rewritten_head(head: bytes, rewrite: str) -> bytes:
+    """A response head as "strip-checksum", "opaque-etag" or "wrong-checksum" relays it."""
+    lines = []
+    for line in head[:-4].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if rewrite == "strip-checksum" and name.startswith(b"x-amz-checksum-"):
+            continue
+        if rewrite == "opaque-etag" and name == b"etag":
+            line = b"ETag: " + value.strip().translate(_OPAQUE)
+        if rewrite == "wrong-checksum" and name == b"x-amz-checksum-crc32":
+            line = b"x-amz-checksum-crc32: " + WRONG_CRC32
+        lines.append(line)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def _first_byte_flipped(send: Send) -> Send:
+    """``send`` with the first byte of what it is given inverted: a body damaged on its way
+    to the client, its length unchanged."""
+    pending = [True]
+
+    async def flipped(data: bytes) -> None:
+        if pending[0] and data:
+            data, pending[0] = bytes([data[0] ^ 0xFF]) + data[1:], False
+        await send(data)
+
+    return flipped
+
+
 def _error_xml(code: str, message: str, resource: str) -> bytes:
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -355,9 +414,14 @@ class FaultProxy:
         that ignores checksums would send it. "corrupt-body" forwards the request with the
         first byte of its (Content-Length) body inverted, as a faulty network or middlebox
         would: the signature still holds for UNSIGNED-PAYLOAD requests. "opaque-etag" relays
-        the answer with its ETag replaced by one that is no MD5, as a store with ETags of
-        its own kind (or SSE-KMS) answers. "truncate-response"
-        forwards the request, relays
+        the answer with its ETag's hex digits spelt as the letters g-v (no MD5, as a store
+        with ETags of its own kind, or SSE-KMS, answers; the same ETag always reads the same,
+        in a PUT's answer and a HEAD's alike); "restore-etag" forwards a request with the
+        ETags its XML body names spelt back (a CompleteMultipartUpload listing opaque part
+        ETags). "wrong-checksum" relays the answer with another x-amz-checksum-crc32 than
+        the store echoed. "corrupt-response" relays a successful (Content-Length) answer
+        with the first byte of its body inverted: a download damaged on the way.
+        "truncate-response" forwards the request, relays
         the answer's head and its first `truncate_at` body bytes, waits until the client has
         them (the kernel's send queue is empty, then `delay` seconds more, for the client to
         take them from its own buffers: aiohttp drops what it has buffered but not handed
@@ -398,6 +462,7 @@ class FaultProxy:
                 self._stats,
                 by_method=dict(self._stats.by_method),
                 faults_by_action=dict(self._stats.faults_by_action),
+                seen=list(self._stats.seen),
             )
 
     def reset_stats(self) -> None:
@@ -414,6 +479,9 @@ class FaultProxy:
             self._in_flight += 1
             s.peak_in_flight = max(s.peak_in_flight, self._in_flight)
             s.by_method[request.method] = s.by_method.get(request.method, 0) + 1
+            s.seen.append(SeenRequest(request.method, request.target, {
+                name.decode("latin-1"): value.decode("latin-1")
+                for name, value in request.headers.items()}))
             for rule in self._rules:
                 if rule.matches(request.method, request.path, request.query):
                     rule.remaining -= 1
@@ -542,10 +610,8 @@ class FaultProxy:
             return not request.wants_close
         if rule is not None and rule.action == "delay":
             await asyncio.sleep(rule.delay)
-        strip = rule is not None and rule.action == "strip-checksum"
-        corrupt = rule is not None and rule.action == "corrupt-body"
-        opaque = rule is not None and rule.action == "opaque-etag"
-        return await self._forward(request, reader, writer, upstream, strip, corrupt, opaque)
+        rewrite = rule.action if rule is not None and rule.action in _REWRITES else None
+        return await self._forward(request, reader, writer, upstream, rewrite)
 
     async def _reset(
         self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -592,16 +658,14 @@ class FaultProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         upstream: _Upstream,
-        strip_checksums: bool = False,
-        corrupt: bool = False,
-        opaque_etag: bool = False,
+        rewrite: str | None = None,
     ) -> bool:
-        """Send one request upstream and relay its response; False when the client is done."""
+        """Send one request upstream and relay its response, changed as ``rewrite`` (one of
+        _REWRITES) says; False when the client is done."""
         try:
             up_reader, up_writer = await self._send_upstream(request, reader, writer, upstream,
-                                                             corrupt)
-            close_after = await self._relay_response(request, up_reader, writer,
-                                                     strip_checksums, opaque_etag)
+                                                             rewrite)
+            close_after = await self._relay_response(request, up_reader, writer, rewrite)
         except _UpstreamError:
             # This includes a server that answers early and hangs up mid-body (a bad signature
             # on a large PUT): asyncio drops its answer with the reset, much as a client
@@ -622,7 +686,7 @@ class FaultProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         upstream: _Upstream,
-        corrupt: bool = False,
+        rewrite: str | None = None,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Send the request head and body to the server; return the upstream streams."""
         up_reader, up_writer = await upstream.ensure_open()
@@ -644,7 +708,7 @@ class FaultProxy:
         if request.expects_continue:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await writer.drain()
-        await self._forward_body(request, reader, up_writer, corrupt)
+        await self._forward_body(request, reader, up_writer, rewrite)
         return up_reader, up_writer
 
     async def _forward_then_reset(
@@ -703,9 +767,9 @@ class FaultProxy:
 
     async def _forward_body(
         self, request: _Request, reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
-        corrupt: bool = False,
+        rewrite: str | None = None,
     ) -> None:
-        flip = [corrupt and not request.chunked]
+        flip = [rewrite == "corrupt-body" and not request.chunked]
 
         async def send_upstream(data: bytes) -> None:
             if flip[0] and data:
@@ -721,6 +785,13 @@ class FaultProxy:
 
         if request.chunked:
             await _copy_chunked(reader, send_upstream)
+        elif rewrite == "restore-etag" and request.content_length <= _MAX_REWRITTEN_BODY:
+            # The ETags a CompleteMultipartUpload names, as the store gave them: the same
+            # length, so Content-Length holds (a store that checks the payload's signed
+            # SHA-256 would still refuse the body).
+            body = await reader.readexactly(request.content_length)
+            await send_upstream(_XML_ETAG.sub(lambda etag: _OPAQUE_MD5.sub(
+                lambda opaque: opaque[0].translate(_CLEAR), etag[0]), body))
         else:
             await _copy_exact(reader, send_upstream, request.content_length)
         try:
@@ -730,7 +801,7 @@ class FaultProxy:
 
     async def _relay_response(
         self, request: _Request, up_reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-        strip_checksums: bool = False, opaque_etag: bool = False,
+        rewrite: str | None = None,
     ) -> bool:
         """Relay one final response; True when the connection must end after it."""
         while True:
@@ -746,28 +817,23 @@ class FaultProxy:
             if 100 <= status < 200 and status != 101:
                 continue
             break
-        if strip_checksums:
-            kept = [line for line in head[:-4].split(b"\r\n")
-                    if not line.lower().startswith(b"x-amz-checksum-")]
-            head = b"\r\n".join(kept) + b"\r\n\r\n"
-        if opaque_etag:
-            opaque = b'ETag: "opaque-' + uuid.uuid4().hex.encode() + b'"'
-            head = b"\r\n".join(opaque if line.lower().startswith(b"etag:") else line
-                                for line in head[:-4].split(b"\r\n")) + b"\r\n\r\n"
+        if rewrite in ("strip-checksum", "opaque-etag", "wrong-checksum"):
+            head = _rewritten_head(head, rewrite)
         writer.write(head)
         await writer.drain()
         close_after = b"close" in headers.get(b"connection", b"").lower()
+        send = self._send_down(writer)
         try:
             if request.method == "HEAD" or status in (204, 304):
                 pass
             elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-                await _copy_chunked(up_reader, self._send_down(writer))
+                await _copy_chunked(up_reader, send)
             elif b"content-length" in headers:
-                await _copy_exact(up_reader, self._send_down(writer),
-                                  int(headers[b"content-length"]))
+                if rewrite == "corrupt-response" and 200 <= status < 300:
+                    send = _first_byte_flipped(send)
+                await _copy_exact(up_reader, send, int(headers[b"content-length"]))
             else:
                 # No framing: the body runs to the end of the connection.
-                send = self._send_down(writer)
                 while piece := await up_reader.read(_PIECE):
                     await send(piece)
                 close_after = True

@@ -217,6 +217,62 @@ def test_an_unreachable_endpoint_exits_2(tmp_path: Path) -> None:
     assert line.endswith("(gave up after 1 attempt)")
 
 
+def test_virtual_addressing_of_a_bucket_host_that_does_not_resolve_exits_2(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """The store is up, but with virtual-hosted addressing doctor dials BUCKET.localhost,
+    which no DNS knows: a settings mistake, said once, not retried."""
+    port = s3_server.endpoint.rstrip("/").rpartition(":")[2]
+    result = run_cli("doctor", f"s3://{bucket}", "--addressing-style", "virtual",
+                     "--state-dir", tmp_path / "state",
+                     env=s3_server.env(AWS_ENDPOINT_URL=f"http://localhost:{port}"), timeout=120)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("asyncsync: error: ")
+    assert f"the host name {bucket}.localhost does not resolve" in line
+    assert line.endswith("use --addressing-style path")
+    assert result.stdout == ""
+
+
+def test_virtual_addressing_with_an_ip_endpoint_exits_2(tmp_path: Path) -> None:
+    env = offline_env()
+    result = run_cli("doctor", "s3://bucket-a", "--addressing-style", "virtual",
+                     "--state-dir", tmp_path / "state", env=env, timeout=60)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert f"the endpoint {env['AWS_ENDPOINT_URL']} (from $AWS_ENDPOINT_URL) is an IP address" in (
+        line)
+    assert line.endswith("use --addressing-style path")
+
+
+@pytest.mark.parametrize("body_path", ["direct", "botocore"])
+def test_a_bucket_in_another_region_exits_2_naming_it(tmp_path: Path, body_path: str) -> None:
+    """How AWS answers a HeadBucket at another region's endpoint (301 naming the bucket's
+    region): doctor says which --region to pass, through either request path."""
+    import http.server
+
+    from .test_store import _RegionRedirect
+
+    class Redirect(_RegionRedirect):
+        seen: list[tuple[str, str]] = []
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    extra = ["--no-direct-uploads"] if body_path == "botocore" else []
+    env = {**offline_env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}"}
+    try:
+        result = run_cli("doctor", "s3://far-away", "--state-dir", tmp_path / "state", *extra,
+                         env=env, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 2, result.stderr
+    [line] = error_lines(result.stderr)
+    assert "the bucket is in region eu-west-1, not us-east-1: pass --region eu-west-1" in line
+    assert result.stdout == ""
+
+
 @pytest.mark.parametrize(("destination", "needle"), [
     ("file:///tmp/mirror", "doctor probes S3 stores"),
     ("bucket-a/x", "expected s3://BUCKET"),

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 from botocore.exceptions import ClientError
 
-from .faultproxy import FaultProxy
+from .faultproxy import WRONG_CRC32, FaultProxy
 
 MiB = 1024 * 1024
 
@@ -324,6 +324,13 @@ class _FramingHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(LARGE)))
             self.end_headers()
             self.wfile.write(LARGE)
+        elif self.path == "/tagged":
+            self.send_response(200)
+            self.send_header("ETag", TAG)
+            self.send_header("x-amz-checksum-crc32", "DUoRhQ==")
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"body")
         elif self.path == "/no-content":
             self.send_response(204)
             self.send_header("Content-Length", "10")
@@ -338,6 +345,17 @@ class _FramingHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", "123456")
         self.end_headers()
+
+    def do_POST(self) -> None:
+        """Answers with the body it was sent: what reached the server."""
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+TAG = '"0123456789abcdef0123456789abcdef"'
 
 
 @pytest.fixture
@@ -439,3 +457,71 @@ def test_truncate_response_past_a_short_body_never_waits_for_more(
     assert time.monotonic() - started < 2
     with pytest.raises(ValueError):
         framing_proxy.inject("truncate-response", 1, truncate_at=-1)
+
+
+def _get(proxy: FaultProxy, path: str, **headers: str) -> http.client.HTTPResponse:
+    url = urlsplit(proxy.endpoint)
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=5)
+    conn.request("GET", path, headers=headers)
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response
+
+
+def test_every_request_is_seen_with_its_headers(framing_proxy: FaultProxy) -> None:
+    _get(framing_proxy, "/plain?uploads", **{"X-Amz-Checksum-Algorithm": "CRC32"})
+    _get(framing_proxy, "/plain?partNumber=1")
+    seen = framing_proxy.stats.seen
+    assert [(r.method, r.target) for r in seen] == [
+        ("GET", "/plain?uploads"), ("GET", "/plain?partNumber=1")]
+    assert seen[0].headers["x-amz-checksum-algorithm"] == "CRC32"
+    assert "x-amz-checksum-algorithm" not in seen[1].headers
+    assert framing_proxy.stats.requests_to("GET", "partNumber=") == [seen[1]]
+    framing_proxy.reset_stats()
+    assert framing_proxy.stats.seen == []
+
+
+def test_answers_rewritten_on_the_way_to_the_client(framing_proxy: FaultProxy) -> None:
+    plain = _get(framing_proxy, "/tagged")
+    assert plain.getheader("ETag") == TAG and plain.getheader("x-amz-checksum-crc32")
+
+    framing_proxy.inject("opaque-etag", 2, path_contains="/tagged")
+    opaque = [_get(framing_proxy, "/tagged").getheader("ETag") for _ in range(2)]
+    # No MD5 any more, the same length, and the same each time the object is asked for.
+    assert opaque[0] == opaque[1] == '"ghijklmnopqrstuvghijklmnopqrstuv"'
+
+    framing_proxy.inject("wrong-checksum", 1, path_contains="/tagged")
+    assert _get(framing_proxy, "/tagged").getheader(
+        "x-amz-checksum-crc32") == WRONG_CRC32.decode()
+
+    url = urlsplit(framing_proxy.endpoint)
+    framing_proxy.inject("corrupt-response", 1, method="GET")
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=5)
+    try:
+        conn.request("GET", "/large")
+        damaged = conn.getresponse().read()
+        conn.request("GET", "/large")
+        intact = conn.getresponse().read()
+    finally:
+        conn.close()
+    assert len(damaged) == len(LARGE) and damaged[0] == LARGE[0] ^ 0xFF
+    assert damaged[1:] == LARGE[1:] and intact == LARGE
+
+
+def test_restore_etag_spells_the_etags_of_a_request_body_back(
+    framing_proxy: FaultProxy,
+) -> None:
+    """A CompleteMultipartUpload naming opaque part ETags reaches the store naming its own."""
+    body = (b"<CompleteMultipartUpload><Part><ETag>&quot;ghijklmnopqrstuvghijklmnopqrstuv"
+            b"&quot;</ETag><PartNumber>1</PartNumber></Part></CompleteMultipartUpload>")
+    framing_proxy.inject("restore-etag", 1, method="POST")
+    url = urlsplit(framing_proxy.endpoint)
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=5)
+    try:
+        conn.request("POST", "/key?uploadId=1", body=body)
+        received = conn.getresponse().read()
+    finally:
+        conn.close()
+    assert received == body.replace(b"ghijklmnopqrstuvghijklmnopqrstuv",
+                                    b"0123456789abcdef0123456789abcdef")

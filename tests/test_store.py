@@ -29,6 +29,7 @@ import pytest
 
 from asyncsync.config import StoreConfig
 from asyncsync.errors import (
+    BadDigest,
     FatalStoreError,
     NoSuchUpload,
     NotFound,
@@ -1029,3 +1030,91 @@ def test_file_store_maps_os_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     factory.run(body)
     leftovers = [p for p in tree(root) if ".asyncsync-tmp-" in p]
     assert leftovers == []
+
+
+# -- S3 only: what a HEAD must confirm where the answers prove nothing ------------------------
+
+
+class _AnswersProvingNothing:
+    """A botocore client stand-in for `S3Store`: uploads answered with ETags of its own
+    kind (no MD5), and HEAD answering what the test says the store holds."""
+
+    def __init__(self, stored_size: int, stored_etag: str) -> None:
+        self.meta = type("Meta", (), {"endpoint_url": "http://store.test", "region_name": None})
+        self.stored_size, self.stored_etag = stored_size, stored_etag
+        self.calls: list[str] = []
+
+    async def put_object(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append("PutObject")
+        return {"ETag": '"own-kind-1"'}
+
+    async def complete_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append("CompleteMultipartUpload")
+        return {"ETag": '"own-kind-2"'}
+
+    async def head_object(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append("HeadObject")
+        return {"ContentLength": self.stored_size, "ETag": self.stored_etag}
+
+    async def delete_object(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append("DeleteObject")
+        return {}
+
+
+def _store_over(client: _AnswersProvingNothing) -> Any:
+    import contextlib
+
+    from asyncsync.stores.s3 import S3Store
+
+    config = StoreConfig(max_attempts=2, backoff_base=0.0, backoff_cap=0.0,
+                         direct_uploads=False)
+    return S3Store(client, contextlib.AsyncExitStack(), "b", config, None)
+
+
+@pytest.mark.parametrize(("stored_size", "stored_etag", "proven"), [
+    (5, 'W/"own-kind-1"', True),  # quotes and a weak prefix are a store's spelling
+    (4, '"own-kind-1"', False),  # fewer bytes kept than were sent
+    (5, '"own-kind-9"', False),  # another object under the key than the PUT answered for
+], ids=["same", "short", "other-etag"])
+def test_an_unproven_put_is_confirmed_by_the_size_and_etag_a_head_finds(
+    stored_size: int, stored_etag: str, proven: bool
+) -> None:
+    client = _AnswersProvingNothing(stored_size, stored_etag)
+    store = _store_over(client)
+    put = store.put_object("k", b"12345", md5_b64=base64.b64encode(
+        hashlib.md5(b"12345").digest()).decode(), attributes=ObjectAttributes({}))
+    if proven:
+        assert asyncio.run(put) == '"own-kind-1"'
+        assert client.calls == ["PutObject", "HeadObject"]
+        return
+    with pytest.raises(BadDigest) as error:
+        asyncio.run(put)
+    assert ("kept 4 bytes of the 5 sent" if stored_size == 4 else
+            'has ETag "own-kind-9", the upload was answered with "own-kind-1"') in str(
+        error.value)
+    # Sent again (BadDigest is retried), then the damaged object is deleted.
+    assert client.calls == ["PutObject", "HeadObject"] * 2 + ["DeleteObject"]
+
+
+@pytest.mark.parametrize(("stored_size", "stored_etag", "proven"), [
+    (12, '"own-kind-2"', True),
+    (11, '"own-kind-2"', False),
+    (12, '"own-kind-1"', False),
+], ids=["same", "short", "other-etag"])
+def test_an_unproven_multipart_upload_is_confirmed_once_complete(
+    stored_size: int, stored_etag: str, proven: bool
+) -> None:
+    client = _AnswersProvingNothing(stored_size, stored_etag)
+    store = _store_over(client)
+    store._unproven_uploads.add("u1")  # a part's answer proved nothing
+    parts = [UploadedPart(1, '"p1"', 5), UploadedPart(2, '"p2"', 7)]
+    complete = store.complete_multipart_upload("k", "u1", parts)
+    if proven:
+        assert asyncio.run(complete) == '"own-kind-2"'
+        assert client.calls == ["CompleteMultipartUpload", "HeadObject"]
+        return
+    with pytest.raises(BadDigest):
+        asyncio.run(complete)
+    # The HEAD is asked again (the object may be settling), then the object is deleted.
+    assert client.calls == ["CompleteMultipartUpload", "HeadObject", "HeadObject",
+                            "DeleteObject"]

@@ -57,7 +57,7 @@ from .protocol import (
 )
 from .retry import Backoff, RangeReader, ResumableBody, retry_transient
 from .s3direct import DirectUploads, Pace, open_direct_uploads, proxy_for
-from .s3errors import translate_error
+from .s3errors import body_never_left, translate_error
 
 T = TypeVar("T")
 log = logging.getLogger("asyncsync")
@@ -103,8 +103,9 @@ class S3Store:
         self._verdicts = Verdicts(self._location, self.capabilities)
         # Uploads with a part nothing proved: their object's size is checked once complete.
         self._unproven_uploads: set[str] = set()
-        # Body bytes that reached the store, every attempt counted (a body sent again after
-        # a 503 or a BadDigest crossed the wire twice).
+        # Body bytes handed to the transport, every attempt counted whatever its outcome (a
+        # body sent again after a 503 or a BadDigest crossed the wire twice; one cut off by
+        # a reset cost what had left).
         self._on_sent = on_sent or (lambda n: None)
 
     @property
@@ -124,7 +125,7 @@ class S3Store:
         """One try of ``call``, its errors translated (the caller decides about retrying)."""
         try:
             return await call()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, StoreError):
             raise
         except Exception as exc:
             raise self._translated(exc, op, key) from exc
@@ -146,9 +147,7 @@ class S3Store:
             if self._direct is not None:
                 await self._retried(self._direct.head_bucket)
             else:
-                await self._call(
-                    "HeadBucket", "", lambda: self._client.head_bucket(Bucket=self._bucket)
-                )
+                await self._call("HeadBucket", "", self._head_bucket)
         except NotFound as exc:
             raise FatalStoreError(
                 f"bucket s3://{self._bucket} does not exist", op="HeadBucket", code="NoSuchBucket"
@@ -168,6 +167,24 @@ class S3Store:
                 if listing.code not in ("403", "AccessDenied"):
                     raise
 
+    async def _head_bucket(self) -> None:
+        """HeadBucket through botocore, naming the bucket's region where the answer does (as
+        `s3direct.DirectUploads.head_bucket` does): a 301 or 400 alone says nothing useful."""
+        from botocore.exceptions import ClientError
+
+        try:
+            await self._client.head_bucket(Bucket=self._bucket)
+        except ClientError as exc:
+            meta = exc.response.get("ResponseMetadata", {})
+            region = meta.get("HTTPHeaders", {}).get("x-amz-bucket-region")
+            ours = self._client.meta.region_name or "us-east-1"
+            if meta.get("HTTPStatusCode") in (301, 400) and region and region != ours:
+                raise FatalStoreError(
+                    f"HeadBucket s3://{self._bucket}: the bucket is in region {region}, not"
+                    f" {ours}: pass --region {region}", op="HeadBucket", code="PermanentRedirect",
+                ) from exc
+            raise
+
     @staticmethod
     def _attribute_args(attributes: ObjectAttributes) -> dict[str, Any]:
         args: dict[str, Any] = {"Metadata": dict(attributes.metadata)}
@@ -185,18 +202,17 @@ class S3Store:
         async def send() -> Answer:
             if self._direct is not None:
                 return await self._direct.put_object(
-                    key, body, md5_b64=md5_b64, attributes=attributes
+                    key, body, md5_b64=md5_b64, attributes=attributes, on_sent=self._on_sent
                 )
             if self._pace is not None:
                 await self._pace(len(body))  # botocore sends a body in one go
-            response = await self._attempt(
-                "PutObject", key,
+            return await self._botocore_body(
+                "PutObject", key, len(body),
                 lambda: self._client.put_object(
                     Bucket=self._bucket, Key=key, Body=body, ContentMD5=md5_b64,
                     **self._attribute_args(attributes),
                 ),
             )
-            return Answer.of_response(response)
 
         # Whether an attempt left damaged bytes stored under the key (a store that checked
         # refuses them instead, and the key keeps what it held).
@@ -204,12 +220,12 @@ class S3Store:
 
         async def attempt() -> str:
             nonlocal damaged_stored
-            answer = await self._answered(len(body), send)
+            answer = await send()
             try:
                 if not self._verdicts.check(where, "PutObject", key, answer.etag, md5_b64,
                                             encrypted=answer.encrypted) and not self._checks_md5:
                     self._verdicts.unproven("PutObject")
-                    await self._confirm_size(where, key, len(body))
+                    await self._confirm_stored(where, key, len(body), answer.etag)
             except BadDigest:
                 damaged_stored = True
                 raise
@@ -231,20 +247,26 @@ class S3Store:
         with one is proven even where the answer cannot say so (an SSE-KMS ETag)."""
         return self.capabilities[Capability.VERIFIES_MD5] is True
 
-    async def _answered(self, size: int, send: Callable[[], Awaitable[Answer]]) -> Answer:
-        """``send`` a body of ``size`` bytes, counted as sent once the store answered (an
-        error answer too: it came after the body); a connection that failed is not."""
+    async def _botocore_body(
+        self, op: str, key: str, size: int, call: Callable[[], Awaitable[Any]]
+    ) -> Answer:
+        """One botocore request carrying a body of ``size`` bytes, counted as sent unless no
+        connection was made (botocore hands the transport the body in one go)."""
         try:
-            answer = await send()
-        except StoreError as exc:
-            if exc.code:
-                self._on_sent(size)
+            response = await call()
+        except asyncio.CancelledError:
             raise
+        except Exception as exc:
+            if not body_never_left(exc):
+                self._on_sent(size)
+            raise self._translated(exc, op, key) from exc
         self._on_sent(size)
-        return answer
+        return Answer.of_response(response)
 
-    async def _confirm_size(self, where: str, key: str, size: int) -> None:
-        """For an answer that proves nothing: the object must at least be the size sent."""
+    async def _confirm_stored(self, where: str, key: str, size: int, etag: str) -> None:
+        """For an answer that proves nothing: the object HEAD finds must be the size sent and
+        carry the ETag that answer gave (another ETag: another object, or another body,
+        took the key in between)."""
         response = await self._attempt(
             "HeadObject", key, lambda: self._client.head_object(Bucket=self._bucket, Key=key)
         )
@@ -252,6 +274,12 @@ class S3Store:
         if stored != size:
             raise BadDigest(f"{where}: the store kept {stored} bytes of the {size} sent",
                             op="HeadObject", key=key, code="BadDigest")
+        found = str(response.get("ETag") or "")
+        if _bare_etag(found) != _bare_etag(etag):
+            raise BadDigest(
+                f"{where}: the object stored has ETag {found}, the upload was answered"
+                f" with {etag}", op="HeadObject", key=key, code="BadDigest",
+            )
 
     async def _discard(self, key: str) -> None:
         try:
@@ -319,7 +347,8 @@ class S3Store:
         async def send() -> Answer:
             if self._direct is not None:
                 return await self._direct.upload_part(
-                    key, upload_id, part_number, body, md5_b64=md5_b64, crc32_b64=crc32_b64
+                    key, upload_id, part_number, body, md5_b64=md5_b64, crc32_b64=crc32_b64,
+                    on_sent=self._on_sent,
                 )
             if self._pace is not None:
                 await self._pace(len(body))
@@ -328,17 +357,16 @@ class S3Store:
                 checksums["ContentMD5"] = md5_b64
             if crc32_b64 is not None:
                 checksums["ChecksumCRC32"] = crc32_b64
-            response = await self._attempt(
-                "UploadPart", key,
+            return await self._botocore_body(
+                "UploadPart", key, len(body),
                 lambda: self._client.upload_part(
                     Bucket=self._bucket, Key=key, UploadId=upload_id,
                     PartNumber=part_number, Body=body, **checksums,
                 ),
             )
-            return Answer.of_response(response)
 
         async def attempt() -> str:
-            answer = await self._answered(len(body), send)
+            answer = await send()
             await self._prove_part(where, key, upload_id, body, answer, md5_b64, crc32_b64)
             return answer.etag
 
@@ -411,17 +439,18 @@ class S3Store:
                 Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload=layout
             ),
         )
+        etag = str(response["ETag"])
         if upload_id in self._unproven_uploads:
             self._unproven_uploads.discard(upload_id)
             where = f"CompleteMultipartUpload s3://{self._bucket}/{key}"
             try:
                 await self._retried(
-                    lambda: self._confirm_size(where, key, sum(p.size for p in parts))
+                    lambda: self._confirm_stored(where, key, sum(p.size for p in parts), etag)
                 )
             except BadDigest:
                 await self._discard(key)
                 raise
-        return str(response["ETag"])
+        return etag
 
     async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
         self._unproven_uploads.discard(upload_id)
@@ -605,6 +634,13 @@ class _S3Range:
             # A body not read to its end cannot go back to the pool: this drops the
             # connection (one read to the end was released at its last byte already).
             stream.close()
+
+
+def _bare_etag(etag: str) -> str:
+    """An ETag as compared: without the weak prefix and the quotes, which stores add or leave
+    off differently in different answers."""
+    value = etag.strip()
+    return value.removeprefix("W/").strip('"')
 
 
 def _timestamp(value: Any) -> float | None:

@@ -10,7 +10,9 @@ ListParts, ...) still goes through botocore. What stays botocore's:
   credentials such as web identity refresh themselves).
 
 Bodies are streamed in slices so that asyncio's transport never holds a second copy of a
-part: memory stays what the byte budget paid for.
+part: memory stays what the byte budget paid for. Each slice is counted as sent (``on_sent``)
+as it is handed to the transport, whatever becomes of the attempt: a part cut off by a reset
+half-way still cost the bytes that left.
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ from ..config import StoreConfig
 from ..errors import FatalStoreError, StoreError
 from .integrity import Answer, headers_encryption
 from .protocol import ObjectAttributes
-from .s3errors import classify_response, translate_transport_error
+from .s3errors import body_never_left, classify_response, translate_transport_error
 from .sigv4 import SigV4Signer, canonical_query, quote_path
 
 PROBE_KEY = "asyncsync-probe"
 # A part's CRC32 (base64, big-endian), sent with it and echoed by a store that checked it.
 CRC32_HEADER = "x-amz-checksum-crc32"
 Pace = Callable[[int], Awaitable[None]]
+# Told the number of body bytes handed to the transport, as they are.
+Sent = Callable[[int], None]
 # Slices of a body handed to the transport at a time; it waits for the socket in between.
 STREAM_SLICE = 256 * 1024
 # A body this small leaves in one write that never waits for the socket (aiohttp drains
@@ -80,7 +84,8 @@ class DirectUploads:
         self._timeouts = timeouts  # (connect, read) seconds
 
     async def put_object(
-        self, key: str, body: bytes, *, md5_b64: str, attributes: ObjectAttributes
+        self, key: str, body: bytes, *, md5_b64: str, attributes: ObjectAttributes,
+        on_sent: Sent = lambda n: None,
     ) -> Answer:
         headers = {"content-md5": md5_b64, "content-length": str(len(body))}
         for name, value in attributes.metadata.items():
@@ -89,11 +94,12 @@ class DirectUploads:
             headers["content-encoding"] = attributes.content_encoding
         if attributes.content_type:
             headers["content-type"] = attributes.content_type
-        return await self._put("PutObject", key, {}, headers, body)
+        return await self._put("PutObject", key, {}, headers, body, on_sent)
 
     async def upload_part(
         self, key: str, upload_id: str, part_number: int, body: bytes, *,
         md5_b64: str | None = None, crc32_b64: str | None = None,
+        on_sent: Sent = lambda n: None,
     ) -> Answer:
         headers = {"content-length": str(len(body))}
         if md5_b64 is not None:
@@ -101,7 +107,7 @@ class DirectUploads:
         if crc32_b64 is not None:
             headers[CRC32_HEADER] = crc32_b64
         query = {"partNumber": str(part_number), "uploadId": upload_id}
-        return await self._put("UploadPart", key, query, headers, body)
+        return await self._put("UploadPart", key, query, headers, body, on_sent)
 
     async def head_bucket(self) -> None:
         """HeadBucket on these connections: a push that needs no control call then never
@@ -149,6 +155,7 @@ class DirectUploads:
 
     async def _put(
         self, op: str, key: str, query: Mapping[str, str], headers: dict[str, str], body: bytes,
+        on_sent: Sent,
     ) -> Answer:
         where = f"{op} {self._location}/{key}"
         url = await self._signed("PUT", op, self._path_prefix + key, query, headers)
@@ -156,13 +163,21 @@ class DirectUploads:
                               self._origin):
             if len(body) <= WHOLE_BODY and self._pace is None:
                 # One write that never waits: sock_read times the whole request, and a
-                # small object (most of a run) pays for no deadline of its own.
-                return await self._send(where, op, key, url, headers, body)
+                # small object (most of a run) pays for no deadline of its own. That write
+                # follows the connection at once, so the body left unless none was made.
+                try:
+                    answer = await self._send(where, op, key, url, headers, body)
+                except Exception as exc:
+                    if not body_never_left(exc):
+                        on_sent(len(body))
+                    raise
+                on_sent(len(body))
+                return answer
             async with asyncio.timeout(None) as deadline, _Stall(
                 deadline, self._timeouts[1]
             ) as stall:
                 return await self._send(where, op, key, url, headers,
-                                        _slices(body, self._pace, stall))
+                                        _slices(body, self._pace, stall, on_sent))
 
     async def _send(
         self, where: str, op: str, key: str, url: URL, headers: dict[str, str],
@@ -263,7 +278,9 @@ _NO_CREDENTIALS = (
 )
 
 
-async def _slices(body: bytes, pace: Pace | None, stall: _Stall) -> AsyncIterator[memoryview]:
+async def _slices(
+    body: bytes, pace: Pace | None, stall: _Stall, on_sent: Sent
+) -> AsyncIterator[memoryview]:
     view = memoryview(body)
     for start in range(0, len(view), STREAM_SLICE):
         piece = view[start:start + STREAM_SLICE]
@@ -271,6 +288,7 @@ async def _slices(body: bytes, pace: Pace | None, stall: _Stall) -> AsyncIterato
             stall.waiting()
             await pace(len(piece))
         stall.moving()
+        on_sent(len(piece))  # handed to the transport now (aiohttp writes what it is given)
         yield piece
     stall.waiting()
 

@@ -125,6 +125,19 @@ def translate_transport_error(
     return StoreError(f"{where}: {type(exc).__name__}: {exc}", op=op, key=key)
 
 
+def body_never_left(exc: BaseException) -> bool:
+    """Whether a request failed before any of its body could be handed to the transport:
+    no connection was made (refused, unresolvable, timed out connecting). Any other failure
+    came after the request was under way, its body (or part of it) on the wire."""
+    import aiohttp
+    from botocore import exceptions as bce
+
+    connect_timeout = getattr(aiohttp, "ConnectionTimeoutError", None)  # aiohttp >= 3.10
+    if connect_timeout is not None and isinstance(exc, connect_timeout):
+        return True
+    return isinstance(exc, aiohttp.ClientConnectorError | bce.ConnectionError)
+
+
 def _timed_out(exc: BaseException, timeouts: tuple[float, float]) -> float | None:
     """The timeout (connect or read, in seconds) ``exc`` ran into, or None if it is not
     a timeout. Checked before connection errors: botocore's ConnectTimeoutError is one."""
