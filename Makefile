@@ -10,7 +10,7 @@ STAMP_TRAIN := $(VENV)/.installed-train
 # machine's local wheel files (CUDA builds that also run on CPU); the image brings its own.
 TRAIN_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint unit bench clean system-deps
+.PHONY: demo test lint unit bench bench-serve bench-dedup clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,10 +40,11 @@ lint: $(STAMP_DEV)
 # pushgateway (push --pushgateway), and zsh and fish (the completion scripts are checked by
 # the shells themselves). Installed here when missing, so a fresh machine needs nothing by
 # hand.
-SYSTEM_PACKAGES := prometheus prometheus-pushgateway zsh fish
+# chromium: the run browser's tests (tests/browser.py) drive it headless through Playwright.
+SYSTEM_PACKAGES := prometheus prometheus-pushgateway zsh fish chromium
 system-deps:
 	@{ command -v promtool && command -v prometheus && command -v prometheus-pushgateway \
-	   && command -v zsh && command -v fish; } >/dev/null 2>&1 || { \
+	   && command -v zsh && command -v fish && command -v chromium; } >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	  else \
@@ -97,8 +98,25 @@ bench: $(STAMP_BENCH) $(STAMP_PEERS)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/watch.py
 
+# The run browser over 1,000 runs: server time and bytes of a first load and a reload, and
+# the time to interactive in Chromium (results in benchmarks/SERVE.md).
+bench-serve: $(STAMP_DEV) system-deps
+	$(BIN)/python benchmarks/serve.py
+
+# The chaos soak (benchmarks/soak.py): 20 simulated trainings under watch, random faults for
+# SOAK_MINUTES, then the checks; writes benchmarks/SOAK.md and soak.png. SOAK_SEED replays a
+# run's faults. Mounting the state directory's small tmpfs (the disk-full fault) needs root.
+SOAK_MINUTES ?= 10
+soak: $(STAMP_BENCH)
+	$(BIN)/python benchmarks/soak.py --minutes $(SOAK_MINUTES) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
+
 bench-shards: $(STAMP_BENCH)
 	$(BIN)/python benchmarks/shards.py
+
+# Bytes sent and wall time of pushes of the runs corpus (best.pt = last.pt in half the runs),
+# with and without dedup: benchmarks/DEDUP.md.
+bench-dedup: $(STAMP_BENCH)
+	$(BIN)/python benchmarks/dedup.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

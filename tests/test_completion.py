@@ -191,7 +191,7 @@ def tree(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(("words", "expected"), [
     (["asyncsync", "pu"], ["push", "pull"]),
     (["asyncsync", ""], ["push", "watch", "run", "doctor", "pull", "verify", "runs",
-                         "shards", "metrics", "status", "config", "completion"]),
+                         "shards", "metrics", "status", "serve", "config", "completion"]),
     (["asyncsync", "--v"], ["--version"]),
     (["asyncsync", "push", "--addressing-style", ""], ["auto", "path", "virtual"]),
     (["asyncsync", "push", "--addressing-style", "v"], ["virtual"]),

@@ -129,7 +129,7 @@ def summary_of(stdout: str) -> dict[str, Any]:
 
 def uploaded_keys(stdout: str) -> list[str]:
     return [r["key"] for r in map(json.loads, stdout.strip().splitlines())
-            if r.get("type") == "file" and r["status"] == "uploaded"]
+            if r.get("type") == "file" and r["status"] in ("uploaded", "copied")]
 
 
 def push_shard(server: S3Server, src: Path, dest: str, state: Path, index: int, count: int,

@@ -111,6 +111,11 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "asyncsync config watch",
         "asyncsync config --config asyncsync.toml push --workers 64",
     ),
+    "serve": (
+        "asyncsync serve s3://ml-artifacts/runs",
+        "asyncsync serve s3://ml-artifacts/runs --addr 0.0.0.0:8080 --auth-file "
+        "/etc/asyncsync/browser-users --presign",
+    ),
     "completion": (
         "source <(asyncsync completion bash)",
         "asyncsync completion fish > ~/.config/fish/completions/asyncsync.fish",
@@ -258,6 +263,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     shards.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX] as given "
                         "to push --shard")
     options(shards, "shards", "shards")
+
+    serve = commands.add_parser(
+        "serve",
+        help="a read-only web page of the runs under a prefix: status, sync, curves, plots",
+        description="Serve the run browser of s3://BUCKET/PREFIX on --addr (loopback unless "
+        "told otherwise; any other address needs --auth-file or $ASYNCSYNC_SERVE_TOKEN): the "
+        "runs with their status and sync state, each run's training curves, plots, args.yaml, "
+        "record, weights and pull command, and curves of several runs compared. Objects are "
+        "streamed through the server (ranges passed through), or with --presign handed out "
+        "as short-lived presigned URLs. Nothing is ever written to the bucket. Runs until "
+        "SIGINT/SIGTERM.", epilog=_LAYERS_EPILOG,
+    )
+    serve.add_argument("destination", metavar="DEST", help="s3://BUCKET[/PREFIX]")
+    options(serve, "serve", "serve")
 
     metrics = commands.add_parser(
         "metrics", help="training metrics for Prometheus: export past runs as OpenMetrics",
@@ -554,6 +573,14 @@ def run_runs_command(args: argparse.Namespace) -> int:
     return _run_command(lambda: run_runs(config))
 
 
+def run_serve_command(args: argparse.Namespace) -> int:
+    from .commands.serve import run_serve, serve_config_from
+
+    config = serve_config_from(settings_of(args), args.destination)
+    # The first SIGINT/SIGTERM cancels the server, which closes its sockets and the store.
+    return _run_command(lambda: run_serve(config))
+
+
 def run_metrics_export_command(args: argparse.Namespace) -> int:
     from .commands.metrics_export import export_config_from, run_export
 
@@ -585,6 +612,12 @@ def run_watch_command(args: argparse.Namespace) -> int:
     from .pipeline.budget import release_large_buffers_promptly
 
     config = watch_config(args)
+    browser = None
+    if args.serve is not None:
+        from .commands.serve import serve_config_from
+
+        browser = serve_config_from(settings_of(args), config.push.destination,
+                                    address=args.serve)
     release_large_buffers_promptly()
     if config.low_priority:
         lower_priority()
@@ -600,7 +633,7 @@ def run_watch_command(args: argparse.Namespace) -> int:
         root.handlers[:] = [handler]
     # The daemon handles the signals itself: the first drains (exit 0), a second exits.
     with asyncio.Runner() as runner:
-        runner.run(run_watch(config, status))
+        runner.run(run_watch(config, status, browser=browser))
     return EXIT_OK
 
 
@@ -793,6 +826,8 @@ def _main(argv: Sequence[str]) -> int:
             return run_runs_command(args)
         if args.subcommand == "shards":
             return run_shards_command(args)
+        if args.subcommand == "serve":
+            return run_serve_command(args)
         if args.subcommand == "metrics":
             return run_metrics_export_command(args)
         if args.subcommand == "status":

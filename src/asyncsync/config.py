@@ -204,6 +204,9 @@ class TransferConfig:
     content_type: str | None = None  # every object's; None: from each file's name
     # Read every object back after its upload and compare it with what was read.
     verify_after_upload: bool = False
+    # Content the bucket already holds (same digest, recorded by this manifest) is copied
+    # server-side instead of being sent again.
+    dedup: bool = True
 
 
 @dataclass(frozen=True)
@@ -478,7 +481,7 @@ def push_config_from(
         multipart_threshold=settings["multipart_threshold"], part_size=settings["part_size"],
         part_concurrency=settings["part_concurrency"], gzip=settings["gzip"],
         max_bandwidth=settings["max_bandwidth"], content_type=settings["content_type"],
-        verify_after_upload=settings["verify_after_upload"],
+        verify_after_upload=settings["verify_after_upload"], dedup=settings["dedup"],
     )
     state_dir = settings["state_dir"] or default_state_dir()
     shard = None

@@ -127,6 +127,7 @@ _CLI = frozenset(CLI_COMMANDS)
 _DAEMON = frozenset({"watch", "run"})
 _PUSH = frozenset({"push"})
 _WATCH = frozenset({"watch"})
+_SERVE = frozenset({"serve"})
 _SCANS = "each full scan stats every file under SRC"
 
 # Defaults are the frozen configs' own (config.py): the table points at them, so a default
@@ -196,6 +197,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("verify_after_upload", Kind.FLAG, TransferConfig.verify_after_upload,
            "read every object back after its upload and compare it with the file "
            "(twice the traffic; for stores that prove nothing)", _UPLOADS, "transfer"),
+    Option("dedup", Kind.FLAG, TransferConfig.dedup,
+           "send every file's bytes, even where the bucket holds the same content already "
+           "(by default such a file is copied there server-side)", _UPLOADS, "transfer",
+           flags=("--no-dedup",)),
     Option("follow_symlinks", Kind.FLAG, PushConfig.follow_symlinks,
            "follow symlinks that stay inside SRC (never outside)", _UPLOADS, "transfer"),
     Option("state_dir", Kind.PATH, None, "where the manifest lives", _UPLOADS, "transfer",
@@ -309,6 +314,24 @@ OPTIONS: tuple[Option, ...] = (
            "runs are directories N levels below SRC (runs/detect/train is 2): the unit of "
            "cleanup and of the per-run metrics", _DAEMON | _PUSH, "daemon", metavar="N",
            minimum=1),
+    # -- the run browser (serve, watch --serve) -------------------------------------------
+    Option("addr", Kind.ADDRESS, ("127.0.0.1", 8080),
+           "serve the run browser here; beyond loopback only with --auth-file or "
+           "$ASYNCSYNC_SERVE_TOKEN", _SERVE, "browser", metavar="HOST:PORT",
+           default_text="127.0.0.1:8080"),
+    Option("serve", Kind.ADDRESS, None,
+           "also serve the run browser of DEST here, with this node's live sync state "
+           "(e.g. 127.0.0.1:8080)", _WATCH, "browser", metavar="HOST:PORT",
+           default_text="off"),
+    Option("auth_file", Kind.PATH, None,
+           "require HTTP basic auth: one 'user:scrypt$...' line per user (README: Browsing "
+           "runs)", _SERVE | _WATCH, "browser", metavar="FILE", default_text="none"),
+    Option("presign", Kind.FLAG, False,
+           "hand the browser short-lived presigned URLs for objects instead of streaming "
+           "them through the server", _SERVE | _WATCH, "browser"),
+    Option("presign_expiry", Kind.SECONDS, 300.0,
+           "how long a presigned URL stays valid", _SERVE | _WATCH, "browser",
+           metavar="SECONDS", minimum=1.0, why="a URL must live long enough to be used"),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
@@ -338,10 +361,11 @@ BORROWED: dict[str, frozenset[str]] = {
     "status": _OUTPUT | {"state_dir"},
     "metrics-export": _STORE_OPTIONS | {"quiet", "verbose", "run_depth"},
     "shards": _STORE_OPTIONS | _OUTPUT,
+    "serve": _STORE_OPTIONS | {"quiet", "verbose", "run_depth"},
 }
 # Every command an option may name, besides the borrowing above.
 COMMANDS = ("push", "watch", "run", "attach", "doctor", "pull", "verify", "runs", "status",
-            "metrics-export", "shards")
+            "metrics-export", "shards", "serve")
 
 
 def options_for(command: str) -> tuple[Option, ...]:

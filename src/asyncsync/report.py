@@ -57,6 +57,8 @@ class Reporter:
         self.err = err or sys.stderr
         self.started = time.monotonic()
         self.uploaded = 0
+        self.copied = 0  # of the uploaded: made by a server-side copy, no body sent
+        self.copied_bytes = 0  # their content: what dedup saved sending
         self.unchanged = 0
         self.would_upload = 0
         self.failed = 0
@@ -132,7 +134,14 @@ class Reporter:
         status = outcome.status
         self.done_bytes += outcome.size
         self.sent_by_done += outcome.bytes_sent
-        if status is Status.UPLOADED:
+        if status is Status.UPLOADED and outcome.copied_from is not None:
+            self.uploaded += 1
+            self.copied += 1
+            self.copied_bytes += outcome.size
+            log.info("copied %s -> %s (%s, same content as %s: not sent)",
+                     printable(outcome.relative), printable(outcome.key),
+                     human_bytes(outcome.size), printable(outcome.copied_from))
+        elif status is Status.UPLOADED:
             self.uploaded += 1
             self.resumed_parts += outcome.resumed_parts
             log.info("uploaded %s -> %s (%s, %s)", printable(outcome.relative),
@@ -153,9 +162,13 @@ class Reporter:
         if not self.json_lines:
             return  # a no-op run passes here once per file: build nothing it will not print
         record: dict[str, Any] = {
-            "type": "file", "path": outcome.relative, "key": outcome.key, "status": status,
+            "type": "file", "path": outcome.relative, "key": outcome.key,
+            # A copy is an upload to every counter; the line says which kind it was.
+            "status": "copied" if outcome.copied else status,
             "reason": outcome.reason, "size": outcome.size, "bytes": outcome.bytes_sent,
         }
+        if outcome.copied_from is not None:
+            record["copied_from"] = outcome.copied_from
         if outcome.parts:
             record["parts"] = outcome.parts
             record["resumed_parts"] = outcome.resumed_parts
@@ -174,6 +187,7 @@ class Reporter:
         return {
             "type": "summary",
             "uploaded": self.uploaded,
+            "copied": self.copied,
             "skipped": self.unchanged,
             "would_upload": self.would_upload,
             "failed": self.failed,
@@ -194,7 +208,11 @@ class Reporter:
             self.out.flush()
         elif not quiet:
             seconds = max(summary["seconds"], 1e-9)
-            parts = [f"{self.uploaded} uploaded", f"{self.unchanged} unchanged"]
+            uploaded = f"{self.uploaded} uploaded"
+            if self.copied:
+                uploaded += (f" ({self.copied} copied server-side,"
+                             f" {human_bytes(self.copied_bytes)} not sent)")
+            parts = [uploaded, f"{self.unchanged} unchanged"]
             if self.would_upload:
                 parts.append(f"{self.would_upload} would upload")
             parts.append(f"{self.failed} failed")

@@ -31,6 +31,7 @@ from ..service.daemon import Daemon
 
 if TYPE_CHECKING:
     from ..service.statusline import StatusLine
+    from .serve import ServeConfig
 
 log = logging.getLogger("asyncsync")
 
@@ -39,11 +40,17 @@ log = logging.getLogger("asyncsync")
 PROBE_SECONDS = 5.0
 
 
-async def run_watch(config: WatchConfig, status: StatusLine | None = None) -> None:
+async def run_watch(config: WatchConfig, status: StatusLine | None = None, *,
+                    browser: ServeConfig | None = None) -> None:
     """`asyncsync watch`: until SIGINT/SIGTERM. Configuration errors raise. ``status``:
-    the one-line status drawn on a terminal."""
+    the one-line status drawn on a terminal; ``browser``: the run browser of DEST served
+    beside the daemon (--serve), showing its live snapshot."""
     daemon = Daemon(config, status=status)
-    async with daemon.running():
+    async with daemon.running(), contextlib.AsyncExitStack() as serving:
+        if browser is not None:
+            from .serve import browse
+
+            await serving.enter_async_context(browse(browser, live=daemon.snapshot))
         await watch(config, daemon)
 
 

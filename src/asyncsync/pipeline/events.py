@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 class Status(enum.StrEnum):
     """What became of one file."""
 
-    UPLOADED = "uploaded"
+    UPLOADED = "uploaded"  # sent, or copied server-side (`FileOutcome.copied`)
     UNCHANGED = "unchanged"
     WOULD_UPLOAD = "would-upload"  # --dry-run
     SKIPPED = "skipped"  # vanished, or no longer a regular file: nothing was read
@@ -61,6 +61,13 @@ class FileOutcome:
     cause: str = ""
     # Reads refused because the file changed under them (each one was read again).
     torn_reads: int = 0
+    # Uploaded by a server-side copy of this key's object (same content): no body was sent.
+    copied_from: str | None = None
+
+    @property
+    def copied(self) -> bool:
+        """Whether the object was made by a server-side copy (dedup) rather than sent."""
+        return self.copied_from is not None
 
     @property
     def failure_reason(self) -> str:

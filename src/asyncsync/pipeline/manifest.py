@@ -43,7 +43,8 @@ MANIFEST_FILE = "manifest.db"
 CLEAN_MARK = MANIFEST_FILE + ".clean"
 # 2: uploads.checksum and parts.crc32 (uploads whose parts carry CRC32 checksums).
 # 3: capabilities (what each store was seen to do).
-SCHEMA_VERSION = 3
+# 4: objects.adopted, and the objects_by_digest index (server-side copies of known content).
+SCHEMA_VERSION = 4
 
 # The digest of the directory that holds row ``{row}``'s key: no longer vouched for.
 _FORGET_DIRECTORY = (
@@ -65,8 +66,14 @@ CREATE TABLE IF NOT EXISTS objects (
     object_size INTEGER NOT NULL,
     content_encoding TEXT,
     uploaded_at REAL NOT NULL,
+    -- 1: the row came from the object's own metadata (--reconcile), not from an upload
+    -- this manifest saw through: never the source of a server-side copy.
+    adopted INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (store, bucket, key)
 ) WITHOUT ROWID;
+-- Which keys hold a content (dedup: a file about to be sent whose bytes are already in the
+-- bucket is copied there instead); one lookup per file to upload, answered by the index.
+CREATE INDEX IF NOT EXISTS objects_by_digest ON objects (store, bucket, digest, size);
 CREATE TABLE IF NOT EXISTS uploads (
     store TEXT NOT NULL,
     bucket TEXT NOT NULL,
@@ -167,6 +174,7 @@ class ObjectRecord:
     object_size: int
     content_encoding: str | None
     uploaded_at: float
+    adopted: bool = False  # known from the object's metadata alone (see the schema)
 
     def same_stat(self, source: str, size: int, mtime_ns: int, inode: int) -> bool:
         return (
@@ -322,21 +330,34 @@ class Manifest:
 
     def lookup(self, scope: Scope, key: str) -> ObjectRecord | None:
         row = self._fetchone(
-            "SELECT key, source, size, mtime_ns, inode, digest, etag, object_size,"
-            " content_encoding, uploaded_at FROM objects WHERE store=? AND bucket=? AND key=?",
+            f"SELECT {_RECORD_COLUMNS} FROM objects WHERE store=? AND bucket=? AND key=?",
             (scope.store, scope.bucket, key),
         )
-        return ObjectRecord(*row) if row else None
+        return _record(row) if row else None
+
+    def copy_sources(
+        self, scope: Scope, digest: str, size: int, *, besides: str, limit: int = 3
+    ) -> list[ObjectRecord]:
+        """Rows of other keys of this scope that this manifest uploaded with this content
+        (digest and size), the most recent first: where a server-side copy may take the
+        bytes from. One query on the digest index, whether or not anything matches."""
+        # INDEXED BY: without statistics SQLite would rather range over the scope's primary
+        # key (every row of the bucket) than look rows of the index up by key.
+        rows = self._query(
+            f"SELECT {_RECORD_COLUMNS} FROM objects INDEXED BY objects_by_digest WHERE store=?"
+            " AND bucket=? AND digest=? AND size=? AND key<>? AND adopted=0"
+            " ORDER BY uploaded_at DESC LIMIT ?",
+            (scope.store, scope.bucket, digest, size, besides, limit),
+        )
+        return [_record(row) for row in rows]
 
     def lookup_many(self, scope: Scope, keys: list[str]) -> dict[str, ObjectRecord]:
         """Rows for many keys at once (one query per few hundred keys): a scan of one
         directory costs a query, not one per file."""
         found: dict[str, ObjectRecord] = {}
-        columns = ("key, source, size, mtime_ns, inode, digest, etag, object_size,"
-                   " content_encoding, uploaded_at")
-        for sql, args in self._by_keys(columns, scope, keys):
+        for sql, args in self._by_keys(_RECORD_COLUMNS, scope, keys):
             for row in self._query(sql, args):
-                found[row[0]] = ObjectRecord(*row)
+                found[row[0]] = _record(row)
         return found
 
     def _by_keys(
@@ -421,12 +442,12 @@ class Manifest:
     def record_object(self, scope: Scope, record: ObjectRecord) -> None:
         self._execute(
             "INSERT OR REPLACE INTO objects (store, bucket, key, source, size, mtime_ns, inode,"
-            " digest, etag, object_size, content_encoding, uploaded_at)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " digest, etag, object_size, content_encoding, uploaded_at, adopted)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 scope.store, scope.bucket, record.key, record.source, record.size,
                 record.mtime_ns, record.inode, record.digest, record.etag, record.object_size,
-                record.content_encoding, record.uploaded_at,
+                record.content_encoding, record.uploaded_at, int(record.adopted),
             ),
         )
         self._maybe_commit()
@@ -434,15 +455,14 @@ class Manifest:
     def objects_under(self, scope: Scope, prefix: str) -> Iterator[ObjectRecord]:
         low = prefix
         rows = self._query(
-            "SELECT key, source, size, mtime_ns, inode, digest, etag, object_size,"
-            " content_encoding, uploaded_at FROM objects WHERE store=? AND bucket=? AND key>=?"
+            f"SELECT {_RECORD_COLUMNS} FROM objects WHERE store=? AND bucket=? AND key>=?"
             " ORDER BY key",
             (scope.store, scope.bucket, low),
         )
         for row in rows:
             if not str(row[0]).startswith(prefix):
                 return
-            yield ObjectRecord(*row)
+            yield _record(row)
 
     # -- multipart uploads in progress ---------------------------------------------------
 
@@ -674,11 +694,26 @@ def _make_private(path: Path) -> None:
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     """Bring a manifest of an older schema up to this one (CREATE TABLE IF NOT EXISTS
-    leaves existing tables as they are)."""
-    for table, column in (("uploads", "checksum"), ("parts", "crc32")):
+    leaves existing tables as they are). Rows older than ``objects.adopted`` read as
+    uploads: a copy from one is still refused unless HEAD confirms the object's digest, size
+    and ETag."""
+    for table, column, definition in (
+        ("uploads", "checksum", "TEXT"), ("parts", "crc32", "TEXT"),
+        ("objects", "adopted", "INTEGER NOT NULL DEFAULT 0"),
+    ):
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if column not in columns:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+
+_RECORD_COLUMNS = ("key, source, size, mtime_ns, inode, digest, etag, object_size,"
+                   " content_encoding, uploaded_at, adopted")
+
+
+def _record(row: tuple[Any, ...]) -> ObjectRecord:
+    """An `ObjectRecord` from a row of `_RECORD_COLUMNS`."""
+    return ObjectRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                        row[8], row[9], bool(row[10]))
 
 
 def _gaps(key_prefix: str, subdirs: list[str]) -> list[tuple[str, str | None]]:

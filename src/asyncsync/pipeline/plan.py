@@ -92,6 +92,26 @@ def part_count(size: int, part_size: int) -> int:
     return max(1, math.ceil(size / part_size))
 
 
+# CopyObject copies at most 5 GiB; a larger object is copied part by part (UploadPartCopy).
+MAX_COPY_OBJECT_SIZE = 5 * 1024 * MiB
+# Parts of a server-side copy: no byte crosses the wire, so fewer, larger requests; small
+# enough that one part is copied well within a request's read timeout.
+COPY_PART_SIZE = 512 * MiB
+
+
+def uses_part_copy(size: int, max_copy: int = MAX_COPY_OBJECT_SIZE) -> bool:
+    """Whether a server-side copy of ``size`` bytes needs UploadPartCopy."""
+    return size > max_copy
+
+
+def copy_ranges(size: int, part_size: int = COPY_PART_SIZE) -> list[tuple[int, int]]:
+    """The byte ranges ``[start, end)`` of the parts of a server-side copy of ``size``
+    bytes: contiguous, within S3's part limits (every part but the last at least 5 MiB, at
+    most 5 GiB, at most 10,000 parts)."""
+    part = min(max(part_size, math.ceil(size / MAX_PARTS), MIN_PART_SIZE), MAX_PART_SIZE)
+    return [(start, min(start + part, size)) for start in range(0, max(size, 1), part)]
+
+
 def part_window_for(size: int, part_size: int, config: TransferConfig) -> int:
     """How many parts of one file are in flight at once.
 

@@ -4,7 +4,9 @@ Small files (up to the multipart threshold) are read once into memory, hashed, a
 one PUT. Larger files get a hashing pass first (the digest goes into the object metadata,
 which S3 takes before the body), then a multipart upload (`multipart.LargeUpload`). Every
 upload that fails is aborted, unless it was interrupted (then the manifest owns it and the
-next run resumes it).
+next run resumes it). A file whose content the bucket already holds is copied there
+server-side instead (`dedup.ServerCopy`, unless ``--no-dedup``), once it was read and
+verified unchanged like any other.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..errors import (
 )
 from ..stores.protocol import META_DIGEST, META_SIZE, ObjectAttributes, ObjectStore
 from .budget import ByteBudget
+from .dedup import Copied, ServerCopy
 from .digest import (
     HASH_CHUNK,
     FileIdentity,
@@ -93,6 +96,8 @@ class Uploader:
             thread_name_prefix="asyncsync-io",
         )
         self._large_context = UploadContext(store, manifest, scope, config, budget, self._io)
+        # None: every file is sent (--no-dedup, or --dry-run, which sends nothing anyway).
+        self._copies = ServerCopy(self._large_context) if config.dedup and not dry_run else None
 
     @property
     def budget(self) -> ByteBudget:
@@ -120,7 +125,11 @@ class Uploader:
         """Upload one file (or prove it unchanged). Per-file problems become a failed
         outcome (kept in the manifest until the file goes up: `asyncsync status` counts
         them); fatal store errors and manifest errors propagate and stop the run."""
-        outcome = await self._sync(scanned, key, decision, time.monotonic())
+        try:
+            outcome = await self._sync(scanned, key, decision, time.monotonic())
+        finally:
+            if self._copies is not None:
+                self._copies.release(key)
         if self._dry_run:
             return outcome
         if outcome.status is Status.FAILED:
@@ -203,8 +212,10 @@ class Uploader:
         if head is None or not digest:
             return Decision(Action.UPLOAD, "not verifiable in bucket")
         size = int(head.metadata.get(META_SIZE, head.size))
+        # Adopted: its bytes were never seen by this manifest, so never copied from.
         record = ObjectRecord(
-            key, "", size, 0, 0, digest, head.etag, head.size, head.content_encoding, 0.0
+            key, "", size, 0, 0, digest, head.etag, head.size, head.content_encoding, 0.0,
+            adopted=True,
         )
         return Decision(Action.VERIFY, "in bucket, not in manifest", record)
 
@@ -242,6 +253,38 @@ class Uploader:
                 log.warning("%s: could not delete the damaged object: %s", key, exc)
             raise
 
+    async def _copied(
+        self, scanned: ScannedFile, key: str, decision: Decision, identity: FileIdentity,
+        digest: str, started: float,
+    ) -> FileOutcome | None:
+        """The file's object made by a server-side copy of the same content, recorded like
+        an upload; None when there is none to make (the file is then sent)."""
+        if self._copies is None:
+            return None
+        copied: Copied | None = await self._copies.copy(
+            scanned, key, digest, identity, content_type_for(scanned.relative, self._config)
+        )
+        if copied is None:
+            return None
+        try:
+            await self._read_back(await self._store(), key, digest, copied.etag)
+        except BadDigest as exc:  # the copy was deleted: the file's own bytes go up instead
+            log.info("%s: the server-side copy read back wrong (%s); uploading it",
+                     scanned.relative, exc)
+            return None
+        self._manifest.record_object(
+            self._scope,
+            ObjectRecord(
+                key, scanned.path, identity.size, identity.mtime_ns, identity.inode, digest,
+                copied.etag, copied.object_size, copied.content_encoding, time.time(),
+            ),
+        )
+        return FileOutcome(
+            scanned.relative, key, Status.UPLOADED, decision.reason, identity.size,
+            parts=copied.parts, identity=identity, seconds=time.monotonic() - started,
+            copied_from=copied.source_key,
+        )
+
     # -- small files: one read, one PUT ---------------------------------------------------
 
     async def _sync_small(
@@ -263,6 +306,10 @@ class Uploader:
             if self._dry_run:
                 return FileOutcome(scanned.relative, key, Status.WOULD_UPLOAD, decision.reason,
                                    snap.identity.size)
+            copied = await self._copied(scanned, key, decision, snap.identity, snap.digest,
+                                        started)
+            if copied:
+                return copied
             store = await self._store()
             etag = await store.put_object(
                 key, snap.body, md5_b64=snap.body_md5_b64,
@@ -324,6 +371,9 @@ class Uploader:
                 return FileOutcome(
                     scanned.relative, key, Status.WOULD_UPLOAD, decision.reason, identity.size
                 )
+            copied = await self._copied(scanned, key, decision, identity, digest, started)
+            if copied:
+                return copied
             upload = LargeUpload(
                 self._large_context, scanned, key, body_path, body_size, identity, digest, encoding
             )

@@ -119,6 +119,16 @@ class Metrics:
             "asyncsync_bytes_uploaded_total",
             "Bytes of file content uploaded to the store, by outcome.", ["outcome"], registry=r,
         )
+        # Of those uploaded: the files whose object was made by a server-side copy (dedup).
+        self.files_copied = Counter(
+            "asyncsync_files_copied_total",
+            "Files uploaded by a server-side copy of an object with the same content (also"
+            " counted as uploaded).", registry=r,
+        )
+        self.bytes_copied = Counter(
+            "asyncsync_bytes_copied_total",
+            "Bytes of file content uploaded by server-side copies: bytes not sent.", registry=r,
+        )
         self.bytes_sent = Counter(
             "asyncsync_bytes_sent_total",
             "Body bytes that reached the store, every attempt (a body sent again counts again).",
@@ -313,7 +323,10 @@ class Metrics:
             self.bytes_uploaded.labels(outcome=label).inc(outcome.size)
             self.upload_duration.observe(outcome.seconds)
             self.upload_size.observe(outcome.size)
-            if outcome.parts:
+            if outcome.copied:
+                self.files_copied.inc()
+                self.bytes_copied.inc(outcome.size)
+            elif outcome.parts:
                 self.parts_uploaded.inc(outcome.parts - outcome.resumed_parts)
                 self.parts_resumed.inc(outcome.resumed_parts)
             now = time.time()

@@ -71,6 +71,22 @@ def etag_md5(etag: str) -> str | None:
     return value if _MD5_HEX.fullmatch(value) else None
 
 
+def copy_proven_by_etag(source_etag: str, copy_etag: str, *, where: str, key: str) -> bool:
+    """Whether the ETag a server-side copy answered proves it holds the source's bytes: both
+    are MD5s and equal. False when either is no MD5 (a multipart source, an encrypted
+    store: a HEAD has to confirm the copy instead); `BadDigest` when both are MD5s and
+    differ (the store copied other bytes)."""
+    source, copy = etag_md5(source_etag), etag_md5(copy_etag)
+    if source is None or copy is None:
+        return False
+    if source != copy:
+        raise BadDigest(
+            f"{where}: the copy's ETag {copy} is not the source's MD5 {source}",
+            op="CopyObject", key=key, code="BadDigest",
+        )
+    return True
+
+
 def opaque_encryption(sse: str | None, customer_algorithm: str | None) -> bool:
     """Whether an answer's encryption makes its ETag something other than the body's MD5."""
     return bool(customer_algorithm) or (sse or "").lower() in _OPAQUE_SSE

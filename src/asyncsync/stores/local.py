@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +28,15 @@ from typing import Any, BinaryIO, TypeVar
 import anyio.to_thread
 
 from ..config import MIN_PART_SIZE
-from ..errors import FatalStoreError, NoSuchUpload, NotFound, StoreError, TransientStoreError
+from ..errors import (
+    FatalStoreError,
+    NoSuchUpload,
+    NotFound,
+    NotSupported,
+    ObjectChanged,
+    StoreError,
+    TransientStoreError,
+)
 from ..pipeline.digest import crc32_b64_of
 from ..pipeline.place import (
     TEMP_PREFIX,
@@ -37,6 +46,7 @@ from ..pipeline.place import (
     write_atomically,
 )
 from .capabilities import Capabilities, Capability
+from .integrity import etag_md5
 from .protocol import (
     GET_CHUNK,
     MultipartUpload,
@@ -104,6 +114,43 @@ def _append(fd: int, source: BinaryIO) -> bytes:
     return digest.digest()
 
 
+# ioctl(FICLONE): the target file shares the source's extents (btrfs, XFS, bcachefs).
+_FICLONE = 0x40049409
+
+
+def _clone_range(source: int, target: int, offset: int, length: int, *, whole: bool) -> None:
+    """Bytes ``[offset, offset + length)`` of ``source`` written to the (empty) ``target``:
+    a reflink where the filesystem has them (``whole`` files only), else copy_file_range (the
+    kernel copies, or shares extents, without a trip through this process), else read and
+    write. Raises OSError when fewer bytes arrive than asked for."""
+    if whole and offset == 0:
+        try:
+            fcntl.ioctl(target, _FICLONE, source)
+        except OSError:
+            pass  # no reflinks here (ext4, tmpfs, NFS...), or across filesystems
+        else:
+            if os.fstat(target).st_size == length:
+                return
+            os.ftruncate(target, 0)
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(source, target, length - done, offset + done, done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                             errno.EBADF):
+            raise
+        while done < length and (chunk := os.pread(source, min(_CHUNK, length - done),
+                                                   offset + done)):
+            os.pwrite(target, chunk, done)
+            done += len(chunk)
+    if done != length or os.fstat(target).st_size != length:
+        raise OSError(errno.EIO, f"copied {done} of {length} bytes")
+
+
 def _write_json_at(directory: int, name: str, data: Mapping[str, Any]) -> None:
     write_atomically(directory, name,
                      partial(_write_body, json.dumps(data, sort_keys=True).encode(), ""))
@@ -119,10 +166,11 @@ def _sidecar_describing(record_path: str, st: os.stat_result) -> tuple[str, dict
     return None
 
 
-def _md5_etag(fd: int) -> str:
-    """What S3 shows for an object put without metadata: the MD5 of its bytes."""
-    digest, offset = hashlib.md5(), 0
-    while chunk := _read_at(fd, _CHUNK, offset):
+def _md5_etag(fd: int, offset: int = 0, end: int | None = None) -> str:
+    """What S3 shows for an object put without metadata: the MD5 of its bytes (of bytes
+    ``[offset, end)`` of them, for a part copied from it)."""
+    digest = hashlib.md5()
+    while chunk := _read_at(fd, _CHUNK if end is None else min(_CHUNK, end - offset), offset):
         digest.update(chunk)
         offset += len(chunk)
     return f'"{digest.hexdigest()}"'
@@ -401,6 +449,71 @@ class FileStore:
 
         return await self._call(op, key, copy)
 
+    async def copy_object_as(
+        self, source_key: str, key: str, *, attributes: ObjectAttributes, if_match: str
+    ) -> str:
+        op = "CopyObject"
+        self._segments(op, source_key)
+        self._segments(op, key)
+        attrs = _attributes_json(attributes)
+
+        def copy() -> str:
+            fd, st, etag, _ = self._open_object(op, source_key)
+            try:
+                self._check_version(op, source_key, etag, if_match)
+                md5 = etag_md5(etag)
+
+                def fill(out: int) -> str:
+                    _clone_range(fd, out, 0, st.st_size, whole=True)
+                    # The very bytes of the source: its ETag where that is their MD5 (a
+                    # reflink then reads nothing at all), else the MD5 S3's CopyObject gives.
+                    return f'"{md5}"' if md5 else _md5_etag(fd)
+
+                return self._write_object(op, key, fill, attrs)
+            finally:
+                os.close(fd)
+
+        return await self._call(op, key, copy)
+
+    async def upload_part_copy(
+        self, key: str, upload_id: str, part_number: int, source_key: str, *, offset: int,
+        end: int, if_match: str,
+    ) -> str:
+        op = "UploadPartCopy"
+        self._segments(op, source_key)
+
+        def store() -> str:
+            self._upload(op, key, upload_id)
+            fd, st, etag, _ = self._open_object(op, source_key)
+            try:
+                self._check_version(op, source_key, etag, if_match)
+                if not 0 <= offset < end <= st.st_size:
+                    raise self._error(StoreError, op, key, f"bytes {offset}-{end - 1} lie"
+                                      f" outside the source ({st.st_size} bytes)", "InvalidRange")
+                name = str(part_number)
+                with directory_beneath(self._root,
+                                       [STATE_DIR, "uploads", upload_id]) as directory:
+                    def fill(out: int) -> str:
+                        _clone_range(fd, out, offset, end - offset, whole=False)
+                        # What Complete checks each part against (the same bytes).
+                        return _md5_etag(fd, offset, end)
+
+                    def describe(st: os.stat_result, etag: str) -> None:
+                        _write_json_at(directory, name + ".json",
+                                       {"etag": etag, **_fingerprint(st)})
+
+                    return write_atomically(directory, name, fill, before_publish=describe)
+            finally:
+                os.close(fd)
+
+        return await self._call(op, key, store)
+
+    def _check_version(self, op: str, key: str, etag: str, if_match: str) -> None:
+        if etag.strip().removeprefix("W/").strip('"') != if_match.strip().removeprefix(
+                "W/").strip('"'):
+            raise self._error(ObjectChanged, op, key, f"is no longer version {if_match}",
+                              "ObjectChanged")
+
     async def list_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         head, slash, tail = prefix.rpartition("/")
         if slash and _invalid_key(head):
@@ -525,6 +638,10 @@ class FileStore:
                 shutil.rmtree(upload_dir)
 
         await self._call(op, key, abort)
+
+    async def presign_get(self, key: str, *, expires: int) -> str:
+        raise NotSupported(f"presign {key}: a directory has no presigned URLs",
+                           op="presign", key=key, code="NotSupported")
 
 
 async def open_file_store(

@@ -188,4 +188,27 @@ class ObjectStore(Protocol):
         """Server-side copy within the bucket; return the new ETag."""
         ...
 
+    async def copy_object_as(
+        self, source_key: str, key: str, *, attributes: ObjectAttributes, if_match: str
+    ) -> str:
+        """Server-side copy of version ``if_match`` (an ETag) of ``source_key`` to a new
+        object ``key`` that carries ``attributes``, not the source's; return its ETag. At
+        most 5 GiB on S3 (`upload_part_copy` beyond). Raises `ObjectChanged` (or another
+        StoreError) when the source is no longer that version, NotFound when it is gone."""
+        ...
+
+    async def upload_part_copy(
+        self, key: str, upload_id: str, part_number: int, source_key: str, *, offset: int,
+        end: int, if_match: str,
+    ) -> str:
+        """One part of a multipart upload, copied server-side from bytes ``[offset, end)`` of
+        version ``if_match`` of ``source_key``; return the part's ETag."""
+        ...
+
     async def close(self) -> None: ...
+
+    async def presign_get(self, key: str, *, expires: int) -> str:
+        """A URL that GETs the object without further credentials for ``expires`` seconds
+        (it names the store's endpoint and carries a signature); NotSupported where the
+        store has no such URLs (a ``file://`` directory)."""
+        ...
