@@ -24,6 +24,7 @@ from asyncsync.pipeline.digest import (
     new_digest,
     read_part,
     read_small,
+    starts_with,
 )
 from asyncsync.pipeline.source import SourcePath, SourceRoot
 
@@ -300,3 +301,17 @@ def test_complete_zip_archives_pass_and_torn_ones_are_refused(tmp_path: Path) ->
     # Files that merely contain the signature later on are not held to it.
     path.write_bytes(b"x" + whole[: len(whole) // 2])
     assert read_small(at(path), 1 << 30, False).body.startswith(b"xPK")
+
+
+def test_starts_with_tells_an_append_from_a_rewrite(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    path.write_bytes(b"epoch,loss\n1,0.9\n")
+    first = xxhash.xxh3_128_hexdigest(path.read_bytes())
+    size = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(b"2,0.8\n")
+    assert starts_with(at(path), size, first, chunk=4)  # appended to
+    path.write_bytes(b"epoch,loss\n1,0.95\n2,0.85\n")  # rewritten, longer
+    assert not starts_with(at(path), size, first)
+    path.write_bytes(b"epoch\n")  # shorter than the object now
+    assert not starts_with(at(path), size, first)

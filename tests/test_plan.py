@@ -128,6 +128,23 @@ def test_a_recreated_results_csv_keeps_its_previous_object_even_when_longer() ->
     assert history_key(CSV, record, HISTORY, "runs") is not None
 
 
+def test_a_results_csv_rewritten_in_place_and_grown_keeps_its_previous_object() -> None:
+    """Same inode and longer, but no longer starting with the object's bytes: an exist_ok
+    restart truncated it and wrote past the old length before the look."""
+    record = record_for(CSV, size=100)
+    asked = []
+
+    def starts_with_object(kept: ObjectRecord) -> bool:
+        asked.append(kept)
+        return False
+
+    assert history_key(CSV, record, HISTORY, "runs",
+                       still_starts_with_object=starts_with_object) is not None
+    assert asked == [record]
+    assert history_key(CSV, record, HISTORY, "runs",
+                       still_starts_with_object=lambda kept: True) is None  # appended to
+
+
 @pytest.mark.parametrize(
     ("scanned", "record", "history"),
     [

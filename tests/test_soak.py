@@ -170,8 +170,6 @@ def test_watch_rides_out_a_full_state_directory(s3_server: S3Server, bucket: str
 
 @pytest.mark.s3
 @pytest.mark.servers("seaweedfs")  # the decision is the planner's, whatever the store
-@pytest.mark.xfail(strict=True, reason="history_key takes same inode and not shorter for "
-                   "an append")
 def test_a_results_csv_restarted_in_place_keeps_its_previous_object(
         s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
     """An exist_ok restart truncates results.csv and writes it again; by the time watch looks

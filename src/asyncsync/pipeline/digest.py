@@ -145,6 +145,21 @@ def hash_file(source: SourceFile, chunk: int = HASH_CHUNK) -> tuple[str, FileIde
         return hash_opened(opened, chunk)
 
 
+def starts_with(source: SourceFile, size: int, digest: str, chunk: int = HASH_CHUNK) -> bool:
+    """Whether the first ``size`` bytes of the file are those whose digest is ``digest``
+    (an append-only file that only grew still starts with what was uploaded of it)."""
+    hasher = new_digest()
+    with open_source(source) as opened:
+        offset = 0
+        while offset < size:
+            data = os.pread(opened.fd, min(chunk, size - offset), offset)
+            if not data:
+                return False  # shorter than that now
+            hasher.update(data)
+            offset += len(data)
+    return bool(hasher.hexdigest() == digest)
+
+
 def hash_opened(opened: OpenedSource, chunk: int = HASH_CHUNK) -> tuple[str, FileIdentity]:
     """`hash_file` of a file already open (cleanup hashes the descriptor it deletes by)."""
     path, fd = opened.path, opened.fd

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, MiB, TransferConfig
@@ -43,7 +44,8 @@ def plan_file(scanned: ScannedFile, record: ObjectRecord | None) -> Decision:
 
 
 def history_key(
-    scanned: ScannedFile, record: ObjectRecord | None, history: PathFilter, prefix: str
+    scanned: ScannedFile, record: ObjectRecord | None, history: PathFilter, prefix: str,
+    *, still_starts_with_object: Callable[[ObjectRecord], bool] | None = None,
 ) -> str | None:
     """Where the object of an append-only file must be copied before this upload overwrites
     it, or None when overwriting loses nothing.
@@ -53,12 +55,18 @@ def history_key(
     object holds epochs the new file lacks. The copy goes to
     ``PREFIX/_asyncsync/history/<path>/<upload time of the object>``. Raises `InvalidKey`
     when that key cannot exist (too long).
+
+    A file that is the same inode and no shorter was appended to, unless it was truncated
+    and written again in place (an exist_ok restart) and has grown past the object by the
+    time it is looked at: ``still_starts_with_object`` (which reads the file) tells them
+    apart; without it, the same inode no shorter counts as an append.
     """
     if record is None or not history.include or not history.accepts(scanned.relative):
         return None
     if record.source != scanned.path:
         return None  # another source's object: not this file's history
-    if scanned.size >= record.size and scanned.inode == record.inode:
+    if scanned.size >= record.size and scanned.inode == record.inode and (
+            still_starts_with_object is None or still_starts_with_object(record)):
         return None  # appended to (or rewritten in place at no loss)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(record.uploaded_at))
     return object_key(prefix, f"{HISTORY_DIR}/{scanned.relative}/{stamp}")

@@ -31,10 +31,14 @@ from ..errors import (
     EndpointUnreachable,
     FatalStoreError,
     ManifestError,
+    SourceChanged,
+    SourceNotRegular,
+    SourceVanished,
     StoreError,
     store_cause,
 )
 from ..stores.protocol import ObjectStore
+from .digest import starts_with
 from .events import Failure, FileOutcome, Status
 from .keys import InvalidKey, PathFilter, object_key
 from .manifest import ObjectRecord
@@ -278,8 +282,14 @@ class SyncQueue:
     async def _keep_history(self, scanned: ScannedFile, record: ObjectRecord | None) -> None:
         """Copy the previous object aside first when planning says the upload would destroy
         history (an append-only file that shrank or was recreated)."""
+        if record is None or not self.history.include or not self.history.accepts(
+                scanned.relative):
+            return
         try:
-            target = history_key(scanned, record, self.history, self.push.destination.prefix)
+            # In a thread: telling an append from a rewrite in place reads the file's start.
+            target = await asyncio.to_thread(
+                history_key, scanned, record, self.history, self.push.destination.prefix,
+                still_starts_with_object=lambda kept: _starts_with(scanned, kept))
         except InvalidKey as exc:
             # Refusing the upload would keep the new results out of the bucket for good.
             self._report_once(scanned.relative, f"previous version not kept: {exc}", False)
@@ -371,3 +381,12 @@ class SyncQueue:
         self._in_flight.clear()
         self._in_flight_bytes.clear()
         self._report_in_flight()
+
+
+def _starts_with(scanned: ScannedFile, record: ObjectRecord) -> bool:
+    """Whether the file still starts with the bytes of its object; a file that cannot be
+    read to tell counts as rewritten (keeping the object aside costs a copy, no more)."""
+    try:
+        return starts_with(scanned, record.size, record.digest)
+    except (OSError, SourceChanged, SourceNotRegular, SourceVanished):
+        return False
