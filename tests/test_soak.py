@@ -130,7 +130,6 @@ def test_a_minute_of_chaos_loses_nothing_and_tears_nothing(tmp_path: Path) -> No
 
 @pytest.mark.s3
 @pytest.mark.servers("seaweedfs")  # what the daemon does with a full disk is the store's no matter
-@pytest.mark.xfail(strict=True, reason="watch exits 2 when its state directory is full")
 def test_watch_rides_out_a_full_state_directory(s3_server: S3Server, bucket: str,
                                                 tmp_path: Path) -> None:
     """The state directory's disk fills up for a while (a runaway log on the same /var):

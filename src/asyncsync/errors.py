@@ -44,6 +44,12 @@ class ManifestError(ConfigError):
     """The manifest database cannot be opened, read or written."""
 
 
+class ManifestFull(ManifestError):
+    """The manifest cannot be written because the state directory's disk is full: nothing
+    is wrong with the settings, and it passes once there is room again (a daemon rides it
+    out, as it rides out a store outage)."""
+
+
 class StoreError(AsyncsyncError):
     """An object store operation failed.
 

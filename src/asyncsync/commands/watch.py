@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ..config import WatchConfig
-from ..errors import EndpointUnreachable, StoreError
+from ..errors import EndpointUnreachable, ManifestFull, StoreError
 from ..pipeline.session import Pipeline, source_gone
 from ..pipeline.syncqueue import SyncQueue
 from ..service.daemon import Daemon
@@ -111,6 +111,7 @@ class WatchService:
         self._probe: asyncio.Task[None] | None = None
         self._period = config.interval
         self._next_scan = 0.0
+        self._disk_full = False  # the last commit failed for room: said once, retried
         self._cleanup_every = config.cleanup_interval
         if config.cleanup is not None:
             # Look often enough that a run is cleaned soon after it has been quiet long enough.
@@ -132,7 +133,7 @@ class WatchService:
             await self.queue.scan()
             self._next_scan = time.time() + self._period
         self.queue.start_due(time.time())
-        self.pipeline.manifest.commit()
+        self._commit()
         if self.config.cleanup is not None and time.time() >= self._next_cleanup:
             await self._clean()
             self._next_cleanup = time.time() + self._cleanup_every
@@ -141,6 +142,21 @@ class WatchService:
         wake_times = (self._next_scan, self.queue.next_ready(),
                       self._next_cleanup if self.config.cleanup is not None else None)
         return min(t for t in wake_times if t is not None)
+
+    def _commit(self) -> None:
+        """Commit what this tick recorded. A full state directory is ridden out as a store
+        outage is: said once, committed on a later tick once there is room (the uploads
+        whose rows are lost if the manifest gave them up are sent again on a restart)."""
+        try:
+            self.pipeline.manifest.commit()
+        except ManifestFull as exc:
+            if not self._disk_full:
+                log.error("%s; uploads go on, recorded once there is room", exc)
+            self._disk_full = True
+            return
+        if self._disk_full:
+            log.info("the manifest is written again")
+        self._disk_full = False
 
     async def shutdown(self, *, flush: bool) -> None:
         self._events_stop.set()

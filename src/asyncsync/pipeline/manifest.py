@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ManifestError
+from ..errors import ManifestError, ManifestFull
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class Manifest:
             raise
         except sqlite3.DatabaseError as exc:
             db.close()
-            raise ManifestError(_describe(exc, path)) from exc
+            raise _error(exc, path) from exc
         db.execute("BEGIN")
         return cls(path, db)
 
@@ -323,7 +323,7 @@ class Manifest:
             raise
         except sqlite3.DatabaseError as exc:
             db.close()
-            raise ManifestError(_describe(exc, path)) from exc
+            raise _error(exc, path) from exc
         return cls(path, db, read_only=True)
 
     # -- objects -----------------------------------------------------------------------
@@ -477,7 +477,7 @@ class Manifest:
             finally:
                 target.close()
         except sqlite3.Error as exc:
-            raise ManifestError(_describe(exc, self.path)) from exc
+            raise _error(exc, self.path) from exc
 
     def count_objects(self) -> int:
         """Rows of every scope (the manifest_rows gauge; a count of the key index)."""
@@ -589,10 +589,13 @@ class Manifest:
     def commit(self) -> None:
         self._refuse_if_read_only()
         try:
-            self._db.execute("COMMIT")
+            # A COMMIT refused for room may leave the transaction open (tried again next
+            # time) or rolled back (SQLite's choice): then a new one begins.
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
             self._db.execute("BEGIN")
         except sqlite3.Error as exc:
-            raise ManifestError(_describe(exc, self.path)) from exc
+            raise _error(exc, self.path) from exc
         self._pending_rows = 0
         self._last_commit = time.monotonic()
 
@@ -604,7 +607,7 @@ class Manifest:
             if self._db.in_transaction:
                 self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise ManifestError(_describe(exc, self.path)) from exc
+            raise _error(exc, self.path) from exc
         finally:
             self._db.close()
         _leave_clean_mark(self.path)
@@ -620,26 +623,26 @@ class Manifest:
         try:
             self._db.execute(sql, args)
         except sqlite3.Error as exc:
-            raise ManifestError(_describe(exc, self.path)) from exc
+            raise _error(exc, self.path) from exc
 
     def _fetchone(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
         try:
             row: tuple[Any, ...] | None = self._db.execute(sql, args).fetchone()
         except sqlite3.Error as exc:
-            raise ManifestError(_describe(exc, self.path)) from exc
+            raise _error(exc, self.path) from exc
         return row
 
     def _query_set(self, sql: str, args: tuple[object, ...]) -> set[Any]:
         try:
             return set(self._db.execute(sql, args))
         except sqlite3.Error as exc:
-            raise ManifestError(_describe(exc, self.path)) from exc
+            raise _error(exc, self.path) from exc
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple[Any, ...]]:
         try:
             return list(self._db.execute(sql, args).fetchall())
         except sqlite3.Error as exc:
-            raise ManifestError(_describe(exc, self.path)) from exc
+            raise _error(exc, self.path) from exc
 
 
 def make_state_dir(state_dir: Path) -> None:
@@ -728,6 +731,13 @@ def _gaps(key_prefix: str, subdirs: list[str]) -> list[tuple[str, str | None]]:
         low = key_prefix + name[:-1] + "0"
     gaps.append((low, end))
     return gaps
+
+
+def _error(exc: sqlite3.Error, path: Path) -> ManifestError:
+    """The error to raise for ``exc``: `ManifestFull` when only room on the disk is missing."""
+    full = (getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or "disk is full" in str(exc))
+    return (ManifestFull if full else ManifestError)(_describe(exc, path))
 
 
 def _describe(exc: sqlite3.Error, path: Path) -> str:

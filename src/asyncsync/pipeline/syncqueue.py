@@ -31,6 +31,7 @@ from ..errors import (
     EndpointUnreachable,
     FatalStoreError,
     ManifestError,
+    ManifestFull,
     SourceChanged,
     SourceNotRegular,
     SourceVanished,
@@ -265,6 +266,16 @@ class SyncQueue:
             self.observer.outcome(FileOutcome(
                 scanned.relative, key, Status.FAILED, "store", scanned.size, error=str(exc),
                 failure=Failure.STORE, cause=store_cause(exc),
+            ))
+            self.tracker.failed(key, time.time())
+            return
+        except ManifestFull as exc:
+            # Room comes back (a log rotated, a checkpoint deleted): what could not be
+            # recorded is uploaded again then, as after a store outage.
+            log.error("%s: %s; will retry", scanned.relative, exc)
+            self.observer.outcome(FileOutcome(
+                scanned.relative, key, Status.FAILED, "state directory full", scanned.size,
+                error=str(exc), failure=Failure.READ,
             ))
             self.tracker.failed(key, time.time())
             return
