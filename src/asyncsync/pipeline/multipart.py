@@ -12,6 +12,7 @@ ETag and checksum), so a run killed half-way resumes with the parts that are mis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from ..errors import (
     BadDigest,
     FatalStoreError,
     ManifestError,
+    ManifestFull,
     NoSuchUpload,
     NotSupported,
     SourceChanged,
@@ -91,6 +93,12 @@ class LargeUpload:
             parts = await self._send_parts(store, upload_id, done)
             self._check_still_same()
             etag = await self._complete(store, upload_id, parts)
+        except ManifestFull:
+            # The state directory is full: the manifest may lose this upload's row when its
+            # transaction cannot commit, and an upload nobody remembers is billed forever.
+            # Aborted now; the file is sent afresh once there is room.
+            await self._abort(store, upload_id)
+            raise
         except (asyncio.CancelledError, FatalStoreError, ManifestError):
             # Interrupted, or nothing can reach the store: keep the upload for the next run.
             raise
@@ -142,15 +150,24 @@ class LargeUpload:
             ),
         )
         self.crc32 = upload.crc32
+        try:
+            self._remember(manifest, scope, upload.upload_id, upload.crc32)
+        except ManifestError:
+            # Not remembered, it could never be resumed nor aborted by a later run.
+            with contextlib.suppress(Exception):
+                await store.abort_multipart_upload(self.key, upload.upload_id)
+            raise
+        return upload.upload_id, {}
+
+    def _remember(self, manifest: Manifest, scope: Scope, upload_id: str, crc32: bool) -> None:
         manifest.begin_upload(
             scope,
             PendingUpload(
-                self.key, upload.upload_id, self.scanned.path, self.identity.size,
+                self.key, upload_id, self.scanned.path, self.identity.size,
                 self.identity.mtime_ns, self.identity.inode, self.digest, self.part_size,
-                self.encoding, time.time(), "crc32" if upload.crc32 else None,
+                self.encoding, time.time(), "crc32" if crc32 else None,
             ),
         )
-        return upload.upload_id, {}
 
     def _can_resume(self, pending: PendingUpload) -> bool:
         return (
