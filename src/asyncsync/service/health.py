@@ -113,6 +113,32 @@ def _is_loopback(host: object) -> bool:
     return address.is_loopback
 
 
+async def start_listening(app: web.Application, host: str, port: int,
+                          address: str) -> web.AppRunner:
+    """``app`` served on ``host:port`` (``address`` as the user wrote it, for the error),
+    without an access log or signal handling of its own; a port that cannot be had is a
+    ConfigError. The caller cleans the runner up."""
+    # access_log=None: an access line per probe, every few seconds forever, would bury the
+    # daemon's own log lines in Kubernetes' log store.
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT
+    )
+    await runner.setup()
+    # An empty host would reach asyncio as "all interfaces" too, but None says so plainly
+    # and binds IPv4 and IPv6 alike.
+    site = web.TCPSite(runner, host or None, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        cause = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(f"cannot listen on {address}: {cause}") from exc
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
 class HealthServer:
     """/healthz, /readyz and /metrics on ``host:port``, inside the running event loop.
 
@@ -150,24 +176,7 @@ class HealthServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_page)
-        # access_log=None: an access line per probe, every few seconds forever, would bury
-        # the daemon's own log lines in Kubernetes' log store.
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT
-        )
-        await runner.setup()
-        # An empty host would reach asyncio as "all interfaces" too, but None says so plainly
-        # and binds IPv4 and IPv6 alike.
-        site = web.TCPSite(runner, self._host or None, self._requested_port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            cause = exc.strerror or str(exc) or type(exc).__name__
-            raise ConfigError(f"cannot listen on {self.address}: {cause}") from exc
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner = await start_listening(app, self._host, self._requested_port, self.address)
         self._runner = runner
         # With host "" and port 0 each interface family gets its own free port; the first
         # one is as good as any for a caller that asked for "some port".

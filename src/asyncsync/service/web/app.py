@@ -32,7 +32,7 @@ from aiohttp import web
 
 from ...errors import ConfigError, NotFound, NotSupported, StoreError
 from ...names import printable
-from ..health import _is_loopback, format_listen_address
+from ..health import _is_loopback, format_listen_address, start_listening
 from .auth import Credentials
 from .catalog import RunCatalog
 from .markup import Html
@@ -52,7 +52,6 @@ _IMAGES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
            ".gif": "image/gif", ".webp": "image/webp"}
 _TEXT = (".csv", ".yaml", ".yml", ".json", ".txt", ".log", ".md")
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
-_SHUTDOWN_TIMEOUT = 2.0
 ARGS_MAX = 256 * 1024
 
 
@@ -353,19 +352,8 @@ class BrowserServer:
             raise ConfigError(
                 f"serving on {self.address} would show the bucket to anyone who can reach "
                 "it: give --auth-file or $ASYNCSYNC_SERVE_TOKEN, or listen on 127.0.0.1")
-        runner = web.AppRunner(self.browser.application(), access_log=None,
-                               handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT)
-        await runner.setup()
-        site = web.TCPSite(runner, self._host or None, self._requested_port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            cause = exc.strerror or str(exc) or type(exc).__name__
-            raise ConfigError(f"cannot listen on {self.address}: {cause}") from exc
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner = await start_listening(self.browser.application(), self._host,
+                                       self._requested_port, self.address)
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         loopback = all(_is_loopback(address[0]) for address in runner.addresses)
