@@ -1057,7 +1057,8 @@ def _times(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
-def render_readme(results: dict[str, Any], plot_name: str) -> str:
+def render_readme(results: dict[str, Any], plot_name: str,
+                  siblings: Path | None = None) -> str:
     rows: list[dict[str, Any]] = results["medians"]
     m = results["machine"]
     cfg = results["config"]
@@ -1273,7 +1274,52 @@ def render_readme(results: dict[str, Any], plot_name: str) -> str:
         f"![Throughput per tool and corpus: cold upload and no-op re-sync]({plot_name})",
         "",
     ]
+    if siblings is not None:
+        lines += other_benchmarks(siblings)
     return "\n".join(lines)
+
+
+# The other benchmarks, each with its own script, report and make target.
+OTHER_BENCHMARKS = (
+    ("WATCH.md", "make bench",
+     "watch: time to durable with and without inotify events, idle CPU"),
+    ("DEDUP.md", "make bench-dedup", "server-side copy dedup: bytes sent and wall time"),
+    ("SHARDS.md", "make bench-shards", "a manifest sharded across nodes"),
+    ("SERVE.md", "make bench-serve", "the run browser over 1,000 runs"),
+    ("SOAK.md", "make soak", "chaos soak of watch: nothing lost, nothing torn, nothing leaks"),
+    ("GPU.md", "benchmarks/gpu_training.py", "a GPU training in the image, synced by attach()"),
+)
+
+
+def other_benchmarks(directory: Path) -> list[str]:
+    """Links to the other reports found in ``directory``; dedup's figures inline, since the
+    question it answers (what the copies save) belongs next to the upload figures."""
+    present = [entry for entry in OTHER_BENCHMARKS if (directory / entry[0]).exists()]
+    if not present:
+        return []
+    lines = ["## Other benchmarks", "",
+             "| report | what | how |", "|---|---|---|"]
+    lines += [f"| [{name}]({name}) | {what} | `{how}` |" for name, how, what in present]
+    dedup = directory / "dedup-results.json"
+    if dedup.exists():
+        results = json.loads(dedup.read_text())
+        rows, tree, info = results["medians"], results["tree"], results["machine"]
+        scale = "" if results["scale"] == 1.0 else f" (smoke run, scale {results['scale']:g})"
+        lines += [
+            "", f"### Dedup{scale}", "",
+            f"{info['date'][:10]}, {info['nproc']} cores, asyncsync {info['asyncsync_git']}: "
+            f"fresh pushes of the runs corpus ({tree['files']} files, "
+            f"{tree['bytes'] / 1e6:,.0f} MB) with weights/best.pt a copy of weights/last.pt in "
+            f"half the runs ({tree['duplicated'] / 1e6:,.0f} MB duplicated); medians of "
+            f"{results['rounds']} rounds.", "",
+            "| push | wall s | client CPU s | bytes sent | files copied |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for mode in ("dedup", "no-dedup"):
+            row = rows[mode]
+            lines.append(f"| {mode} | {row['wall_s']:.2f} | {row['cpu_s']:.2f} | "
+                         f"{row['bytes_sent'] / 1e6:,.1f} MB | {row['copied']:.0f} |")
+    return [*lines, ""]
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -1429,7 +1475,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results["medians"], out / "throughput.png")
-    (out / "README.md").write_text(render_readme(results, "throughput.png"))
+    (out / "README.md").write_text(render_readme(results, "throughput.png", siblings=out))
     print(f"wrote {results_path}, {out / 'README.md'}, {out / 'throughput.png'}")
     for t in results["targets"]:
         ratio = "" if t["ratio"] is None else f" ({t['ratio']:.2f}x)"
