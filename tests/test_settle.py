@@ -75,13 +75,27 @@ def test_pacing_off_and_pacing_seeded_after_a_restart() -> None:
     assert restarted.due(1200) == [] and keys(restarted.due(1300)) == ["k/last.pt"]
 
 
-def test_final_ignores_settle_and_pacing() -> None:
+def test_final_drops_pacing_and_backoff_but_a_file_must_hold_still_a_second() -> None:
+    """The shutdown flush: a checkpoint truncated just now by torch.save (or a plot being
+    saved) would pass every torn-read check, since it holds still while it is read; a
+    second of stillness tells it, by the daemon's clock or the file's mtime."""
     t = tracker(settle=60, interval=300)
     t.sent("k/last.pt", (0, 0, 0), at=0)
-    t.observe("k/last.pt", scanned("last.pt"), now=10)
-    t.observe("k/results.csv", scanned("results.csv"), now=10)
-    assert t.due(11) == []
-    assert sorted(keys(t.due(11, final=True))) == ["k/last.pt", "k/results.csv"]
+    t.observe("k/last.pt", scanned("last.pt", mtime_ns=10 * 10**9), now=10)
+    t.observe("k/results.csv", scanned("results.csv", mtime_ns=1), now=10)  # written long ago
+    t.observe("k/args.yaml", scanned("args.yaml", mtime_ns=10 * 10**9), now=10)
+    t.failed("k/args.yaml", now=10)  # backing off: no longer, at shutdown
+    assert t.due(10.5) == []
+    assert keys(t.due(10.5, final=True)) == ["k/results.csv"]
+    assert sorted(keys(t.due(11, final=True))) == ["k/args.yaml", "k/last.pt", "k/results.csv"]
+    assert len(t.due(10, final=True, writers_gone=True)) == 3  # `run`: the training exited
+    # A mtime in the future (clock skew) is no shortcut, nor a delay past the daemon's own.
+    t.observe("k/best.pt", scanned("best.pt", mtime_ns=10**12), now=10)
+    assert "k/best.pt" in keys(t.due(11, final=True))
+    # A --settle shorter than a second is kept.
+    quick = tracker(settle=0.2)
+    quick.observe("k/last.pt", scanned("last.pt", mtime_ns=10 * 10**9), now=10)
+    assert keys(quick.due(10.2, final=True)) == ["k/last.pt"]
 
 
 def test_failures_back_off_exponentially_up_to_a_cap() -> None:

@@ -61,6 +61,11 @@ class Daemon:
         finally:
             self._log.close()
 
+    def wait_started(self, timeout: float = 30) -> None:
+        """Until the daemon watches (its signal handlers are in place by then): a loaded
+        machine can take seconds to start Python."""
+        wait_for(lambda: "asyncsync: info: watching " in self.log, timeout, "watch to start")
+
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
@@ -164,7 +169,8 @@ def test_results_csv_appended_per_epoch_is_mirrored(
     run = src / "train"
     daemon = Daemon(s3_server, src, f"s3://{bucket}/r", tmp_path / "state", *FAST)
     daemons.append(daemon)
-    time.sleep(0.5)  # the run directory appears after the daemon started
+    # The run directory appears after the daemon started.
+    wait_for(lambda: f"waiting for {src} to appear" in daemon.log, 30)
     run.mkdir(parents=True)
     (run / "args.yaml").write_text("epochs: 5\n")
     client = s3_server.client()
@@ -191,7 +197,7 @@ def test_sigterm_right_after_the_last_write_flushes_it(
     daemon = Daemon(s3_server, src, f"s3://{bucket}/t", tmp_path / "state", "--interval", "0.5",
                     "--settle", "60", "--checkpoint-interval", "600")
     daemons.append(daemon)
-    time.sleep(1.0)
+    daemon.wait_started()
     final = os.urandom(12 * MiB)
     (src / "exp" / "best.pt").write_bytes(final)
     (src / "exp" / "results.csv").write_text("epoch\n1\n2\n")
@@ -367,6 +373,108 @@ def test_torn_zip_checkpoint_is_held_back_until_complete(
         f.write(whole[len(whole) // 2:])
     wait_for(lambda: object_or_none(client, bucket, "z/exp/best.pt") == whole, 30)
     assert daemon.stop() == 0
+
+
+def test_a_checkpoint_emptied_in_place_never_replaces_its_object(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """torch.save truncates last.pt, then writes it. A writer stalled in between (a loaded
+    node) leaves an empty file that holds still past --settle, and through a SIGTERM: an
+    empty body passes every torn-read check, so only the checkpoint rule keeps the good
+    version in the bucket. Found by the soak (an empty last.pt sent by a restarted daemon)."""
+    src = tmp_path / "runs"
+    (src / "exp" / "weights").mkdir(parents=True)
+    path = src / "exp" / "weights" / "last.pt"
+    good = os.urandom(300_000)
+    path.write_bytes(good)
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/e", tmp_path / "state", *FAST)
+    daemons.append(daemon)
+    client = s3_server.client()
+    wait_for(lambda: object_or_none(client, bucket, "e/exp/weights/last.pt") == good, 30)
+    with open(path, "r+b") as f:
+        f.truncate(0)  # in place, as torch.save's open(path, "wb") does
+    time.sleep(3)  # six settle periods and several scans
+    assert read_object(client, bucket, "e/exp/weights/last.pt") == good
+    assert "empty, while the bucket holds 300000 bytes of it" in daemon.log
+    assert daemon.stop(signal.SIGTERM) == 0, daemon.log  # the flush holds it back too
+    assert read_object(client, bucket, "e/exp/weights/last.pt") == good
+    # Written at last: the next daemon sends it.
+    newer = os.urandom(200_000)
+    path.write_bytes(newer)
+    again = Daemon(s3_server, src, f"s3://{bucket}/e", tmp_path / "state", *FAST)
+    daemons.append(again)
+    wait_for(lambda: object_or_none(client, bucket, "e/exp/weights/last.pt") == newer, 30)
+    assert again.stop() == 0, again.log
+
+
+def test_sigterm_while_a_plot_is_being_saved_sends_the_whole_plot(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A plot half-written (truncate, first chunk) when SIGTERM comes holds still while the
+    flush reads it: the flush waits for a second of stillness instead, within --grace, and
+    sends the finished plot, not the half."""
+    src = tmp_path / "runs"
+    (src / "exp").mkdir(parents=True)
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/p", tmp_path / "state", "--interval",
+                    "0.5", "--settle", "60", "--checkpoint-interval", "600", "--grace", "20")
+    daemons.append(daemon)
+    daemon.wait_started()
+    whole = os.urandom(400_000)
+    with open(src / "exp" / "results.png", "wb") as plot:
+        plot.write(whole[:100_000])
+        plot.flush()
+        daemon.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # savefig still encoding the rest
+        plot.write(whole[100_000:])
+    daemon.process.wait(timeout=30)
+    assert daemon.stop() == 0, daemon.log
+    assert read_object(s3_server.client(), bucket, "p/exp/results.png") == whole
+    assert "Traceback" not in daemon.log
+
+
+@pytest.mark.servers("seaweedfs")  # the state disk is the daemon's own, whatever the store
+def test_watch_started_on_a_full_state_disk_waits_for_room(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A daemon restarted (a pod rescheduled, a crash) while its state disk is full cannot
+    open its manifest: SQLite says "disk I/O error", not "full", when it cannot map its
+    shared-memory file. It waits for room, as for a store outage, instead of exiting 2 into
+    a crash loop; a SIGTERM while it waits exits 0. Found by the soak."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from soak_faults import StateDisk
+
+    disk = StateDisk(tmp_path / "state", 16 * MiB)
+    disk.prepare()
+    if not disk.usable:
+        pytest.skip(f"no small filesystem for the state directory: {disk.how}")
+    try:
+        src = tmp_path / "runs"
+        (src / "exp").mkdir(parents=True)
+        (src / "exp" / "before.txt").write_text("before\n")
+        client = s3_server.client()
+        first = Daemon(s3_server, src, f"s3://{bucket}/r", disk.path, *FAST)
+        daemons.append(first)
+        wait_for(lambda: object_or_none(client, bucket, "r/exp/before.txt") is not None, 30)
+        assert first.stop() == 0, first.log
+        disk.fill()
+        (src / "exp" / "during.txt").write_text("during\n")
+        stopped = Daemon(s3_server, src, f"s3://{bucket}/r", disk.path, *FAST)
+        daemons.append(stopped)
+        wait_for(lambda: "waiting for room" in stopped.log, 30)
+        assert stopped.stop() == 0, stopped.log  # SIGTERM while waiting: nothing to flush
+        waiting = Daemon(s3_server, src, f"s3://{bucket}/r", disk.path, *FAST)
+        daemons.append(waiting)
+        wait_for(lambda: "waiting for room" in waiting.log, 30)
+        time.sleep(3)
+        assert waiting.process.poll() is None, waiting.log
+        assert object_or_none(client, bucket, "r/exp/during.txt") is None
+        disk.free()
+        wait_for(lambda: object_or_none(client, bucket, "r/exp/during.txt") == b"during\n", 30)
+        assert waiting.stop() == 0, waiting.log
+        assert waiting.log.count("waiting for room") == 1, waiting.log
+        assert "there is room again" in waiting.log
+    finally:
+        disk.release()
 
 
 def test_bad_configuration_exits_2_at_startup(
@@ -661,7 +769,7 @@ def test_the_training_pod_flow_a_sidecar_stopped_after_the_training_flushes_ever
     daemon = Daemon(s3_server, runs, f"s3://{bucket}/job", tmp_path / "state", "--interval",
                     "0.5", "--settle", "30", "--checkpoint-interval", "600", "--grace", "20")
     daemons.append(daemon)
-    time.sleep(1.5)  # the sidecar starts first (an initContainer), and is up by then
+    daemon.wait_started()  # the sidecar starts first (an initContainer), and is up by then
     training = subprocess.run(
         [sys.executable, "-c",
          "import os, pathlib\n"

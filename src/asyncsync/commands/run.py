@@ -112,6 +112,8 @@ async def run_training(config: WatchConfig, command: list[str]) -> int:
         # One pipeline: its store session checks the destination, carries the run record and
         # the daemon's uploads.
         async with open_pipeline(config, daemon) as pipeline:
+            if pipeline is None:  # a signal came while waiting for room on the state disk
+                return 128 + (daemon.signals.first or signal.SIGTERM)
             if not await check_destination(pipeline.session, daemon.signals):
                 return 128 + daemon.signals.received[0]
             return await _supervise(config, command, pipeline, daemon)
@@ -136,7 +138,8 @@ async def _supervise(
     try:
         returncode = await child.wait()
     finally:
-        daemon.request_stop()
+        # Ended (or, on an error here, killed with its group by the signal handling).
+        daemon.request_stop(writers_gone=child.returncode is not None)
         try:
             unsent = await watching
         finally:

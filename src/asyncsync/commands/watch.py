@@ -8,10 +8,10 @@ wake it earlier), when to clean quiet runs, and asking a store that failed wheth
 
 Transient store failures never stop the daemon: files back off and go again; /readyz says
 the store is away. Bad configuration (no such bucket, wrong credentials) raises at start. On
-SIGTERM/SIGINT it stops scanning, sends what changed at once (settle and pacing no longer
-apply; the torn-read checks still do), waits up to ``--grace`` seconds for uploads in flight,
-and exits 0; multipart uploads still running then are kept in the manifest and resume on the
-next start.
+SIGTERM/SIGINT it stops scanning, sends what changed (pacing no longer applies, a file need
+hold still for only a second, the torn-read checks still apply), waits up to ``--grace``
+seconds for uploads in flight, and exits 0; multipart uploads still running then are kept
+in the manifest and resume on the next start.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..config import WatchConfig
 from ..errors import EndpointUnreachable, ManifestFull, StoreError
+from ..names import printable
 from ..pipeline.session import Pipeline, source_gone
 from ..pipeline.syncqueue import SyncQueue
 from ..service.daemon import Daemon
@@ -38,6 +39,8 @@ log = logging.getLogger("asyncsync")
 # How often a store that failed is asked whether it is back, so that /readyz recovers even
 # when nothing is waiting to be uploaded.
 PROBE_SECONDS = 5.0
+# How often a manifest kept shut by a full state disk is tried again.
+ROOM_POLL_SECONDS = 2.0
 
 
 async def run_watch(config: WatchConfig, status: StatusLine | None = None, *,
@@ -55,16 +58,45 @@ async def run_watch(config: WatchConfig, status: StatusLine | None = None, *,
 
 
 @contextlib.asynccontextmanager
-async def open_pipeline(config: WatchConfig, daemon: Daemon) -> AsyncIterator[Pipeline]:
-    """The stages for a daemon, with /readyz told whether the manifest is open."""
-    # daemon=True: a store outage is not remembered; settles=True: a file that changes under
-    # its upload is the queue's business (it waits to settle again), not the uploader's.
-    async with Pipeline.open(config.push, daemon.events, daemon=True, settles=True) as pipeline:
+async def open_pipeline(config: WatchConfig, daemon: Daemon) -> AsyncIterator[Pipeline | None]:
+    """The stages for a daemon, with /readyz told whether the manifest is open. A manifest
+    that cannot be opened for want of room (a full state disk) is waited for, as a store
+    outage is; None: a signal came first."""
+    async with contextlib.AsyncExitStack() as stack:
+        pipeline = await _open_when_there_is_room(config, daemon, stack)
+        if pipeline is None:
+            yield None
+            return
         daemon.manifest_open(True)
         try:
             yield pipeline
         finally:
             daemon.manifest_open(False)
+
+
+async def _open_when_there_is_room(
+    config: WatchConfig, daemon: Daemon, stack: contextlib.AsyncExitStack
+) -> Pipeline | None:
+    waiting = False
+    while True:
+        try:
+            # daemon=True: a store outage is not remembered; settles=True: a file that
+            # changes under its upload is the queue's business (it waits to settle again).
+            pipeline = await stack.enter_async_context(
+                Pipeline.open(config.push, daemon.events, daemon=True, settles=True))
+        except ManifestFull as exc:
+            if not waiting:
+                log.error("%s; waiting for room (trying again every %.0fs)", exc,
+                          ROOM_POLL_SECONDS)
+                waiting = True
+        else:
+            if waiting:
+                log.info("the manifest is open: there is room again")
+            return pipeline
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(daemon.signals.arrived.wait(), ROOM_POLL_SECONDS)
+        if daemon.signals.received or daemon.stopping:
+            return None
 
 
 async def watch(config: WatchConfig, daemon: Daemon, pipeline: Pipeline | None = None) -> int:
@@ -74,7 +106,8 @@ async def watch(config: WatchConfig, daemon: Daemon, pipeline: Pipeline | None =
         return 0
     if pipeline is None:
         async with open_pipeline(config, daemon) as opened:
-            return await _serve(config, daemon, opened)
+            # None: stopped while a full state disk kept the manifest shut; nothing was read.
+            return 0 if opened is None else await _serve(config, daemon, opened)
     return await _serve(config, daemon, pipeline)
 
 
@@ -121,6 +154,10 @@ class WatchService:
 
     async def start(self) -> None:
         self.daemon.metrics.watch_pipeline(self.pipeline)
+        push = self.config.push
+        log.info("watching %s -> %s (settle %gs, %s)", printable(str(push.source)),
+                 printable(push.destination.url), self.config.settle,
+                 "inotify events" if self.config.events else f"a scan every {self._period:g}s")
         if await self._check_store_at_start():
             await self._abort_orphans()
         if self.config.events:
@@ -166,7 +203,8 @@ class WatchService:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if flush:
-            self.unsent = await self.queue.flush(self.config.grace)
+            self.unsent = await self.queue.flush(self.config.grace,
+                                                 writers_gone=self.daemon.writers_gone)
         else:
             await self.queue.abandon()
             self.unsent = len(self.queue)

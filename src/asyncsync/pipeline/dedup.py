@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import (
@@ -84,7 +85,7 @@ class ServerCopy:
 
     async def copy(
         self, scanned: ScannedFile, key: str, digest: str, identity: FileIdentity,
-        content_type: str,
+        content_type: Callable[[], str],
     ) -> Copied | None:
         """The object ``key`` made from a copy of the same content, or None: nothing to copy
         from, or the copy could not be made or proven (then the file is uploaded, and
@@ -115,7 +116,7 @@ class ServerCopy:
                     continue
                 assert head is not None
                 return await self._copy(store, scanned, key, record, head, digest, identity,
-                                        content_type)
+                                        content_type())
             except (asyncio.CancelledError, ManifestError):
                 raise
             except (FatalStoreError, NotSupported) as exc:

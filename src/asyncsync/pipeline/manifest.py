@@ -734,10 +734,27 @@ def _gaps(key_prefix: str, subdirs: list[str]) -> list[tuple[str, str | None]]:
 
 
 def _error(exc: sqlite3.Error, path: Path) -> ManifestError:
-    """The error to raise for ``exc``: `ManifestFull` when only room on the disk is missing."""
-    full = (getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-            or "disk is full" in str(exc))
+    """The error to raise for ``exc``: `ManifestFull` when only room on the disk is missing.
+    SQLite says "disk I/O error" rather than "full" when it cannot grow its shared-memory
+    file or write-ahead log on a full tmpfs (opening the manifest, say): the disk is asked."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    full = code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    if not full and (code is not None and code & 0xFF == sqlite3.SQLITE_IOERR
+                     or "disk I/O error" in str(exc)):
+        full = _out_of_room(path.parent)
     return (ManifestFull if full else ManifestError)(_describe(exc, path))
+
+
+# Less free room than this where the manifest lives, and an I/O error means a full disk.
+_ROOM_NEEDED = 1024 * 1024
+
+
+def _out_of_room(directory: Path) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _ROOM_NEEDED
 
 
 def _describe(exc: sqlite3.Error, path: Path) -> str:

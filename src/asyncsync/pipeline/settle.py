@@ -17,6 +17,9 @@ from .keys import PathFilter
 from .scan import ScannedFile
 
 MAX_FAILURE_BACKOFF = 60.0
+# How long a file must hold still for the shutdown flush (or --settle, if shorter): long
+# enough to see a writer between its truncate and its first write, short enough for --grace.
+FINAL_SETTLE = 1.0
 
 
 @dataclass
@@ -67,6 +70,9 @@ class SettleTracker:
         else:
             current.scanned = scanned
 
+    def get(self, key: str) -> Candidate | None:
+        return self._candidates.get(key)
+
     def forget(self, key: str) -> None:
         self._candidates.pop(key, None)
 
@@ -107,12 +113,26 @@ class SettleTracker:
                 ready = max(ready, last + self.checkpoint_interval)
         return ready
 
-    def due(self, now: float, *, final: bool = False) -> list[tuple[str, Candidate]]:
-        """Candidates that may be sent now; ``final`` (shutdown) ignores settle and pacing,
-        since the torn-write checks of the transfer still guard every read."""
-        if final:
+    def due(
+        self, now: float, *, final: bool = False, writers_gone: bool = False
+    ) -> list[tuple[str, Candidate]]:
+        """Candidates that may be sent now. ``final`` (shutdown): pacing and backoff no longer
+        apply, and settle shrinks to FINAL_SETTLE, since a file caught between a truncate
+        and its first write (ultralytics' torch.save, matplotlib's savefig) passes every
+        torn-read check: it holds still while it is read. ``writers_gone`` (`run`, once the
+        training exited): nothing writes any more, everything is due."""
+        if not final:
+            return [(k, c) for k, c in self._candidates.items() if self.ready_at(k, c) <= now]
+        if writers_gone:
             return list(self._candidates.items())
-        return [(k, c) for k, c in self._candidates.items() if self.ready_at(k, c) <= now]
+        return [(k, c) for k, c in self._candidates.items() if self.settled_at(c) <= now]
+
+    def settled_at(self, candidate: Candidate) -> float:
+        """When the candidate's version will have held still long enough for the shutdown
+        flush: counted from when it was first seen, or from its mtime when that is earlier
+        (a file untouched for that long needs no wait)."""
+        written = candidate.scanned.mtime_ns / 1e9
+        return min(candidate.stable_since, written) + min(self.settle, FINAL_SETTLE)
 
     def next_ready(self, busy: Container[str] = ()) -> float | None:
         """When the next candidate becomes due, ignoring keys in ``busy`` (uploading now:

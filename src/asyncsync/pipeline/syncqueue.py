@@ -53,6 +53,8 @@ log = logging.getLogger("asyncsync")
 
 # Attempts per file in the shutdown flush (a file that keeps failing must not hold it up).
 FINAL_TRIES = 3
+# How often the shutdown flush looks again at files still settling.
+SETTLE_POLL = 0.25
 
 
 class QueueObserver(Protocol):
@@ -223,11 +225,14 @@ class SyncQueue:
             return None
         return self.tracker.next_ready(self._in_flight)
 
-    def start_due(self, now: float, *, tries: dict[str, int] | None = None) -> None:
-        """Start uploads of due files; with ``tries`` (the shutdown flush), every file is due,
-        but each key gets at most FINAL_TRIES attempts."""
+    def start_due(
+        self, now: float, *, tries: dict[str, int] | None = None, writers_gone: bool = False
+    ) -> None:
+        """Start uploads of due files; with ``tries`` (the shutdown flush), every settled file
+        is due (every file if ``writers_gone``), but each key gets at most FINAL_TRIES
+        attempts."""
         final = tries is not None
-        for key, candidate in self.tracker.due(now, final=final):
+        for key, candidate in self.tracker.due(now, final=final, writers_gone=writers_gone):
             if key in self._in_flight:
                 continue  # one upload per key; the newer version goes when this one ends
             if len(self._in_flight) >= self.push.transfer.workers:
@@ -258,6 +263,8 @@ class SyncQueue:
         started = time.monotonic()
         try:
             record = manifest.lookup(scope, key)
+            if self._emptied_checkpoint(key, scanned, record):
+                return
             await self._keep_history(scanned, record)
             outcome = await self.pipeline.uploader.sync(scanned, key, plan_file(scanned, record))
         except (FatalStoreError, EndpointUnreachable, StoreError) as exc:
@@ -289,6 +296,22 @@ class SyncQueue:
             self._report_in_flight()
             self.observer.wake()
         self._handle(key, scanned, outcome, time.monotonic() - started)
+
+    def _emptied_checkpoint(
+        self, key: str, scanned: ScannedFile, record: ObjectRecord | None
+    ) -> bool:
+        """A checkpoint found empty where the bucket holds a version of it is between
+        torch.save's truncate and its first write (or a save that died there): it waits
+        to be written, and the bucket keeps the version it has. The torn-read checks cannot
+        tell this one, since an empty file holds still while it is read."""
+        if (scanned.size or record is None or not record.size
+                or not self.tracker.checkpoints.include
+                or not self.tracker.checkpoints.accepts(scanned.relative)):
+            return False
+        self._report_once(scanned.relative, f"empty, while the bucket holds {record.size} "
+                          "bytes of it: kept there until the file is written again", False)
+        self.tracker.unsettle(key, time.time())
+        return True
 
     async def _keep_history(self, scanned: ScannedFile, record: ObjectRecord | None) -> None:
         """Copy the previous object aside first when planning says the upload would destroy
@@ -355,24 +378,33 @@ class SyncQueue:
 
     # -- the end ------------------------------------------------------------------------------
 
-    async def flush(self, grace: float) -> int:
-        """Shutdown: send everything out of sync now (settle and pacing no longer apply; the
-        torn-read checks of the transfer still do), waiting up to ``grace`` seconds. Uploads
-        still running then are cancelled: the manifest keeps them to resume. Returns how
-        many files are left out of sync."""
+    async def flush(self, grace: float, *, writers_gone: bool = False) -> int:
+        """Shutdown: send everything out of sync (pacing and backoff no longer apply; a file
+        must still hold still for `settle.FINAL_SETTLE`, unless ``writers_gone``, and the
+        torn-read checks still apply), waiting up to ``grace`` seconds. A file still
+        settling is looked at again until it holds still. Uploads still running then are
+        cancelled: the manifest keeps them to resume. Returns how many files are left out
+        of sync."""
         deadline = time.monotonic() + grace
         log.info("stopping: final scan, then up to %.0fs for uploads", grace)
         with contextlib.suppress(OSError):
             await self.scan()
         tries: dict[str, int] = {}
         while time.monotonic() < deadline:
-            self.start_due(time.time(), tries=tries)
-            if not self._in_flight:
+            self.start_due(time.time(), tries=tries, writers_gone=writers_gone)
+            settling = [key for key in self.tracker.keys()
+                        if key not in self._in_flight and tries.get(key, 0) < FINAL_TRIES]
+            if not self._in_flight and not settling:
                 break
-            await asyncio.wait(
-                list(self._in_flight.values()), timeout=deadline - time.monotonic(),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            wait = deadline - time.monotonic()
+            if settling:
+                wait = min(wait, SETTLE_POLL)
+            if self._in_flight:
+                await asyncio.wait(list(self._in_flight.values()), timeout=max(0.0, wait),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(max(0.0, wait))
+            self._restat([key for key in settling if key not in self._in_flight])
         if self._in_flight:
             log.warning("grace period over: %d upload(s) kept for the next start",
                         len(self._in_flight))
@@ -382,6 +414,28 @@ class SyncQueue:
             log.warning("%d file(s) not uploaded before exit; they go up on the next start",
                         unsent)
         return unsent
+
+    def _restat(self, keys: list[str]) -> None:
+        """Look at these queued files again (the flush's scans: a file still settling may
+        have moved, or been written at last)."""
+        candidates = {key: c for key in keys if (c := self.tracker.get(key)) is not None}
+        if not candidates:
+            return
+        records = self.pipeline.manifest.lookup_many(self.pipeline.scope, list(candidates))
+        now = time.time()
+        for key, candidate in candidates.items():
+            old = candidate.scanned
+            try:
+                st = os.stat(old.path, follow_symlinks=False)
+            except OSError:
+                self._forget(key)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                self._forget(key)
+                continue
+            item = ScannedFile(old.path, old.relative, st.st_size, st.st_mtime_ns, st.st_ino,
+                               st.st_dev, old.root)
+            self._observe(key, item, records.get(key), now)
 
     async def abandon(self) -> None:
         """Cancel the uploads in flight (multipart ones stay in the manifest, to resume)."""

@@ -262,7 +262,8 @@ class Uploader:
         if self._copies is None:
             return None
         copied: Copied | None = await self._copies.copy(
-            scanned, key, digest, identity, content_type_for(scanned.relative, self._config)
+            scanned, key, digest, identity,
+            lambda: content_type_for(scanned.relative, self._config),  # only when copying
         )
         if copied is None:
             return None

@@ -142,6 +142,7 @@ class Daemon:
         self.signals = Signals(drain or self._stop_on_signal)
         self.run_depth = run_depth_of(config)
         self._stopping = asyncio.Event()
+        self.writers_gone = False  # `run`: the training exited, nothing writes SRC now
         self._wake = asyncio.Event()
         self._fatal: BaseException | None = None
         self._health: HealthServer | None = None
@@ -206,7 +207,10 @@ class Daemon:
         """Whether the last store request succeeded (None: none made yet)."""
         return self._store_up
 
-    def request_stop(self) -> None:
+    def request_stop(self, *, writers_gone: bool = False) -> None:
+        """Stop; ``writers_gone``: nothing writes SRC any more (`run`'s training exited), so
+        the shutdown flush need not wait for files to settle."""
+        self.writers_gone = self.writers_gone or writers_gone
         self._stopping.set()
         self._wake.set()
 
