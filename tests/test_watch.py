@@ -432,6 +432,39 @@ def test_sigterm_while_a_plot_is_being_saved_sends_the_whole_plot(
     assert "Traceback" not in daemon.log
 
 
+def test_sigterm_while_a_log_is_appended_without_pause_sends_a_whole_prefix_soon(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """The daemon stops while a training goes on (a DaemonSet rolled): its log, appended to
+    every 50 ms, never holds still for a second. The flush does not wait all of --grace
+    for it: after a few seconds it sends the log as it is, a prefix of what it becomes."""
+    src = tmp_path / "runs"
+    (src / "exp").mkdir(parents=True)
+    log_path = src / "exp" / "train.log"
+    log_path.write_text("")
+    writer = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "with open(sys.argv[1], 'a') as f:\n"
+         "    for n in range(100000):\n"
+         "        f.write(f'step {n} loss 0.{n}\\n'); f.flush(); time.sleep(0.05)\n",
+         str(log_path)])
+    try:
+        daemon = Daemon(s3_server, src, f"s3://{bucket}/l", tmp_path / "state", "--interval",
+                        "0.5", "--settle", "60", "--grace", "30")
+        daemons.append(daemon)
+        daemon.wait_started()
+        time.sleep(1)
+        started = time.monotonic()
+        assert daemon.stop(signal.SIGTERM) == 0, daemon.log
+        assert time.monotonic() - started < 15, daemon.log  # not the whole --grace
+        sent = read_object(s3_server.client(), bucket, "l/exp/train.log")
+    finally:
+        writer.kill()
+        writer.wait()
+    assert sent and log_path.read_bytes().startswith(sent) and sent.endswith(b"\n")
+
+
 @pytest.mark.servers("seaweedfs")  # the state disk is the daemon's own, whatever the store
 def test_watch_started_on_a_full_state_disk_waits_for_room(
     s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]

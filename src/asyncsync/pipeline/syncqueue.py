@@ -53,8 +53,12 @@ log = logging.getLogger("asyncsync")
 
 # Attempts per file in the shutdown flush (a file that keeps failing must not hold it up).
 FINAL_TRIES = 3
-# How often the shutdown flush looks again at files still settling.
+# How often the shutdown flush looks again at files still settling, and for how long: a
+# file written without pause (a log appended to by a training that goes on while only the
+# daemon stops) goes up as it is then, whole to the torn-read checks, rather than hold the
+# shutdown for all of --grace and be left out.
 SETTLE_POLL = 0.25
+SETTLE_WAIT = 3.0
 
 
 class QueueObserver(Protocol):
@@ -382,16 +386,18 @@ class SyncQueue:
         """Shutdown: send everything out of sync (pacing and backoff no longer apply; a file
         must still hold still for `settle.FINAL_SETTLE`, unless ``writers_gone``, and the
         torn-read checks still apply), waiting up to ``grace`` seconds. A file still
-        settling is looked at again until it holds still. Uploads still running then are
-        cancelled: the manifest keeps them to resume. Returns how many files are left out
-        of sync."""
+        settling is looked at again until it holds still, for SETTLE_WAIT at most. Uploads
+        still running then are cancelled: the manifest keeps them to resume. Returns how
+        many files are left out of sync."""
         deadline = time.monotonic() + grace
+        settle_until = time.monotonic() + SETTLE_WAIT
         log.info("stopping: final scan, then up to %.0fs for uploads", grace)
         with contextlib.suppress(OSError):
             await self.scan()
         tries: dict[str, int] = {}
         while time.monotonic() < deadline:
-            self.start_due(time.time(), tries=tries, writers_gone=writers_gone)
+            self.start_due(time.time(), tries=tries,
+                           writers_gone=writers_gone or time.monotonic() >= settle_until)
             settling = [key for key in self.tracker.keys()
                         if key not in self._in_flight and tries.get(key, 0) < FINAL_TRIES]
             if not self._in_flight and not settling:
