@@ -4,6 +4,11 @@ small filesystem under the state directory that can be filled up.
 The schedule is drawn from the seed alone, before anything runs, so ``--seed`` gives the same
 faults at the same offsets again (what the machine does in between still differs). Faults
 that last (a store outage, a full disk, a burst of 503s) never overlap one of their own kind.
+
+The faults that restart watch (SIGKILL, SIGTERM) come only until ``restarts_until``: after
+it, every other kind keeps coming, against one watch process that lives on to the end, long
+enough for its RSS and descriptor trends to be fitted. The first round (every kind once)
+is not held to it, so even a soak too short for that still has every kind.
 """
 
 from __future__ import annotations
@@ -64,16 +69,26 @@ class FaultTiming:
     outage_max_s: float
     disk_full_min_s: float
     disk_full_max_s: float
+    # Watch faults (SIGKILL, SIGTERM) are drawn only before this offset (the first round
+    # aside); None: all through.
+    restarts_until: float | None = None
 
 
 def fault_schedule(seed: int, timing: FaultTiming, kinds: tuple[str, ...] = KINDS
                    ) -> list[Fault]:
     """The faults of one soak, drawn from ``seed`` alone: every kind once, in a random
-    order, then kinds at random; a lasting fault waits for the end of one of its kind."""
+    order, then kinds at random (no watch fault after ``timing.restarts_until``); a lasting
+    fault waits for the end of one of its kind."""
     rng = random.Random(seed)
     first_round = list(kinds)
     rng.shuffle(first_round)
     weights = [_WEIGHTS[k] for k in kinds]
+    # After restarts_until the same draw (one random number) from the other kinds only: a
+    # seed's stream of draws does not change with the cutoff.
+    late_weights = [0.0 if k in WATCH_FAULTS else _WEIGHTS[k] for k in kinds]
+    if not any(late_weights):
+        late_weights = weights
+    cutoff = timing.last_at if timing.restarts_until is None else timing.restarts_until
     busy_until: dict[str, float] = {}
     faults: list[Fault] = []
     at = timing.first_at
@@ -83,7 +98,8 @@ def fault_schedule(seed: int, timing: FaultTiming, kinds: tuple[str, ...] = KIND
         at += min(gap, timing.mean_gap_s) if first_round else gap
         if at > timing.last_at:
             return faults
-        drawn = rng.choices(kinds, weights)[0]
+        drawn = rng.choices(kinds, weights if at <= cutoff else late_weights)[0]
+        in_first_round = bool(first_round)
         kind = first_round.pop(0) if first_round else drawn
         # Draw every parameter whether used or not: the stream stays the same for a seed.
         outage = rng.uniform(timing.outage_min_s, timing.outage_max_s)
@@ -93,6 +109,9 @@ def fault_schedule(seed: int, timing: FaultTiming, kinds: tuple[str, ...] = KIND
         delay = rng.uniform(1.0, 5.0)
         pause = rng.uniform(0.2, 3.0)
         group = "watch" if kind in WATCH_FAULTS else kind
+        if (group == "watch" and not in_first_round and timing.restarts_until is not None
+                and busy_until.get(group, -1.0) + 1.0 > cutoff):
+            continue  # it would wait for the last restart past the cutoff: not drawn
         at = max(at, busy_until.get(group, -1.0) + 1.0)
         if at > timing.last_at:
             return faults
@@ -124,7 +143,9 @@ class Arrival:
 
 class ChaosProxy(FaultProxy):
     """The fault proxy, plus a seeded error rate (that share of requests answered 503
-    SlowDown) and, while ``record`` is set, the arrival time of every request.
+    SlowDown), a seeded latency (each request not answered with a fault held 0.5 to 1.5
+    times ``latency`` seconds before it is forwarded: a slow store, whose 503s still come at
+    once) and, while ``record`` is set, the arrival time of every request.
 
     It keeps no per-request history otherwise: a soak sends hundreds of thousands of them."""
 
@@ -132,6 +153,7 @@ class ChaosProxy(FaultProxy):
         super().__init__(upstream)
         self._chaos = random.Random(seed)
         self._error_rate = 0.0
+        self._latency = 0.0
         self.record = False
         self.arrivals: list[Arrival] = []
 
@@ -143,18 +165,28 @@ class ChaosProxy(FaultProxy):
         with self._lock:
             self._error_rate = rate
 
+    def set_latency(self, seconds: float) -> None:
+        with self._lock:
+            self._latency = seconds
+
     def _admit(self, request: _Request) -> _Rule | None:
         rule = super()._admit(request)
         with self._lock:
             self._stats.seen.clear()
+            faulted = rule.action if rule else ""
             if rule is None and self._error_rate and self._chaos.random() < self._error_rate:
                 rule = _Rule("503", 1, None, None, None, 0.0)
+                faulted = "503"
                 s = self._stats
                 s.faults += 1
                 s.faults_by_action["503"] = s.faults_by_action.get("503", 0) + 1
+            elif rule is None and self._latency:
+                # Not a fault (neither counted nor recorded as one): the store is just slow.
+                rule = _Rule("delay", 1, None, None, None,
+                             self._latency * self._chaos.uniform(0.5, 1.5))
             if self.record:
                 self.arrivals.append(Arrival(time.monotonic(), request.method, request.path,
-                                             rule.action if rule else ""))
+                                             faulted))
         return rule
 
 
@@ -210,7 +242,8 @@ class StateDisk:
             self.used_before.append((stat.f_blocks - stat.f_bfree) * stat.f_frsize)
             self.fills += 1
             try:
-                f = open(self.filler, "wb")  # noqa: SIM115 - closed below
+                # Unbuffered: a buffer left unwritten would raise ENOSPC again at close.
+                f = open(self.filler, "wb", buffering=0)  # noqa: SIM115 - closed below
             except OSError:
                 return  # already full: the daemon's own files took it all
             with f:

@@ -50,6 +50,41 @@ def test_the_fault_schedule_comes_from_the_seed_alone() -> None:
     assert outages and all(5 <= d <= 30 for d in outages)
 
 
+def test_restarts_fall_only_before_their_cutoff_and_the_other_faults_go_on() -> None:
+    """The full soak's schedule: SIGKILL and SIGTERM in the first 40% only (one watch process
+    lives through the rest, for its trends), every other kind to the end; still the seed's
+    alone, and every kind still comes in the first round."""
+    plan = soak.SoakPlan.for_minutes(10, 7)
+    timing = plan.timing
+    assert timing.restarts_until == 240
+    schedule = fault_schedule(7, timing)
+    assert schedule == fault_schedule(7, timing)
+    assert {f.kind for f in schedule[:len(KINDS)]} == set(KINDS)
+    assert all(f.at <= 240 for f in schedule if f.kind in ("sigkill", "sigterm"))
+    late = {f.kind for f in schedule if f.at > 240}
+    assert late == set(KINDS) - {"sigkill", "sigterm"}
+    assert all(f.at <= timing.last_at for f in schedule)
+    # The suite's minute keeps its restarts all through.
+    assert soak.SoakPlan.for_minutes(0.85, 7, small=True).timing.restarts_until is None
+
+
+def test_the_trend_is_fitted_on_the_longest_life_after_its_warm_up() -> None:
+    """A short first process climbing steeply is left out; the long one's slope comes back,
+    with its residual noise, and the fit stops at the load's end."""
+    samples = [soak.Sample(t=float(t), generation=1, rss_mb=50.0 + t) for t in range(60)]
+    rng = random.Random(3)
+    samples += [soak.Sample(t=float(t), generation=2,
+                            rss_mb=200.0 + 0.002 * t + rng.gauss(0, 1.0)
+                            + (80.0 if t < 90 else 0.0) - (60.0 if t > 500 else 0.0))
+                for t in range(60, 560)]
+    fit = soak.life_trend(samples, lambda s: s.rss_mb, {1: 0.0, 2: 60.0}, 60.0, 500.0)
+    assert fit is not None and fit.generation == 2
+    assert fit.life_s == 440 and fit.fitted_from == 120 and fit.fitted_to == 500
+    assert fit.n == 381 and abs(fit.slope_per_s - 0.002) < 0.001
+    assert 0.8 < fit.residual_sd < 1.2 and 0 < fit.slope_se_per_s < 0.001
+    assert soak.life_trend(samples[:50], lambda s: s.rss_mb, {1: 0.0}, 60.0, 500.0) is None
+
+
 def test_a_torn_version_is_told_from_a_complete_one(tmp_path: Path) -> None:
     """Each file the trainings write proves its own completeness; any prefix of it fails."""
     path = tmp_path / "last.pt"
