@@ -233,6 +233,9 @@ class Training(threading.Thread):
         self.version = 0
         self.generation = 0
         self._plots_stop = threading.Event()
+        # The plot thread writes into the run directory that a recreation deletes: rmtree
+        # fails (ENOTEMPTY) when a plot lands in it meanwhile, which killed a training.
+        self._directory = threading.Lock()
 
     def run(self) -> None:
         try:
@@ -259,7 +262,8 @@ class Training(threading.Thread):
         relative = f"{self.run_name}/results.csv"
         self.generation += 1
         if delete_directory:
-            shutil.rmtree(self.run_dir)
+            with self._directory:
+                shutil.rmtree(self.run_dir)
         with self.log.lock:
             self.log.recreated.append(Recreation(relative, previous, time.time(),
                                                   not delete_directory))
@@ -309,7 +313,8 @@ class Training(threading.Thread):
             name = rng.choice(PLOT_NAMES)
             image = png(rng.randint(64, 320), rng.randint(64, 320), rng)
             try:
-                (self.run_dir / name).write_bytes(image)
+                with self._directory:
+                    (self.run_dir / name).write_bytes(image)
             except FileNotFoundError:
                 continue  # the run directory is being recreated right now
             self.log.add(bytes_written=len(image))
