@@ -26,6 +26,7 @@ from asyncsync.pipeline.plan import (
     Decision,
     content_type_for,
     history_key,
+    history_version_key,
     part_count,
     part_size_for,
     part_window_for,
@@ -121,6 +122,18 @@ def test_a_results_csv_that_shrank_keeps_its_previous_object() -> None:
     assert history_key(CSV, record, HISTORY, "") == (
         "_asyncsync/history/train/results.csv/20231114T221320Z"
     )
+
+
+def test_each_version_kept_has_a_key_of_its_own() -> None:
+    """Two versions kept within one second, or under a row whose upload time lags the
+    bucket, differ by their ETags; the same version kept twice lands on the same key."""
+    base = "runs/_asyncsync/history/train/results.csv/20231114T221320Z"
+    one = history_version_key(base, '"0cc175b9c0f1b6a831c399e269772661"')
+    other = history_version_key(base, '"92eb5ffee6ae2fec3ad71c777531578f-2"')
+    assert one == base + "-0cc175b9c0f1" and other == base + "-92eb5ffee6ae"
+    assert one != other and history_version_key(base, '"0cc175b9c0f1b6a831c399e269772661"') == one
+    with pytest.raises(InvalidKey):
+        history_version_key("k" * 1020, '"0cc175b9"')
 
 
 def test_a_recreated_results_csv_keeps_its_previous_object_even_when_longer() -> None:

@@ -407,6 +407,67 @@ def test_a_checkpoint_emptied_in_place_never_replaces_its_object(
     assert again.stop() == 0, again.log
 
 
+@pytest.mark.servers("seaweedfs")  # the decision is the daemon's, whatever the store
+def test_a_checkpoint_truncated_after_it_was_queued_is_not_sent_empty(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A new last.pt is scanned and due, but its upload waits (the byte budget is held by a
+    large file going out at 1 MB/s); meanwhile the next torch.save truncates it. What is read
+    then is not the version the scan saw, on which every decision was made: it waits to
+    settle again, and the emptied-checkpoint rule holds it. Found by the soak."""
+    src = tmp_path / "runs"
+    (src / "exp" / "weights").mkdir(parents=True)
+    last = src / "exp" / "weights" / "last.pt"
+    good = os.urandom(300_000)
+    last.write_bytes(good)
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/q", tmp_path / "state", *FAST,
+                    "--max-memory", "5MiB", "--max-bandwidth", "1MB/s",
+                    "--multipart-threshold", "5MiB", "--part-size", "5MiB")
+    daemons.append(daemon)
+    client = s3_server.client()
+    key = "q/exp/weights/last.pt"
+    wait_for(lambda: object_or_none(client, bucket, key) == good, 30)
+    (src / "exp" / "big.bin").write_bytes(os.urandom(20 * MiB))  # holds the whole budget
+    time.sleep(2.0)  # its first part is going out at 1 MB/s
+    last.write_bytes(os.urandom(300_000))  # a new epoch's checkpoint, due 0.5 s later
+    time.sleep(1.5)  # scanned and due, its upload waiting for the budget
+    with open(last, "r+b") as f:
+        f.truncate(0)  # the next torch.save, its writer stalled
+    time.sleep(10)
+    assert read_object(client, bucket, key) != b"", daemon.log
+    daemon.kill()
+
+
+@pytest.mark.servers("seaweedfs")  # the key is the planner's, whatever the store
+def test_results_csv_recreated_twice_in_a_second_keeps_both_previous_versions(
+    s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A run restarted twice within one second: each previous results.csv goes to the
+    history area, neither copy over the other (the copies were named by the upload time to
+    the second). Found by the soak."""
+    src = tmp_path / "runs"
+    (src / "exp").mkdir(parents=True)
+    csv = src / "exp" / "results.csv"
+    daemon = Daemon(s3_server, src, f"s3://{bucket}/h2", tmp_path / "state", "--interval",
+                    "0.5", "--settle", "0.1", "--checkpoint-interval", "0")
+    daemons.append(daemon)
+    daemon.wait_started()
+    client = s3_server.client()
+    versions = [b"epoch,loss\n1,0.9\n2,0.8\n3,0.7\n", b"epoch,loss\n1,0.5\n2,0.4\n",
+                b"epoch,loss\n1,0.3\n"]
+    while time.time() % 1 > 0.05:  # just after a second starts: all three in one second
+        time.sleep(0.01)
+    for version in versions:  # each a restarted run's new, shorter results.csv
+        csv.unlink(missing_ok=True)
+        csv.write_bytes(version)
+        wait_for(lambda v=version: object_or_none(client, bucket, "h2/exp/results.csv") == v,
+                 10)
+    assert daemon.stop() == 0, daemon.log
+    kept = [read_object(client, bucket, k) for k in bucket_keys(client, bucket)
+            if k.startswith("h2/_asyncsync/history/")]
+    assert sorted(kept) == sorted(versions[:2]), daemon.log
+
+
 def test_sigterm_while_a_plot_is_being_saved_sends_the_whole_plot(
     s3_server: S3Server, bucket: str, tmp_path: Path, daemons: list[Daemon]
 ) -> None:

@@ -9,7 +9,7 @@ name, proven against the object's ``xxh128``, and renamed into place; large obje
 ranges (``--part-size``, ``--part-concurrency`` of them in flight) and resume after a kill.
 Records asyncsync keeps for itself under ``_asyncsync/`` are not restored, except the
 history copies of append-only files with ``--with-history``: at
-``DEST/_asyncsync/history/<path>/<upload time>``, the place their key names below PREFIX
+``DEST/_asyncsync/history/<path>/<upload time>-<ETag>``, the place their key names below PREFIX
 (for PREFIX/RUN, the copies ``PREFIX/_asyncsync/history/RUN/...`` of RUN's files too).
 """
 

@@ -53,7 +53,8 @@ def history_key(
     A file matching ``history`` (``--history-glob``, results.csv) only grows while its run
     goes on; one that shrank or was recreated since its upload is a restarted run, and its
     object holds epochs the new file lacks. The copy goes to
-    ``PREFIX/_asyncsync/history/<path>/<upload time of the object>``. Raises `InvalidKey`
+    ``PREFIX/_asyncsync/history/<path>/<upload time of the object>`` (its ETag is added by
+    `history_version_key`). Raises `InvalidKey`
     when that key cannot exist (too long).
 
     A file that is the same inode and no shorter was appended to, unless it was truncated
@@ -70,6 +71,16 @@ def history_key(
         return None  # appended to (or rewritten in place at no loss)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(record.uploaded_at))
     return object_key(prefix, f"{HISTORY_DIR}/{scanned.relative}/{stamp}")
+
+
+def history_version_key(key: str, etag: str) -> str:
+    """The history key of one version of the object: `history_key` followed by its ETag's
+    first characters. Two versions kept within the same second (a run restarted twice), or
+    under a manifest row that lags the bucket (its last write lost to a full state disk, so
+    its upload time is an older version's), then never take each other's key; the same
+    version kept twice takes the same one."""
+    tag = "".join(c for c in etag if c.isalnum())[:12] or "noetag"
+    return object_key("", f"{key}-{tag}")  # InvalidKey if that makes it too long
 
 
 # Bigger files get bigger parts: fewer requests, and room under the 10,000-part cap.

@@ -131,7 +131,7 @@ def target_for(relative: str, size: int, *, with_history: bool) -> Target | None
     if OWN_SEGMENT not in segments:
         return Target(tuple(segments), relative)
     at = segments.index(OWN_SEGMENT)
-    # PREFIX/_asyncsync/history/<path of the file>/<upload time>: `plan.history_key`.
+    # PREFIX/_asyncsync/history/<path of the file>/<upload time>-<ETag>: `plan.history_key`.
     history = segments[at + 1:at + 2] == [HISTORY_SEGMENT] and len(segments) >= at + 4
     if not (with_history and history):
         return None

@@ -43,7 +43,7 @@ from .digest import starts_with
 from .events import Failure, FileOutcome, Status
 from .keys import InvalidKey, PathFilter, object_key
 from .manifest import ObjectRecord
-from .plan import history_key, plan_file
+from .plan import history_key, history_version_key, plan_file
 from .scan import ScanIssue, ScannedFile, StatCache, scan_directories
 from .session import Pipeline
 from .settle import SettleTracker
@@ -335,6 +335,16 @@ class SyncQueue:
         if target is None or record is None:
             return
         store = await self.store()
+        # Named by the version really there (the manifest's row may lag the bucket), so that
+        # a copy never lands over an earlier one.
+        current = await store.head_object(record.key)
+        if current is None:
+            return  # nothing there to keep
+        try:
+            target = history_version_key(target, current.etag)
+        except InvalidKey as exc:
+            self._report_once(scanned.relative, f"previous version not kept: {exc}", False)
+            return
         await store.copy_object(record.key, target)
         self.observer.history_copied()
         log.info("kept the previous %s as %s before overwriting it", record.key, target)

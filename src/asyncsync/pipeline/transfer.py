@@ -301,6 +301,7 @@ class Uploader:
                 snap = await self.in_thread(
                     read_small, scanned, self._config.multipart_threshold, compress
                 )
+            _check_as_scanned(scanned, snap.identity)
             unchanged = self._unchanged(scanned, key, decision, snap.identity, snap.digest)
             if unchanged:
                 return unchanged
@@ -365,6 +366,7 @@ class Uploader:
                     body_path, body_size, encoding = None, identity.size, None
             finally:
                 self._budget.release(grant)
+            _check_as_scanned(scanned, identity)
             unchanged = self._unchanged(scanned, key, decision, identity, digest)
             if unchanged:
                 return unchanged
@@ -396,3 +398,14 @@ class Uploader:
             bytes_sent=sent, parts=parts, resumed_parts=resumed, identity=identity,
             seconds=time.monotonic() - started,
         )
+
+
+def _check_as_scanned(scanned: ScannedFile, identity: FileIdentity) -> None:
+    """What was read must be the version the scan saw: what to do with a file (settle it,
+    hold an emptied checkpoint back, keep a shrunken results.csv's object aside) was decided
+    on that version. A file truncated in between (torch.save starting over last.pt) holds
+    still while it is read, so no torn-read check would see it: read again, or, under watch,
+    wait for it to settle."""
+    if (identity.size, identity.mtime_ns, identity.inode) != (
+            scanned.size, scanned.mtime_ns, scanned.inode):
+        raise SourceChanged(f"{scanned.path}: changed since it was scanned")
