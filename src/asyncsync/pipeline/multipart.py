@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
+import traceback
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 from ..config import TransferConfig
 from ..errors import (
+    AsyncsyncError,
     BadDigest,
     FatalStoreError,
     ManifestError,
@@ -50,6 +53,8 @@ from .source import OpenedSource, open_source, stat_source
 log = logging.getLogger("asyncsync")
 
 StoreGetter = Callable[[], Awaitable[ObjectStore]]
+# A part as read: its bytes, and its Content-MD5 and CRC32 where they were asked for.
+PartRead = tuple[bytes, str | None, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +146,7 @@ class LargeUpload:
                              self.scanned.relative, len(done))
                     return pending.upload_id, done
             else:
-                await self._abort(store, pending.upload_id)
+                await self._abort_stale(store, pending.upload_id)
         upload = await store.create_multipart_upload(
             self.key, crc32=True,
             attributes=ObjectAttributes.of_content(
@@ -195,11 +200,11 @@ class LargeUpload:
             except NotSupported:
                 listed = None
         if listed is None:
-            # Without ListParts nothing says which parts the store kept: start over (the
-            # old upload is aborted, or forgotten where even that is not possible).
+            # Without ListParts nothing says which parts the store kept: start over, once the
+            # old upload is aborted (or forgotten, where the store cannot abort at all).
+            await self._abort_stale(store, pending.upload_id)
             log.warning("%s: %s cannot list the parts of an upload: sending the file again"
                         " from its first part", self.scanned.relative, store.location)
-            await self._abort(store, pending.upload_id, forget_anyway=True)
             return None
         self.crc32 = pending.checksum == "crc32"
         recorded = self.context.manifest.recorded_parts(pending.upload_id)
@@ -234,6 +239,8 @@ class LargeUpload:
             fd = source.fd
         else:  # our own gzip temp file
             fd = os.open(self.body_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        reading: Future[PartRead] | None = None
+        abandoned: Future[PartRead] | None = None  # a read cancelled while the thread reads
         try:
             async with asyncio.TaskGroup() as tasks:
                 for number in range(1, count + 1):
@@ -243,16 +250,30 @@ class LargeUpload:
                         continue
                     await window.acquire()
                     grant = await budget.acquire(length)
+                    reading = threads.submit(
+                        _read_hash_part, fd, offset, length, hasher,
+                        self._checksums(store) if number not in done else (False, False),
+                    )
                     try:
-                        data, md5, crc32 = await loop.run_in_executor(
-                            threads, _read_hash_part, fd, offset, length, hasher,
-                            self._checksums(store) if number not in done else (False, False),
-                        )
+                        data, md5, crc32 = await asyncio.wrap_future(reading)
+                        reading = None  # done, it holds the part as its result
                         if len(data) != length:
                             raise SourceChanged(f"{self.scanned.path}: shrank while it was read")
-                    except BaseException:
-                        budget.release(grant)
+                    except BaseException as exc:
+                        # This frame, and a read's that failed half-way, live on in the
+                        # traceback of what is raised (for as long as an abort takes): they
+                        # must not keep a part whose grant goes back.
+                        _free_frames(exc)
+                        data = b""
                         window.release()
+                        if reading is not None and not reading.done():
+                            # Cancelled while the thread reads: the part it is filling stays
+                            # paid for, and the file open, until the thread is done with them.
+                            _refund_when_done(reading, budget, grant, loop)
+                            abandoned = reading
+                        else:
+                            budget.release(grant)
+                        reading = None
                         raise
                     if number in done:
                         del data
@@ -269,10 +290,14 @@ class LargeUpload:
         except BaseExceptionGroup as group:
             raise first_error(group) from None
         finally:
-            if source is not None:
-                source.close()
+            close = source.close if source is not None else functools.partial(os.close, fd)
+            if abandoned is None:
+                close()
             else:
-                os.close(fd)
+                # Closed now, the descriptor's number could be reused before the thread reads
+                # from it: it would read another file.
+                abandoned.add_done_callback(lambda _: close())
+                abandoned = None  # done, it holds the part as its result
         if hasher is not None and hasher.hexdigest() != self.digest:
             raise SourceChanged(f"{self.scanned.path}: changed while it was uploaded")
         return [finished[n] for n in sorted(finished)]
@@ -291,54 +316,117 @@ class LargeUpload:
         finished: dict[int, UploadedPart],
     ) -> None:
         md5, crc32 = checksums
+        size = len(data)
         try:
             etag = await store.upload_part(self.key, upload_id, number, data,
                                            md5_b64=md5, crc32_b64=crc32)
+        except BaseException as exc:
+            # The store's frames, kept by the traceback, still hold the part; the error lives
+            # on for as long as the upload's abort takes, its grant long back in the budget.
+            _free_frames(exc)
+            raise
         finally:
+            # This frame is in that traceback too.
+            del data
             self.context.budget.release(grant)
             window.release()
         self.context.manifest.record_part(
-            upload_id, RecordedPart(number, etag, md5 or "", len(data), crc32)
+            upload_id, RecordedPart(number, etag, md5 or "", size, crc32)
         )
-        finished[number] = UploadedPart(number, etag, len(data), crc32=crc32)
-        self.sent += len(data)
+        finished[number] = UploadedPart(number, etag, size, crc32=crc32)
+        self.sent += size
 
     def _check_still_same(self) -> None:
         now = stat_source(self.scanned.path, self.scanned.root)
         if FileIdentity.of(now) != self.identity or now.st_dev != self.scanned.device:
             raise SourceChanged(f"{self.scanned.path}: changed while it was uploaded")
 
-    async def _abort(
-        self, store: ObjectStore, upload_id: str, *, forget_anyway: bool = False
-    ) -> None:
-        """Abort and forget; if even that fails, the manifest keeps it for the next run,
-        unless the store cannot abort at all (or ``forget_anyway``): then kept, it would
-        only block every later run of this file."""
+    async def _abort(self, store: ObjectStore, upload_id: str) -> None:
+        """Abort and forget this failed upload, if the store lets us: otherwise the manifest
+        keeps it, and the file's next upload aborts it first (`_abort_stale`). The error
+        that failed the upload is what the caller raises, not this one."""
         try:
-            if store.capabilities[Capability.ABORT_MULTIPART] is False:
-                # Said once, when the store first refused; asking again only fails again.
-                log.info("%s: %s cannot abort upload %s; forgetting it",
-                         self.scanned.relative, store.location, upload_id)
-            else:
-                await store.abort_multipart_upload(self.key, upload_id)
-        except asyncio.CancelledError:
+            await self._discard(store, upload_id)
+        except (asyncio.CancelledError, ManifestError):
             raise
-        except NotSupported as exc:
-            log.warning("%s: %s; the upload is left to the bucket's lifecycle rules",
-                        self.scanned.relative, exc)
-        except Exception as exc:  # noqa: BLE001 - best effort; the record stays
-            if not forget_anyway:
-                log.warning("%s: could not abort upload (%s); will retry next run",
+        except Exception as exc:  # noqa: BLE001 - the record stays for the next try
+            log.warning("%s: could not abort upload %s (%s); it is aborted before the file"
+                        " is sent again", self.scanned.relative, upload_id, exc)
+
+    async def _abort_stale(self, store: ObjectStore, upload_id: str) -> None:
+        """Abort and forget an earlier upload of this key that cannot be resumed, before a
+        new one starts. The new one's row replaces the old one's (the manifest keeps one per
+        key): an upload still open then would be remembered by nobody, and billed for ever.
+        So if the abort fails, nothing is sent: the store's error fails the file for now,
+        and the abort is tried again the next time the file is sent."""
+        try:
+            await self._discard(store, upload_id)
+        except (asyncio.CancelledError, ManifestError):
+            raise
+        except Exception as exc:
+            log.warning("%s: could not abort its earlier upload %s (%s); not sent until that"
+                        " upload is aborted", self.scanned.relative, upload_id, exc)
+            raise
+
+    async def _discard(self, store: ObjectStore, upload_id: str) -> None:
+        """Abort the upload, then forget it. Forgotten without an abort only where the store
+        cannot abort at all: kept, it would block every later run of this file, and only
+        the bucket's lifecycle rules can reclaim it. Any other failure propagates, the
+        upload still remembered."""
+        if store.capabilities[Capability.ABORT_MULTIPART] is False:
+            # Said once, when the store first refused; asking again only fails again.
+            log.info("%s: %s cannot abort upload %s; forgetting it",
+                     self.scanned.relative, store.location, upload_id)
+        else:
+            try:
+                await store.abort_multipart_upload(self.key, upload_id)
+            except NotSupported as exc:
+                log.warning("%s: %s; the upload is left to the bucket's lifecycle rules",
                             self.scanned.relative, exc)
-                return
-            log.warning("%s: could not abort upload %s (%s); starting afresh",
-                        self.scanned.relative, upload_id, exc)
         self.context.manifest.forget_upload(self.context.scope, self.key, upload_id)
+
+
+def _free_frames(error: BaseException) -> None:
+    """Let go of the frames that the tracebacks of ``error``, and of the errors it links to
+    (its cause, its context, a group's members), keep. Below a failed send or read they
+    hold the part: in their locals, and in the closures of the functions they ran (a
+    cleared frame still keeps its function, so clearing is not enough where the store sends
+    from a closure, as s3.py does). A store's error, a read's and a cancellation are
+    reported by their message alone: their tracebacks go. Any other error is a bug, whose
+    traceback is reported: kept, with its frames' locals cleared (the frames still running,
+    this one and its callers, cannot be and need not be)."""
+    reported_by_message = isinstance(error, AsyncsyncError | OSError | asyncio.CancelledError)
+    seen: set[int] = set()
+    linked: list[BaseException | None] = [error]
+    while linked:
+        exc = linked.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if reported_by_message:
+            exc.__traceback__ = None
+        else:
+            traceback.clear_frames(exc.__traceback__)
+        linked += (exc.__cause__, exc.__context__)
+        if isinstance(exc, BaseExceptionGroup):
+            linked += exc.exceptions
+
+
+def _refund_when_done(
+    reading: Future[PartRead], budget: ByteBudget, grant: int, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Give ``grant`` back once the thread filling the part it pays for is done with it."""
+    def refund(_: Future[PartRead]) -> None:
+        # Called in the thread that finished the read (or here, if it is already done).
+        with contextlib.suppress(RuntimeError):  # the loop is closed: no budget left to keep
+            loop.call_soon_threadsafe(budget.release, grant)
+
+    reading.add_done_callback(refund)
 
 
 def _read_hash_part(
     fd: int, offset: int, length: int, hasher: object | None, checksums: tuple[bool, bool]
-) -> tuple[bytes, str | None, str | None]:
+) -> PartRead:
     """The part's bytes (fed to ``hasher`` too) and the checksums asked for: (Content-MD5,
     CRC32), each base64 or None."""
     data = read_part(fd, offset, length)
