@@ -19,12 +19,14 @@ from asyncsync.errors import EndpointUnreachable, TransientStoreError
 from asyncsync.stores.session import StoreSession
 
 from .conftest import (
+    ASYNCSYNC,
     S3Server,
     bucket_keys,
     open_uploads,
     read_object,
     recorded_parts,
     run_cli,
+    wait_for,
 )
 from .faultproxy import FaultProxy
 
@@ -1319,6 +1321,59 @@ def test_a_killed_multipart_upload_completes_on_the_next_run_on_every_store(
     assert len(open_uploads(client, bucket)) == (0 if s3_server.aborts_uploads else 1)
     assert third.returncode == 0 and third.files("unchanged") == ["weights/last.pt"]
     assert third.stderr == ""
+
+
+@pytest.mark.servers("seaweedfs", "moto")  # s3rver cannot list what is left open
+@pytest.mark.parametrize("command", ["push", "watch"])
+def test_a_killed_multipart_upload_is_aborted_when_the_file_goes_up_in_one_put(
+    s3_server: S3Server, bucket: str, tmp_path: Path, command: str
+) -> None:
+    """SIGKILL half-way through last.pt's multipart upload; by the next run it is the small,
+    stripped final checkpoint, sent in one PUT, which never takes the upload up again: it
+    is aborted (push after its walk, watch at start and after its shutdown flush), not left
+    open and billed for ever. Found by the soak (watch only looked for deleted files)."""
+    import signal
+    import subprocess
+
+    src = tmp_path / "runs"
+    write(src / "weights" / "last.pt", os.urandom(24 * MiB))
+    state = tmp_path / "state"
+    with FaultProxy(s3_server.endpoint) as proxy:
+        process = _start_slow_multipart(s3_server, proxy, src, f"s3://{bucket}/s", state, 1)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+        proxy.set_bandwidth(None)
+        client = s3_server.client()
+        assert len(open_uploads(client, bucket)) == 1
+        final = write(src / "weights" / "last.pt", os.urandom(300_000))
+        # The same endpoint: the manifest keeps uploads per endpoint and bucket.
+        env = s3_server.env(AWS_ENDPOINT_URL=proxy.endpoint)
+        if command == "push":
+            done = run_cli("push", src, f"s3://{bucket}/s", "--state-dir", state, "--json",
+                           env=env)
+            assert done.returncode == 0, done.stderr
+        else:
+            watch = subprocess.Popen(
+                [ASYNCSYNC, "watch", str(src), f"s3://{bucket}/s", "--state-dir", str(state),
+                 "--interval", "0.5", "--settle", "0.5"], env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                wait_for(lambda: _object_or_none(client, bucket, "s/weights/last.pt") == final,
+                         30)
+                wait_for(lambda: open_uploads(client, bucket) == [], 30, "the abort")
+            finally:
+                watch.send_signal(signal.SIGTERM)
+                _, err = watch.communicate(timeout=60)
+            assert watch.returncode == 0, err
+    assert read_object(client, bucket, "s/weights/last.pt") == final
+    assert open_uploads(client, bucket) == []
+
+
+def _object_or_none(client: Any, bucket: str, key: str) -> bytes | None:
+    try:
+        return read_object(client, bucket, key)
+    except client.exceptions.NoSuchKey:
+        return None
 
 
 @pytest.mark.parametrize("body_path", ["direct", "botocore"])

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from ..config import WatchConfig
 from ..errors import EndpointUnreachable, ManifestFull, StoreError
 from ..names import printable
-from ..pipeline.session import Pipeline, source_gone
+from ..pipeline.session import Pipeline, never_resumed
 from ..pipeline.syncqueue import SyncQueue
 from ..service.daemon import Daemon
 
@@ -205,6 +205,7 @@ class WatchService:
         if flush:
             self.unsent = await self.queue.flush(self.config.grace,
                                                  writers_gone=self.daemon.writers_gone)
+            await self._abort_orphans()
         else:
             await self.queue.abandon()
             self.unsent = len(self.queue)
@@ -222,9 +223,13 @@ class WatchService:
         return True
 
     async def _abort_orphans(self) -> None:
-        """Uploads an earlier daemon left for files deleted since can never resume."""
+        """Uploads an earlier daemon left for files deleted since, or small enough now for
+        one PUT, can never resume (at start, and after the shutdown flush sent the final,
+        stripped checkpoints)."""
+        transfer = self.config.push.transfer
         try:
-            await self.pipeline.abort_orphans(lambda pending: not source_gone(pending))
+            await self.pipeline.abort_orphans(
+                lambda pending: not never_resumed(pending, transfer))
         except (StoreError, EndpointUnreachable) as exc:
             log.warning("stale uploads not aborted this time: %s", exc)
 

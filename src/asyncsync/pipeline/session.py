@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import Destination, PushConfig, StoreConfig
+from ..config import Destination, PushConfig, StoreConfig, TransferConfig
 from ..errors import ManifestError, NotSupported
 from ..stores.capabilities import Capabilities
 from ..stores.protocol import ObjectStore
@@ -29,6 +29,7 @@ from .budget import ByteBudget
 from .events import Events
 from .keys import PathFilter
 from .manifest import MANIFEST_FILE, Manifest, PendingUpload, Scope
+from .plan import uses_multipart
 from .scan import ScanOptions
 from .transfer import Uploader
 
@@ -262,6 +263,12 @@ class Pipeline:
         return aborted
 
 
-def source_gone(pending: PendingUpload) -> bool:
-    """A pending upload whose file no longer exists can never be resumed."""
-    return not os.path.lexists(pending.source)
+def never_resumed(pending: PendingUpload, config: TransferConfig) -> bool:
+    """A pending upload that no later upload of its file will take up: the file is gone,
+    or now small enough for one PUT (the final, stripped last.pt after the checkpoints of a
+    killed run), which never looks at multipart uploads."""
+    try:
+        size = os.stat(pending.source, follow_symlinks=False).st_size
+    except OSError:
+        return True
+    return not uses_multipart(size, config)

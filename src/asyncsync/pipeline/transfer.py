@@ -26,8 +26,6 @@ from ..errors import (
     BadDigest,
     FatalStoreError,
     ManifestError,
-    NoSuchUpload,
-    NotSupported,
     SourceChanged,
     SourceNotRegular,
     SourceVanished,
@@ -288,24 +286,6 @@ class Uploader:
             copied_from=copied.source_key,
         )
 
-    async def _abort_superseded(self, store: ObjectStore, key: str) -> None:
-        """A multipart upload of this key that an earlier run left (killed, or out of grace)
-        can never complete once the file went up whole in one PUT (the final, stripped
-        last.pt is smaller than the checkpoints before it): abort it, or it stays open and
-        billed. A failed abort leaves it remembered, for the next upload of the key."""
-        pending = self._manifest.pending_upload(self._scope, key)
-        if pending is None:
-            return
-        try:
-            await store.abort_multipart_upload(key, pending.upload_id)
-        except (NoSuchUpload, NotSupported):
-            pass  # gone already, or left to the bucket's lifecycle rules: nothing to keep
-        except StoreError as exc:
-            log.warning("%s: could not abort the earlier upload %s (%s); tried again later",
-                        key, pending.upload_id, exc)
-            return
-        self._manifest.forget_upload(self._scope, key, pending.upload_id)
-
     # -- small files: one read, one PUT ---------------------------------------------------
 
     async def _sync_small(
@@ -343,7 +323,6 @@ class Uploader:
         finally:
             self._budget.release(grant)
         await self._read_back(store, key, snap.digest, etag)
-        await self._abort_superseded(store, key)
         self._manifest.record_object(
             self._scope,
             ObjectRecord(
